@@ -1,0 +1,6 @@
+"""`python -m llmtrain`: compose, validate, plan or launch a training run."""
+
+from llmtrain.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The training entrypoint: Hydra composes the config, then validate, then dry-run or launch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from llmtrain.config.schema import Config
+from llmtrain.config.store import register
+from llmtrain.config.validate import ConfigError, validate
+
+register()
+# The repository's conf/ folder (an absolute path: Hydra would read "../conf" as a module).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def resolve(dcfg: DictConfig) -> Config:
+    """The typed config, or a plain-words error naming the unset keys."""
+    try:
+        return OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue as error:
+        raise ConfigError([f"{error.full_key} must be set (it is ??? in its config group): "
+                           f"add {error.full_key}=... to the command"]) from None
+
+
+def prepare(cfg: Config) -> None:
+    """Work done once before any worker starts (workers would race for it)."""
+    if cfg.data.kind == "corpus" or cfg.data.tokenizer.tokenizer_type == "corpus":
+        from llmtrain.data.corpus import ensure_corpus
+
+        ensure_corpus()
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(dcfg: DictConfig):
+    from llmtrain.runtime import detect_machine, quiet_libraries
+
+    quiet_libraries()
+    try:
+        cfg = resolve(dcfg)
+        layout = validate(cfg, detect_machine())
+    except ConfigError as error:
+        print(f"llmtrain: {error}", file=sys.stderr)
+        sys.exit(2)
+    from llmtrain.config.plan import describe
+
+    print(describe(cfg, layout), flush=True)
+    if cfg.dry_run:
+        return None
+    prepare(cfg)
+    from llmtrain.launch.local import launch
+
+    summary = launch(cfg, layout)
+    out = Path(cfg.output_dir)
+    print(f"[llmtrain] done: logs and TensorBoard events in {out / cfg.logging.tensorboard_dir}, "
+          f"checkpoints in {out / cfg.checkpoint.save if cfg.checkpoint.save else 'nowhere'}, "
+          f"summary in {out / 'summary.json'}", flush=True)
+    return summary.get("final_loss")

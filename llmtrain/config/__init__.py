@@ -1,0 +1,1 @@
+"""Config: typed schema, composition, validation and the dry-run plan (pure Python, no torch)."""

@@ -1,0 +1,175 @@
+"""Arithmetic about a run, from its config alone: parameters, FLOPs per token, memory per GPU.
+
+Used by `dry_run=true` (the plan printed before anything starts) and by the training log
+(TFLOP/s and MFU). FLOPs count as Megatron does: 6 x parameters touched per token (forward and
+backward matrix products, the output layer included, the embedding lookup not) plus causal
+attention, 6 x layers x (heads x head size) x sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmtrain.config.schema import Config, ModelConfig
+from llmtrain.config.validate import Layout
+
+GIB = 1024**3
+# Dense bf16 peak of the GPUs we know, TFLOP/s (for MFU).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "B200": 2250.0, "GB200": 2500.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embedding: int  # word embedding table
+    position: int  # learned position table
+    per_layer: int
+    final_norm: int
+    output: int  # output layer (0 when tied to the embedding)
+    num_layers: int
+
+    @property
+    def total(self) -> int:
+        return (self.embedding + self.position + self.per_layer * self.num_layers
+                + self.final_norm + self.output)
+
+    @property
+    def matmul(self) -> int:
+        """Parameters used in matrix products for each token (the output layer included)."""
+        output = self.output or self.embedding
+        return self.per_layer * self.num_layers + output
+
+
+def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
+    h = m.hidden_size
+    head = m.kv_channels or h // m.num_attention_heads
+    q_width = m.num_attention_heads * head
+    kv_width = (m.num_query_groups or m.num_attention_heads) * head
+    norm = 2 * h if m.normalization == "LayerNorm" else h
+    bias = m.add_bias_linear
+    attention = h * (q_width + 2 * kv_width) + q_width * h
+    attention += (q_width + 2 * kv_width) * (m.add_qkv_bias or bias) + h * bias
+    gated = 2 if m.activation == "swiglu" else 1
+    ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    mlp = h * ffn * gated + ffn * h + (ffn * gated + h) * bias
+    if m.num_moe_experts:
+        mlp = mlp * m.num_moe_experts + h * m.num_moe_experts
+    return ParamCounts(
+        embedding=padded_vocab * h,
+        position=m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute"
+        else 0,
+        per_layer=attention + mlp + 2 * norm,
+        final_norm=norm,
+        output=0 if m.share_embeddings_and_output_weights else padded_vocab * h,
+        num_layers=m.num_layers,
+    )
+
+
+def flops_per_token(m: ModelConfig, padded_vocab: int, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward), Megatron's way."""
+    counts = count_parameters(m, padded_vocab)
+    matmul = counts.matmul
+    if m.num_moe_experts:  # only top-k experts touch a token
+        dense_layer = counts.per_layer - _expert_params(m) * m.num_moe_experts
+        matmul = (dense_layer + _expert_params(m) * m.moe_router_topk) * m.num_layers + (
+            counts.output or counts.embedding)
+    q_width = m.num_attention_heads * (m.kv_channels or m.hidden_size // m.num_attention_heads)
+    return 6.0 * matmul + 6.0 * m.num_layers * q_width * seq_length
+
+
+def _expert_params(m: ModelConfig) -> int:
+    ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    gated = 2 if m.activation == "swiglu" else 1
+    return m.hidden_size * ffn * gated + ffn * m.hidden_size
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-GPU estimate (GiB) for the most loaded pipeline stage."""
+
+    params_per_rank: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
+    m, prec = cfg.model, cfg.precision
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    counts = count_parameters(m, layout.padded_vocab_size)
+    layers_per_stage = m.num_layers // pp
+    # First stage: embedding + its layers; last stage: its layers + output layer.
+    first = counts.embedding + counts.position + counts.per_layer * layers_per_stage
+    last = counts.per_layer * layers_per_stage + counts.final_norm + (
+        counts.output or counts.embedding)  # a tied embedding has a copy on the last stage
+    per_rank = counts.total if pp == 1 else max(first, last)
+    per_rank = per_rank // tp
+    if m.num_moe_experts and layout.expert_model_parallel_size > 1:
+        experts = _expert_params(m) * m.num_moe_experts * layers_per_stage // tp
+        per_rank -= experts - experts // layout.expert_model_parallel_size
+    half = prec.bf16 or prec.fp16
+    weight_bytes = 2 if half else 4
+    grad_bytes = 4 if prec.grad_reduce_in_fp32 or not half else 2
+    # Adam: fp32 master copy (mixed precision only) + two moments.
+    optim_bytes = (4 if half else 0) + (8 if cfg.optim.optimizer == "adam" else 4)
+    if cfg.parallel.use_distributed_optimizer:
+        optim_bytes /= layout.data_parallel_size
+    # Activations per layer and micro-batch with flash attention (Korthikanti et al.):
+    # 34 s b h bytes, split by TP when sequence parallel; the first stage holds up to PP
+    # micro-batches in flight under 1F1B.
+    s, b, h = cfg.data.seq_length, cfg.stage.micro_batch_size, m.hidden_size
+    s_local = s // layout.context_parallel_size
+    act_layer = 34 * s_local * b * h / (tp if cfg.parallel.sequence_parallel else 1)
+    in_flight = min(pp, layout.num_microbatches)
+    logits = 4 * s_local * b * layout.padded_vocab_size / tp * 2
+    activations = act_layer * layers_per_stage * in_flight + logits
+    return MemoryPlan(
+        params_per_rank=per_rank,
+        weights=per_rank * weight_bytes / GIB,
+        gradients=per_rank * grad_bytes / GIB,
+        optimizer=per_rank * optim_bytes / GIB,
+        activations=activations / GIB,
+    )
+
+
+def describe(cfg: Config, layout: Layout) -> str:
+    """The plan `dry_run=true` prints."""
+    counts = count_parameters(cfg.model, layout.padded_vocab_size)
+    memory = memory_plan(cfg, layout)
+    tokens = cfg.stage.global_batch_size * cfg.data.seq_length
+    fpt = flops_per_token(cfg.model, layout.padded_vocab_size, cfg.data.seq_length)
+    unit = "GPU" if layout.device == "cuda" else "process"
+    lines = [
+        f"run          {cfg.name}  ({cfg.stage.name}, {cfg.precision.name}, {layout.device})",
+        f"processes    {layout.world_size} = {layout.nnodes} node(s) x {layout.nproc_per_node}"
+        f"  |  TP {layout.tensor_model_parallel_size}  PP {layout.pipeline_model_parallel_size}"
+        + (f" (VPP {layout.virtual_pipeline_model_parallel_size})"
+           if layout.virtual_pipeline_model_parallel_size else "")
+        + f"  CP {layout.context_parallel_size}  EP {layout.expert_model_parallel_size}"
+          f"  DP {layout.data_parallel_size}",
+        f"model        {cfg.model.name}: {counts.total / 1e9:.3f} B parameters "
+        f"({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"vocab {cfg.model.vocab_size} padded to {layout.padded_vocab_size})",
+        f"batch        global {cfg.stage.global_batch_size} x seq {cfg.data.seq_length} = "
+        f"{tokens:,} tokens/step; micro {cfg.stage.micro_batch_size}, "
+        f"{layout.num_microbatches} micro-batches per step",
+        f"compute      {fpt / 1e9:.2f} GFLOP/token, {fpt * tokens / 1e12:.1f} TFLOP/step",
+        f"{'memory/' + unit:<13} weights {memory.weights:.2f} GiB + gradients {memory.gradients:.2f} "
+        f"+ optimizer {memory.optimizer:.2f} + activations {memory.activations:.2f} "
+        f"= {memory.total:.2f} GiB (estimate, {memory.params_per_rank / 1e6:.1f} M params/rank)",
+        f"engine       {'Transformer Engine' if layout.use_transformer_engine else 'Megatron local'}"
+        f" layers",
+    ]
+    return "\n".join(lines)

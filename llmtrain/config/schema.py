@@ -1,0 +1,222 @@
+"""Typed schema of every config group.
+
+The YAML files under `conf/` are merged onto these dataclasses (see `store.py`), so a misspelt key
+or a value of the wrong type fails at composition, before anything runs. Field names follow
+Megatron-LM's arguments where the meaning is the same, so that its users recognise them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """A transformer architecture: one named entry per published model size (`conf/model/`)."""
+
+    name: str = MISSING
+    # Family of the Hugging Face mapping (llama, qwen2, mistral, gpt2, bloom, falcon, ...).
+    family: str = "llama"
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    # Grouped-query attention: KV heads. None means one KV head per query head.
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    # The tokenizer's vocabulary; the embedding is padded up to a multiple of
+    # make_vocab_size_divisible_by x tensor_model_parallel_size, as Megatron does.
+    vocab_size: int = MISSING
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    layernorm_epsilon: float = 1e-5
+    activation: str = "swiglu"  # swiglu | gelu | gelu_tanh
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    position_embedding_type: str = "rope"  # rope | learned_absolute | alibi | none
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    # Llama 3.1 RoPE frequency scaling.
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    share_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # Mixture of experts (None: dense).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over processes."""
+
+    name: str = "tp1pp1"
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    # None: whatever the processes leave (world size / (TP x PP x CP)).
+    data_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats of parameters, compute and gradients."""
+
+    name: str = "fp32"
+    bf16: bool = False
+    fp16: bool = False
+    # FP8 through Transformer Engine: format (e4m3 | hybrid) and scaling recipe.
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8
+    # fp16 loss scaling: None = dynamic, a number = static.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 4294967296.0
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer the data was (or will be) tokenized with."""
+
+    # corpus: the BPE tokenizer trained on the embedded default corpus;
+    # huggingface: a tokenizer directory or tokenizer.json (tokenizer_model);
+    # gpt2bpe: vocab_file + merge_file; sentencepiece: tokenizer_model.
+    tokenizer_type: str = "corpus"
+    tokenizer_model: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from."""
+
+    name: str = "corpus"
+    # corpus: the embedded default corpus (built and cached on first use);
+    # indexed: Megatron mmap datasets given by data_path; mock: random tokens.
+    kind: str = "corpus"
+    # Megatron's --data-path: prefixes, optionally weighted ("0.7 /a/b_text_document 0.3 /c/d").
+    data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    seq_length: int = 256
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Where the index caches of GPTDataset go (None: next to the run's output).
+    data_cache_path: Optional[str] = None
+    num_workers: int = 0
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class StageConfig:
+    """What is trained and for how long: pretrain (sft and rlhf come later)."""
+
+    name: str = "pretrain"
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    train_iters: int = 100
+    # Evaluation on the validation split every eval_interval steps (0: never).
+    eval_interval: int = 0
+    eval_iters: int = 4
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = "adam"
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0
+    lr_decay_style: str = "cosine"  # constant | linear | cosine | inverse-square-root | WSD
+    lr_warmup_iters: int = 0
+    # None: decay over the whole run.
+    lr_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_style: str = "linear"
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron-Core distributed checkpoints."""
+
+    name: str = "default"
+    # Relative paths are inside the run's output folder.
+    save: Optional[str] = "checkpoints"
+    save_interval: int = 50
+    # None: resume from `save` when it holds a checkpoint.
+    load: Optional[str] = None
+    # Load weights only and start a new schedule (fine-tuning from a converted model).
+    finetune: bool = False
+    save_on_exit: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard logging."""
+
+    name: str = "default"
+    log_interval: int = 1
+    tensorboard: bool = True
+    # Relative paths are inside the run's output folder.
+    tensorboard_dir: str = "tensorboard"
+
+
+@dataclass
+class LauncherConfig:
+    """How worker processes are started."""
+
+    name: str = "local"
+    nnodes: int = 1
+    # None: one per GPU on a GPU machine; on CPU, as many as the parallel layout needs.
+    nproc_per_node: Optional[int] = None
+    master_addr: str = "127.0.0.1"
+    # None: a free port.
+    master_port: Optional[int] = None
+    # Environment applied to every worker (NCCL settings and the like).
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """The whole run: one field per config group plus a few run-wide settings."""
+
+    name: str = "${stage.name}_${model.name}"
+    seed: int = 1234
+    # Print the resolved plan (layout, parameters, memory) and exit.
+    dry_run: bool = False
+    # Force a device: null = GPU when present, else CPU.
+    device: Optional[str] = None
+    output_dir: str = "${hydra:runtime.output_dir}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)

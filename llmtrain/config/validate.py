@@ -1,0 +1,227 @@
+"""Checks a composed config against the machine before any process starts.
+
+Pure Python (no torch): every problem is collected and reported at once, in plain words, with
+what to change. The result is the `Layout`: the resolved process layout every worker uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmtrain.config.schema import Config
+
+CHOICES = {
+    "model.normalization": ("RMSNorm", "LayerNorm"),
+    "model.activation": ("swiglu", "gelu", "gelu_tanh"),
+    "model.position_embedding_type": ("rope", "learned_absolute", "none"),
+    "precision.fp8": (None, "e4m3", "hybrid"),
+    "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "data.kind": ("corpus", "indexed", "mock"),
+    "data.tokenizer.tokenizer_type": ("corpus", "huggingface", "gpt2bpe", "sentencepiece", "null"),
+    "optim.optimizer": ("adam", "sgd"),
+    "optim.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+    "optim.lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
+    "device": (None, "cpu", "cuda"),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"the configuration has {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this node offers; filled in by `llmtrain.machine.detect()`."""
+
+    gpus: int = 0
+    has_transformer_engine: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The resolved process layout, shared by the launcher and every worker."""
+
+    device: str
+    nnodes: int
+    nproc_per_node: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    virtual_pipeline_model_parallel_size: int | None
+    context_parallel_size: int
+    expert_model_parallel_size: int
+    data_parallel_size: int
+    num_microbatches: int
+    padded_vocab_size: int
+    use_transformer_engine: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron pads the embedding so that every TP rank holds an equal, aligned slice."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def _get(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config, machine: Machine) -> Layout:
+    """Return the layout of a runnable config, or raise ConfigError listing every problem."""
+    problems: list[str] = []
+    m, par, prec, data, stage, optim = (
+        cfg.model, cfg.parallel, cfg.precision, cfg.data, cfg.stage, cfg.optim)
+
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            problems.append(f"{key}={_get(cfg, key)} is not one of: {shown}")
+
+    device = cfg.device or ("cuda" if machine.gpus > 0 else "cpu")
+    tp, pp, cp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                  par.context_parallel_size)
+    vpp, ep = par.virtual_pipeline_model_parallel_size, par.expert_model_parallel_size
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "context_parallel_size", "expert_model_parallel_size"):
+        if getattr(par, key) < 1:
+            problems.append(f"parallel.{key}={getattr(par, key)} must be at least 1")
+    tp, pp, cp, ep = max(tp, 1), max(pp, 1), max(cp, 1), max(ep, 1)
+    model_parallel = tp * pp * cp
+
+    # Model shape against the parallel layout.
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % tp:
+        problems.append(f"model {m.name} has {m.num_attention_heads} attention heads, which "
+                        f"tensor parallel size {tp} does not divide: choose a TP that divides it")
+    elif groups % tp:
+        problems.append(f"model {m.name} has {groups} KV groups (num_query_groups), which "
+                        f"tensor parallel size {tp} does not divide: choose a TP that divides it")
+    if m.num_attention_heads % groups:
+        problems.append(f"model.num_query_groups={groups} must divide "
+                        f"model.num_attention_heads={m.num_attention_heads}")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        problems.append(f"model.hidden_size={m.hidden_size} is not a multiple of "
+                        f"num_attention_heads={m.num_attention_heads}: set model.kv_channels")
+    if m.ffn_hidden_size % tp:
+        problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+                        f"tensor parallel size {tp}")
+    stages = pp * (vpp or 1)
+    if m.num_layers % stages:
+        what = f"PP {pp} x VPP {vpp}" if vpp else f"pipeline parallel size {pp}"
+        problems.append(f"model {m.name} has {m.num_layers} layers, which {what} = {stages} "
+                        f"does not divide: choose a layout whose stages divide the layers")
+    if vpp is not None and (vpp < 1 or pp < 2):
+        problems.append("parallel.virtual_pipeline_model_parallel_size needs "
+                        "pipeline_model_parallel_size >= 2 (and VPP >= 1)")
+    if par.sequence_parallel and tp == 1:
+        problems.append("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
+    if m.num_moe_experts is None and ep > 1:
+        problems.append(f"parallel.expert_model_parallel_size={ep} needs a mixture-of-experts "
+                        f"model (model.num_moe_experts is not set)")
+    if m.num_moe_experts is not None and m.num_moe_experts % ep:
+        problems.append(f"model.num_moe_experts={m.num_moe_experts} is not divisible by "
+                        f"expert_model_parallel_size={ep}")
+    if cp > 1 and data.seq_length % (2 * cp):
+        problems.append(f"data.seq_length={data.seq_length} must be divisible by 2 x context "
+                        f"parallel size = {2 * cp}")
+    if (m.position_embedding_type == "learned_absolute"
+            and data.seq_length > m.max_position_embeddings):
+        problems.append(f"data.seq_length={data.seq_length} exceeds the {m.max_position_embeddings} "
+                        f"learned positions of model {m.name}")
+
+    # Precision against the machine.
+    if prec.bf16 and prec.fp16:
+        problems.append("precision: bf16 and fp16 are both true; choose one")
+    use_te = device == "cuda" and machine.has_transformer_engine
+    if prec.fp8 is not None and not use_te:
+        problems.append("precision=fp8 needs NVIDIA Transformer Engine and a GPU; "
+                        "install llmtrain[gpu] on a GPU machine or use precision=bf16")
+    if device == "cpu" and (par.overlap_grad_reduce or par.overlap_param_gather):
+        problems.append("parallel.overlap_grad_reduce/overlap_param_gather need CUDA streams; "
+                        "turn them off on CPU")
+    if device == "cuda" and machine.gpus == 0:
+        problems.append("device=cuda was asked for but this machine has no GPU")
+
+    # Processes: world size = nodes x processes per node = TP x PP x CP x DP.
+    nnodes = max(cfg.launcher.nnodes, 1)
+    wanted_dp = par.data_parallel_size
+    needed = model_parallel * (wanted_dp or 1)
+    nproc = cfg.launcher.nproc_per_node
+    if nproc is None:
+        nproc = machine.gpus if device == "cuda" else -(-needed // nnodes)
+    world = nnodes * nproc
+    short_of_gpus = device == "cuda" and machine.gpus > 0 and (
+        nproc > machine.gpus or world < needed)
+    if short_of_gpus:
+        problems.append(f"parallel={par.name} needs {max(needed, world)} GPUs (TP {tp} x PP {pp} "
+                        f"x CP {cp} x DP {wanted_dp or max(world // model_parallel, 1)}) but this "
+                        f"machine has {machine.gpus}: choose a smaller layout or more GPUs")
+    dp = 1
+    if world % model_parallel:
+        problems.append(f"world size {world} is not a multiple of TP {tp} x PP {pp} x CP {cp} = "
+                        f"{model_parallel}: set launcher.nproc_per_node to a multiple of "
+                        f"{model_parallel}")
+    else:
+        dp = max(world // model_parallel, 1)
+        if wanted_dp is not None and wanted_dp != dp and not short_of_gpus:
+            problems.append(f"parallel.data_parallel_size={wanted_dp} but world size {world} = "
+                            f"TP {tp} x PP {pp} x CP {cp} x DP {dp}: world size must equal "
+                            f"TP x PP x CP x DP")
+    if ep > 1 and (dp * cp) % ep:
+        problems.append(f"expert parallel size {ep} must divide DP x CP = {dp * cp}")
+    if par.use_distributed_optimizer and device == "cpu":
+        problems.append("parallel.use_distributed_optimizer=true needs GPUs (gloo has no "
+                        "reduce-scatter); turn it off on CPU")
+
+    # Batch and schedule.
+    mbs, gbs = stage.micro_batch_size, stage.global_batch_size
+    num_microbatches = 1
+    if mbs < 1 or gbs < 1:
+        problems.append("stage.micro_batch_size and stage.global_batch_size must be at least 1")
+    elif gbs % (mbs * dp):
+        problems.append(f"stage.global_batch_size={gbs} is not divisible by micro_batch_size "
+                        f"{mbs} x data parallel size {dp} = {mbs * dp}")
+    else:
+        num_microbatches = gbs // (mbs * dp)
+        if vpp and num_microbatches % pp:
+            problems.append(f"the interleaved pipeline schedule needs the number of micro-batches "
+                            f"({num_microbatches}) to be a multiple of PP {pp}")
+    if stage.train_iters < 1:
+        problems.append(f"stage.train_iters={stage.train_iters} must be at least 1")
+    if data.seq_length < 1:
+        problems.append(f"data.seq_length={data.seq_length} must be at least 1")
+    if optim.min_lr > optim.lr:
+        problems.append(f"optim.min_lr={optim.min_lr} is above optim.lr={optim.lr}")
+    decay_iters = optim.lr_decay_iters or stage.train_iters
+    if optim.lr_warmup_iters >= max(decay_iters, 1) and optim.lr_decay_style != "constant":
+        problems.append(f"optim.lr_warmup_iters={optim.lr_warmup_iters} must be below the "
+                        f"decay length ({decay_iters} iterations)")
+    if optim.lr_decay_style == "WSD" and not optim.lr_wsd_decay_iters:
+        problems.append("optim.lr_decay_style=WSD needs optim.lr_wsd_decay_iters "
+                        "(the length of the final decay)")
+    if data.kind == "indexed" and not data.data_path:
+        problems.append("data=indexed needs data.data_path: the prefixes written by "
+                        "`python -m llmtrain.data tokenize` (optionally weighted)")
+
+    if problems:
+        raise ConfigError(problems)
+    return Layout(
+        device=device, nnodes=nnodes, nproc_per_node=nproc,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+        expert_model_parallel_size=ep, data_parallel_size=dp,
+        num_microbatches=num_microbatches,
+        padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp),
+        use_transformer_engine=use_te,
+    )

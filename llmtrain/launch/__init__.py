@@ -1,0 +1,1 @@
+"""Launchers: how the worker processes of a run are started (config group `launcher`)."""

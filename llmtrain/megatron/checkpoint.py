@@ -1,0 +1,95 @@
+"""Megatron-Core distributed checkpoints: save and load model, optimizer and schedule state.
+
+Layout, as Megatron-LM writes it, so its users find their way around:
+
+    <save>/iter_0000050/                    one dist_checkpointing folder per saved step
+    <save>/latest_checkpointed_iteration.txt
+
+A checkpoint is loadable under any other TP/PP/DP layout (dist_checkpointing reshards).
+The pointer file is written only after every rank has finished, so a step without it
+being moved is never resumed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from megatron.core import dist_checkpointing
+
+from llmtrain.megatron import parallel
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def step_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike) -> Optional[int]:
+    """The last complete checkpoint under `root`, or None."""
+    tracker = Path(root) / TRACKER
+    if not tracker.exists():
+        return None
+    text = tracker.read_text().strip()
+    return 0 if text == "release" else int(text)
+
+
+def _model_state(model: list, prefix_key: str = "model") -> dict:
+    if len(model) == 1:
+        return {prefix_key: model[0].sharded_state_dict()}
+    return {f"{prefix_key}{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def _merged(model_state: dict) -> dict:
+    merged = {}
+    for value in model_state.values():
+        merged.update(value)
+    return merged
+
+
+def save(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
+         common: dict[str, Any]) -> Path:
+    """Write step `iteration` collectively from every rank; return its folder."""
+    target = step_dir(root, iteration)
+    if parallel.rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()
+    state = _model_state(model)
+    state["optimizer"] = optimizer.sharded_state_dict(_merged(state))
+    state["scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state.update(common)
+    dist_checkpointing.save(state, str(target))
+    parallel.barrier()
+    if parallel.rank() == 0:
+        tmp = Path(root) / f".{TRACKER}.tmp"
+        tmp.write_text(str(iteration))
+        os.replace(tmp, Path(root) / TRACKER)
+    parallel.barrier()
+    return target
+
+
+def load(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
+         weights_only: bool = False) -> dict[str, Any]:
+    """Load step `iteration` into the given objects; return the common (non-tensor) state."""
+    source = step_dir(root, iteration)
+    state = _model_state(model)
+    if not weights_only:
+        state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True)
+    loaded = dist_checkpointing.load(state, str(source))
+    if len(model) == 1:
+        model[0].load_state_dict(loaded.pop("model"), strict=True)
+    else:
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(loaded.pop(f"model{i}"), strict=True)
+    if not weights_only:
+        optimizer.load_state_dict(loaded.pop("optimizer"))
+        scheduler.load_state_dict(loaded.pop("scheduler"))
+    else:
+        loaded.pop("optimizer", None)
+        loaded.pop("scheduler", None)
+    torch.distributed.barrier()
+    return loaded

@@ -1,0 +1,132 @@
+"""Builds Megatron-Core GPT models from a `Config`: the one place that knows the model class.
+
+Megatron-Core 0.19 marks GPTModel deprecated in favour of HybridModel; GPTModel still carries the
+Llama 3.1 RoPE scaling we need, so it is used here, and a later switch touches only this module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from llmtrain.config.schema import Config
+from llmtrain.config.validate import Layout
+
+ACTIVATIONS = {
+    "swiglu": (F.silu, True),
+    "gelu": (F.gelu, False),
+    "gelu_tanh": (partial(F.gelu, approximate="tanh"), False),
+}
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    if cfg.precision.bf16:
+        return torch.bfloat16
+    if cfg.precision.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
+    """Megatron's TransformerConfig for this run: architecture, layout, precision and fusions."""
+    m, par, prec = cfg.model, cfg.parallel, cfg.precision
+    activation, gated = ACTIVATIONS[m.activation]
+    cuda = layout.device == "cuda"
+    dtype = params_dtype(cfg)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.layernorm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        num_moe_experts=m.num_moe_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        # Layout.
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.expert_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        pipeline_dtype=dtype,
+        # Precision.
+        params_dtype=dtype,
+        bf16=prec.bf16,
+        fp16=prec.fp16,
+        fp8=prec.fp8,
+        fp8_recipe=prec.fp8_recipe if prec.fp8 else "delayed",
+        # Loss: sum over tokens, divided once by the global token count (exact across layouts).
+        calculate_per_token_loss=True,
+        # Weights are set by llmtrain.megatron.init, identically for every layout.
+        perform_initialization=False,
+        use_cpu_initialization=not cuda,
+        # Fused kernels exist only on the GPU.
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=cuda,
+        bias_activation_fusion=cuda and m.add_bias_linear,
+        masked_softmax_fusion=cuda,
+        apply_rope_fusion=cuda and layout.use_transformer_engine,
+        persist_layer_norm=cuda,
+        cross_entropy_loss_fusion=cuda and layout.use_transformer_engine,
+        cross_entropy_fusion_impl="te" if layout.use_transformer_engine else "native",
+    )
+
+
+def layer_spec(cfg: Config, layout: Layout):
+    """Transformer Engine's fused layers on a GPU that has it, Megatron's local layers otherwise."""
+    m = cfg.model
+    if layout.use_transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=m.num_moe_experts)
+    return get_gpt_layer_local_spec(num_experts=m.num_moe_experts, normalization=m.normalization)
+
+
+def build_model(cfg: Config, layout: Layout) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), on the run's device."""
+    config = transformer_config(cfg, layout)
+    spec = layer_spec(cfg, layout)
+    vpp = layout.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*GPTModel IS DEPRECATED.*")
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=layout.padded_vocab_size,
+                max_sequence_length=max(cfg.model.max_position_embeddings, cfg.data.seq_length),
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
+                position_embedding_type=cfg.model.position_embedding_type,
+                rotary_percent=cfg.model.rotary_percent,
+                rotary_base=cfg.model.rotary_base,
+                rope_scaling=cfg.model.rope_scaling,
+                rope_scaling_factor=cfg.model.rope_scaling_factor,
+                vp_stage=stage,
+            )
+        if layout.device == "cuda":
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks

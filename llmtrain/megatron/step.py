@@ -1,0 +1,91 @@
+"""One training (or evaluation) step through Megatron-Core's pipeline schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class StepResult:
+    loss: float | None  # mean per-token loss over the global batch (None off the last stage)
+    tokens: int  # loss tokens in the global batch (0 off the last stage)
+    grad_norm: float | None = None
+    skipped: bool = False
+
+
+def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Sum of token losses and token count: the schedule divides once by the global count."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(output.float().reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward(device: str, data_iterator, model):
+    batch = next(data_iterator)
+    move = partial(torch.Tensor.to, device=device, non_blocking=True)
+    tokens, labels = move(batch["tokens"]), move(batch["labels"])
+    position_ids, loss_mask = move(batch["position_ids"]), move(batch["loss_mask"])
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        attention_mask = move(attention_mask)
+    output = model(tokens, position_ids, attention_mask, labels=labels)
+    return output, partial(_loss, loss_mask)
+
+
+def _reduce_losses(reports: list[dict]) -> tuple[float | None, int]:
+    """Sum micro-batch reports on the last stage and across data-parallel ranks."""
+    if not ps.is_pipeline_last_stage(ignore_virtual=True) or not reports:
+        return None, 0
+    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    loss_sum, tokens = total.tolist()
+    return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def run_schedule(model: list, iterators: list, num_microbatches: int, seq_length: int,
+                 micro_batch_size: int, device: str, forward_only: bool) -> list[dict]:
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward, device),
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(model: list, optimizer, scheduler, iterators: list, num_microbatches: int,
+               seq_length: int, micro_batch_size: int, device: str) -> StepResult:
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
+                           device, forward_only=False)
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
+    loss, tokens = _reduce_losses(reports)
+    return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm),
+                      skipped=not updated)
+
+
+@torch.no_grad()
+def eval_step(model: list, iterators: list, num_microbatches: int, seq_length: int,
+              micro_batch_size: int, device: str) -> StepResult:
+    for chunk in model:
+        chunk.eval()
+    try:
+        reports = run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
+                               device, forward_only=True)
+    finally:
+        for chunk in model:
+            chunk.train()
+    return StepResult(*_reduce_losses(reports))

@@ -1,0 +1,38 @@
+"""Process-level helpers shared by the launcher and the workers (no Megatron imports)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+
+from llmtrain.config.validate import Machine
+
+
+def detect_machine() -> Machine:
+    """GPUs on this node and whether Transformer Engine is installed."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    return Machine(gpus=gpus, has_transformer_engine=has_te)
+
+
+def quiet_libraries() -> None:
+    """Megatron and torch warn at import about optional packages a CPU run does not need;
+    keep the console for what the user must read. LLMTRAIN_VERBOSE=1 shows everything."""
+    if os.environ.get("LLMTRAIN_VERBOSE") == "1":
+        return
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("megatron", "torch.utils.cpp_extension", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def sync_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()

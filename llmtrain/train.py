@@ -1,0 +1,124 @@
+"""The training loop each worker process runs: build, resume, step, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from llmtrain.config.schema import Config
+from llmtrain.config.validate import Layout
+from llmtrain.data.tokenizer import load_tokenizer
+from llmtrain.megatron import checkpoint, parallel
+from llmtrain.megatron.data import batches, build_datasets
+from llmtrain.megatron.init import initialize as initialize_weights
+from llmtrain.megatron.model import build_model
+from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from llmtrain.megatron.step import eval_step, train_step
+from llmtrain.metrics import RunLog
+from llmtrain.runtime import quiet_libraries, sync_device
+
+
+def run_path(cfg: Config, path: Optional[str]) -> Optional[Path]:
+    """Config paths are relative to the run's output folder."""
+    if path is None:
+        return None
+    return Path(cfg.output_dir) / path
+
+
+def train(cfg: Config, layout: Layout) -> dict:
+    """Train to `stage.train_iters`; return the summary the logging rank saw (else {})."""
+    quiet_libraries()
+    parallel.initialize(layout, cfg.seed)
+    try:
+        return _train(cfg, layout)
+    finally:
+        parallel.shutdown()
+
+
+def _train(cfg: Config, layout: Layout) -> dict:
+    stage = cfg.stage
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model "
+                         f"{cfg.model.name} has vocab_size {cfg.model.vocab_size}: use a model "
+                         f"whose vocabulary holds the tokenizer's")
+    log = RunLog(cfg, layout, parallel.is_logging_rank(),
+                 run_path(cfg, cfg.logging.tensorboard_dir) if cfg.logging.tensorboard else None)
+
+    chunks = build_model(cfg, layout)
+    initialize_weights(chunks, cfg.seed)
+    model = wrap_ddp(cfg, chunks)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    save_dir = run_path(cfg, cfg.checkpoint.save)
+    load_dir = Path(cfg.checkpoint.load) if cfg.checkpoint.load else save_dir
+    start = 0
+    resumed = checkpoint.latest_iteration(load_dir) if load_dir else None
+    if resumed is not None:
+        common = checkpoint.load(load_dir, resumed, model, optimizer, scheduler,
+                                 weights_only=cfg.checkpoint.finetune)
+        start = 0 if cfg.checkpoint.finetune else common["iteration"]
+        log.message(f"loaded {checkpoint.step_dir(load_dir, resumed)}"
+                    + (" (weights only: a new schedule starts)" if cfg.checkpoint.finetune
+                       else f"; resuming after step {start}"))
+
+    cache = run_path(cfg, "data_cache")
+    train_data, valid_data = build_datasets(cfg, tokenizer, str(cache))
+    dp_rank = parallel.data_parallel_rank()
+    # One iterator per virtual pipeline chunk, each yielding the same micro-batches.
+    train_iters = [batches(train_data, cfg, layout, dp_rank, start * stage.global_batch_size)
+                   for _ in model]
+    evals_done = start // stage.eval_interval if stage.eval_interval else 0
+    valid_start = evals_done * stage.eval_iters * stage.global_batch_size
+    valid_iters = [batches(valid_data, cfg, layout, dp_rank, valid_start) for _ in model]
+    schedule_args = dict(num_microbatches=layout.num_microbatches, seq_length=cfg.data.seq_length,
+                         micro_batch_size=stage.micro_batch_size, device=layout.device)
+
+    log.message(f"training {cfg.model.name} for {stage.train_iters} steps on "
+                f"{layout.world_size} {layout.device} process(es); output in {cfg.output_dir}")
+    losses: list[float] = []
+    last_saved = start
+    for iteration in range(start + 1, stage.train_iters + 1):
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        began = time.perf_counter()
+        result = train_step(model, optimizer, scheduler, train_iters, **schedule_args)
+        sync_device(layout.device)
+        seconds = time.perf_counter() - began
+        if result.loss is not None:
+            losses.append(result.loss)
+        scale = optimizer.get_loss_scale().item() if cfg.precision.fp16 else None
+        log.step(iteration, result.loss, lr, result.grad_norm,
+                 seconds, scale, result.skipped)
+        if stage.eval_interval and valid_iters[0] is not None and (
+                iteration % stage.eval_interval == 0 or iteration == stage.train_iters):
+            total = 0.0
+            for _ in range(stage.eval_iters):
+                total += eval_step(model, valid_iters, **schedule_args).loss or 0.0
+            log.evaluation(iteration, total / stage.eval_iters)
+        if save_dir and cfg.checkpoint.save_interval and (
+                iteration % cfg.checkpoint.save_interval == 0):
+            _save(save_dir, iteration, model, optimizer, scheduler, cfg, log)
+            last_saved = iteration
+    if save_dir and cfg.checkpoint.save_on_exit and last_saved != stage.train_iters:
+        _save(save_dir, stage.train_iters, model, optimizer, scheduler, cfg, log)
+
+    summary = {}
+    if log.enabled:
+        summary = {"final_loss": losses[-1] if losses else None, "first_loss":
+                   losses[0] if losses else None, "steps": stage.train_iters,
+                   "start_step": start, "losses": losses, **log.last}
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.close()
+    return summary
+
+
+def _save(save_dir: Path, iteration: int, model, optimizer, scheduler, cfg: Config,
+          log: RunLog) -> None:
+    began = time.perf_counter()
+    target = checkpoint.save(save_dir, iteration, model, optimizer, scheduler,
+                             {"consumed_samples": iteration * cfg.stage.global_batch_size})
+    log.message(f"saved {target} in {time.perf_counter() - began:.1f} s")
