@@ -7,11 +7,10 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
-from llmtrain.config.validate import ConfigError, validate
+from llmtrain.config.validate import ConfigError, Machine, validate
 
 register()
 # The repository's conf/ folder (an absolute path: Hydra would read "../conf" as a module).
@@ -19,12 +18,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def resolve(dcfg: DictConfig) -> Config:
-    """The typed config, or a plain-words error naming the unset keys."""
-    try:
-        return OmegaConf.to_object(dcfg)
-    except MissingMandatoryValue as error:
-        raise ConfigError([f"{error.full_key} must be set (it is ??? in its config group): "
-                           f"add {error.full_key}=... to the command"]) from None
+    """The typed config, or a plain-words error naming every key left unset (???)."""
+    missing = sorted(OmegaConf.missing_keys(dcfg))
+    if missing:
+        raise ConfigError([f"{key} must be set (it is ??? in its config group): add {key}=... "
+                           f"to the command" for key in missing])
+    return OmegaConf.to_object(dcfg)
 
 
 def prepare(cfg: Config) -> None:
@@ -42,7 +41,13 @@ def main(dcfg: DictConfig):
     quiet_libraries()
     try:
         cfg = resolve(dcfg)
-        layout = validate(cfg, detect_machine())
+        machine = detect_machine()
+        if cfg.dry_run and cfg.device == "cuda" and machine.gpus == 0:
+            # Planning a GPU job from a machine without one (a laptop, a login node).
+            machine = Machine(gpus=cfg.launcher.nproc_per_node or 8, has_transformer_engine=True)
+            print(f"[llmtrain] no GPU here: planning for {machine.gpus} GPUs per node with "
+                  f"Transformer Engine", flush=True)
+        layout = validate(cfg, machine)
     except ConfigError as error:
         print(f"llmtrain: {error}", file=sys.stderr)
         sys.exit(2)

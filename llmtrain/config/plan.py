@@ -127,11 +127,12 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     if cfg.parallel.use_distributed_optimizer:
         optim_bytes /= layout.data_parallel_size
     # Activations per layer and micro-batch with flash attention (Korthikanti et al.):
-    # 34 s b h bytes, split by TP when sequence parallel; the first stage holds up to PP
-    # micro-batches in flight under 1F1B.
+    # s b h (10 + 24 / TP) bytes, or 34 s b h / TP with sequence parallel; the first stage
+    # holds up to PP micro-batches in flight under 1F1B.
     s, b, h = cfg.data.seq_length, cfg.stage.micro_batch_size, m.hidden_size
     s_local = s // layout.context_parallel_size
-    act_layer = 34 * s_local * b * h / (tp if cfg.parallel.sequence_parallel else 1)
+    per_token = 34 / tp if layout.sequence_parallel else 10 + 24 / tp
+    act_layer = per_token * s_local * b * h
     in_flight = min(pp, layout.num_microbatches)
     logits = 4 * s_local * b * layout.padded_vocab_size / tp * 2
     activations = act_layer * layers_per_stage * in_flight + logits

@@ -65,7 +65,8 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     # None: whatever the processes leave (world size / (TP x PP x CP)).
     data_parallel_size: Optional[int] = None
-    sequence_parallel: bool = False
+    # None: on when TP > 1 and Transformer Engine's layers run (the local layers cannot).
+    sequence_parallel: Optional[bool] = None
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False

@@ -25,6 +25,11 @@ CHOICES = {
 }
 
 
+# The files each tokenizer type is loaded from.
+TOKENIZER_FILES = {"huggingface": ("tokenizer_model",), "sentencepiece": ("tokenizer_model",),
+                   "gpt2bpe": ("vocab_file", "merge_file")}
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message lists every problem found."""
 
@@ -58,6 +63,7 @@ class Layout:
     num_microbatches: int
     padded_vocab_size: int
     use_transformer_engine: bool
+    sequence_parallel: bool
 
     @property
     def world_size(self) -> int:
@@ -144,6 +150,10 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if prec.bf16 and prec.fp16:
         problems.append("precision: bf16 and fp16 are both true; choose one")
     use_te = device == "cuda" and machine.has_transformer_engine
+    if par.sequence_parallel and not use_te:
+        problems.append("parallel.sequence_parallel=true needs Transformer Engine's layers (a GPU "
+                        "with llmtrain[gpu] installed); leave it unset to choose automatically")
+    sequence_parallel = tp > 1 and use_te if par.sequence_parallel is None else par.sequence_parallel
     if prec.fp8 is not None and not use_te:
         problems.append("precision=fp8 needs NVIDIA Transformer Engine and a GPU; "
                         "install llmtrain[gpu] on a GPU machine or use precision=bf16")
@@ -168,7 +178,9 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                         f"x CP {cp} x DP {wanted_dp or max(world // model_parallel, 1)}) but this "
                         f"machine has {machine.gpus}: choose a smaller layout or more GPUs")
     dp = 1
-    if world % model_parallel:
+    if short_of_gpus:
+        pass  # the one message above says what to do
+    elif world % model_parallel:
         problems.append(f"world size {world} is not a multiple of TP {tp} x PP {pp} x CP {cp} = "
                         f"{model_parallel}: set launcher.nproc_per_node to a multiple of "
                         f"{model_parallel}")
@@ -213,6 +225,11 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if data.kind == "indexed" and not data.data_path:
         problems.append("data=indexed needs data.data_path: the prefixes written by "
                         "`python -m llmtrain.data tokenize` (optionally weighted)")
+    tok = data.tokenizer
+    for key in TOKENIZER_FILES.get(tok.tokenizer_type, ()):
+        if not getattr(tok, key):
+            problems.append(f"data.tokenizer.tokenizer_type={tok.tokenizer_type} needs "
+                            f"data.tokenizer.{key} (the tokenizer the data was made with)")
 
     if problems:
         raise ConfigError(problems)
@@ -224,4 +241,5 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         num_microbatches=num_microbatches,
         padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp),
         use_transformer_engine=use_te,
+        sequence_parallel=sequence_parallel,
     )

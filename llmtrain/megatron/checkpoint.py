@@ -37,10 +37,19 @@ def latest_iteration(root: str | os.PathLike) -> Optional[int]:
     return 0 if text == "release" else int(text)
 
 
-def _model_state(model: list, prefix_key: str = "model") -> dict:
-    if len(model) == 1:
-        return {prefix_key: model[0].sharded_state_dict()}
-    return {f"{prefix_key}{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+def unwrap(chunk):
+    """The GPTModel inside DDP and mixed-precision wrappers (checkpoints hold its names)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _keys(model: list) -> list[str]:
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _model_state(model: list) -> dict:
+    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(_keys(model), model)}
 
 
 def _merged(model_state: dict) -> dict:
@@ -80,11 +89,8 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
     if not weights_only:
         state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True)
     loaded = dist_checkpointing.load(state, str(source))
-    if len(model) == 1:
-        model[0].load_state_dict(loaded.pop("model"), strict=True)
-    else:
-        for i, chunk in enumerate(model):
-            chunk.load_state_dict(loaded.pop(f"model{i}"), strict=True)
+    for key, chunk in zip(_keys(model), model):
+        unwrap(chunk).load_state_dict(loaded.pop(key), strict=True)
     if not weights_only:
         optimizer.load_state_dict(loaded.pop("optimizer"))
         scheduler.load_state_dict(loaded.pop("scheduler"))

@@ -39,7 +39,7 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
     """Megatron's TransformerConfig for this run: architecture, layout, precision and fusions."""
-    m, par, prec = cfg.model, cfg.parallel, cfg.precision
+    m, prec = cfg.model, cfg.precision
     activation, gated = ACTIVATIONS[m.activation]
     cuda = layout.device == "cuda"
     dtype = params_dtype(cfg)
@@ -68,7 +68,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         context_parallel_size=layout.context_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
-        sequence_parallel=par.sequence_parallel,
+        sequence_parallel=layout.sequence_parallel,
         pipeline_dtype=dtype,
         # Precision.
         params_dtype=dtype,

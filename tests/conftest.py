@@ -1,0 +1,56 @@
+"""Shared helpers: compose configs the way the CLI does, and run the CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from llmtrain.cli import CONF_DIR
+from llmtrain.config.store import register
+
+ROOT = Path(__file__).resolve().parent.parent
+register()
+
+# A tiny job that takes seconds on two CPU cores.
+FAST = ["data.seq_length=64", "stage.micro_batch_size=2", "stage.global_batch_size=8",
+        "stage.eval_interval=0", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.lr_warmup_iters=2"]
+
+
+def compose_config(*overrides: str, output_dir: str = "/tmp/llmtrain-test", typed: bool = True):
+    """The config `python -m llmtrain <overrides>` would run: typed, or as Hydra composed it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    cfg.output_dir = output_dir
+    return OmegaConf.to_object(cfg) if typed else cfg
+
+
+def run_llmtrain(*args: str, module: str = "llmtrain", check: bool = True,
+                 timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args...` from the repository root, as a user types it."""
+    process = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    if check and process.returncode != 0:
+        raise AssertionError(f"python -m {module} {' '.join(args)} failed "
+                             f"({process.returncode}):\n{process.stdout[-4000:]}\n"
+                             f"{process.stderr[-6000:]}")
+    return process
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _corpus_built():
+    """Build the embedded corpus once, before tests that time out on their first use."""
+    from llmtrain.data.corpus import ensure_corpus
+
+    ensure_corpus()

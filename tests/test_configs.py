@@ -1,0 +1,156 @@
+"""Every shipped config group composes; each combination is valid or fails with its exact message."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_config, run_llmtrain
+from llmtrain.cli import CONF_DIR, resolve
+from llmtrain.config.schema import Config
+from llmtrain.config.validate import ConfigError, Machine, validate
+
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+OPTIONS = {g: sorted(f.stem for f in (Path(CONF_DIR) / g).glob("*.yaml")) for g in GROUPS}
+CPU = Machine(gpus=0, has_transformer_engine=False)
+
+FP8_ON_CPU = ("precision=fp8 needs NVIDIA Transformer Engine and a GPU; install llmtrain[gpu] on "
+              "a GPU machine or use precision=bf16")
+
+
+# Model x parallel layouts that cannot work, with the message users get.
+SHAPE_PROBLEMS = {
+    ("tiny", "tp8pp1"): "model tiny has 4 KV groups (num_query_groups), which tensor parallel "
+                        "size 8 does not divide: choose a TP that divides it",
+    ("qwen2_7b", "tp8pp1"): "model qwen2_7b has 28 attention heads, which tensor parallel size 8 "
+                            "does not divide: choose a TP that divides it",
+}
+
+
+def expected_problems(choice: dict[str, str]) -> list[str]:
+    """The problems validation must report on a CPU machine, written out by hand."""
+    problems = []
+    if (choice["model"], choice["parallel"]) in SHAPE_PROBLEMS:
+        problems.append(SHAPE_PROBLEMS[choice["model"], choice["parallel"]])
+    if choice["model"] == "gpt2_345m" and choice["data"] in ("mock", "indexed"):
+        problems.append("data.seq_length=4096 exceeds the 1024 learned positions of model "
+                        "gpt2_345m")
+    if choice["precision"] == "fp8":
+        problems.append(FP8_ON_CPU)
+    if choice["data"] == "indexed":
+        problems += ["data=indexed needs data.data_path: the prefixes written by `python -m "
+                     "llmtrain.data tokenize` (optionally weighted)",
+                     "data.tokenizer.tokenizer_type=huggingface needs "
+                     "data.tokenizer.tokenizer_model (the tokenizer the data was made with)"]
+    return problems
+
+
+COMBOS = [dict(zip(GROUPS, values)) for values in itertools.product(*(OPTIONS[g] for g in GROUPS))]
+
+
+def _problems(choice: dict[str, str]) -> list[str]:
+    overrides = [f"{group}={option}" for group, option in choice.items()]
+    try:
+        validate(resolve(compose_config(*overrides, typed=False)), CPU)
+    except ConfigError as error:
+        return error.problems
+    return []
+
+
+def test_every_group_has_options():
+    for group in ("model", "parallel", "precision", "data", "stage", "optim", "checkpoint",
+                  "logging", "launcher"):
+        assert OPTIONS.get(group), f"conf/{group}/ has no options"
+    for name in ("tiny", "gpt2_345m", "llama3_2_1b", "llama3_8b", "llama3_1_8b", "llama3_70b",
+                 "qwen2_7b"):
+        assert name in OPTIONS["model"]
+    for name in ("tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2", "tp4pp2", "tp8pp1"):
+        assert name in OPTIONS["parallel"]
+
+
+@pytest.mark.parametrize("choice", COMBOS, ids=lambda c: "-".join(c.values()))
+def test_combination_is_valid_or_expected_invalid(choice):
+    assert sorted(_problems(choice)) == sorted(expected_problems(choice))
+
+
+def test_validation_reports_every_problem_at_once():
+    cfg = compose_config("model=tiny", "parallel=tp8pp1", "stage.global_batch_size=6",
+                         "stage.micro_batch_size=4", "data.seq_length=100",
+                         "parallel.context_parallel_size=3", "parallel.sequence_parallel=true")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert sorted(error.value.problems) == sorted([
+        "model tiny has 4 KV groups (num_query_groups), which tensor parallel size 8 does not "
+        "divide: choose a TP that divides it",
+        "data.seq_length=100 must be divisible by 2 x context parallel size = 6",
+        "parallel.sequence_parallel=true needs Transformer Engine's layers (a GPU with "
+        "llmtrain[gpu] installed); leave it unset to choose automatically",
+        "stage.global_batch_size=6 is not divisible by micro_batch_size 4 x data parallel size "
+        "1 = 4",
+    ])
+
+
+def test_layout_on_a_gpu_machine():
+    eight = Machine(gpus=8, has_transformer_engine=True)
+    layout = validate(compose_config("model=llama3_8b", "parallel=tp2pp1",
+                                     "stage.global_batch_size=64"), eight)
+    assert (layout.world_size, layout.data_parallel_size, layout.sequence_parallel) == (8, 4, True)
+    assert layout.num_microbatches == 4
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config("model=llama3_8b", "parallel=tp4pp2"),
+                 Machine(gpus=1, has_transformer_engine=True))
+    assert error.value.problems == [
+        "parallel=tp4pp2 needs 8 GPUs (TP 4 x PP 2 x CP 1 x DP 1) but this machine has 1: "
+        "choose a smaller layout or more GPUs"]
+
+
+def test_world_size_must_equal_tp_pp_cp_dp():
+    cfg = compose_config("parallel=tp2pp1", "launcher.nproc_per_node=3")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert error.value.problems == [
+        "world size 3 is not a multiple of TP 2 x PP 1 x CP 1 = 2: set launcher.nproc_per_node "
+        "to a multiple of 2"]
+
+
+def test_dry_run_prints_the_plan():
+    out = run_llmtrain("model=llama3_8b", "parallel=tp4pp2", "device=cuda", "precision=bf16",
+                       "data=mock", "data.seq_length=8192", "stage.micro_batch_size=1",
+                       "stage.global_batch_size=128", "dry_run=true").stdout
+    assert "planning for 8 GPUs per node with Transformer Engine" in out
+    # 8.030 B as published, plus 256 rows that pad the vocabulary to 128 x TP 4.
+    assert "llama3_8b: 8.032 B parameters" in out
+    assert "(pretrain, bf16, cuda)" in out
+    assert "TP 4  PP 2  CP 1  EP 1  DP 1" in out
+    assert "128 micro-batches per step" in out
+    assert "weights" in out and "optimizer" in out and "activations" in out
+
+
+def test_unknown_group_option_lists_the_choices():
+    process = run_llmtrain("model=llama9", check=False)
+    assert process.returncode != 0
+    assert "Could not find 'model/llama9'" in process.stderr
+    for name in ("tiny", "llama3_8b", "qwen2_7b"):
+        assert name in process.stderr
+
+
+def test_invalid_combination_stops_before_starting():
+    process = run_llmtrain("parallel=tp8pp1", "precision=fp8", check=False)
+    assert process.returncode == 2
+    assert process.stderr.startswith("llmtrain: the configuration has 2 problem(s):")
+    assert FP8_ON_CPU in process.stderr
+    assert "training" not in process.stdout
+
+
+def test_gpu_run_on_a_machine_without_gpus():
+    process = run_llmtrain("device=cuda", check=False)
+    assert process.returncode == 2
+    assert "device=cuda was asked for but this machine has no GPU" in process.stderr
+
+
+def test_misspelt_key_is_a_composition_error():
+    process = run_llmtrain("optim.learning_rate=1e-4", check=False)
+    assert process.returncode != 0
+    assert "learning_rate" in process.stderr

@@ -1,0 +1,38 @@
+"""The same tiny model and seed under TP, PP, TP x PP and DP gives the losses of one process.
+
+Weights are drawn per parameter from its global name (llmtrain.megatron.init), so every layout
+starts from the same model, and samples are assigned per global step, so every layout sees the
+same batches. What can still differ is floating-point summation order: a TP split sums a
+matrix product's halves separately, a DP split sums gradients across ranks. In fp32 that moves a
+loss by about 1e-7 per step, growing with the updates; 1e-5 relative after six steps leaves room
+for that and none for a real mismatch (a wrong shard or batch moves the loss by 1e-3 or more).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import FAST, run_llmtrain, summary
+
+STEPS = ["stage.train_iters=6", "checkpoint.save=null"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tp1pp1")
+    run_llmtrain(*FAST, *STEPS, f"hydra.run.dir={run_dir}")
+    return summary(run_dir)["losses"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel=tp2pp1"],
+    ["parallel=tp1pp2"],
+    ["parallel=tp2pp2"],
+    ["parallel=tp1pp1", "parallel.data_parallel_size=2"],
+], ids=lambda args: " ".join(args))
+def test_layout_matches_one_process(layout, reference, tmp_path):
+    run_llmtrain(*FAST, *STEPS, *layout, f"hydra.run.dir={tmp_path}")
+    losses = summary(tmp_path)["losses"]
+    assert len(losses) == len(reference) == 6
+    assert losses == pytest.approx(reference, rel=1e-5)
+    assert losses[-1] < losses[0]
