@@ -66,7 +66,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
                        else f"; resuming after step {start}"))
 
     cache = run_path(cfg, "data_cache")
-    train_data, valid_data = build_datasets(cfg, tokenizer, str(cache))
+    train_data, valid_data = build_datasets(cfg, layout, tokenizer, str(cache))
     dp_rank = parallel.data_parallel_rank()
     # One iterator per virtual pipeline chunk, each yielding the same micro-batches.
     train_iters = [batches(train_data, cfg, layout, dp_rank, start * stage.global_batch_size)

@@ -39,8 +39,11 @@ def data_prefixes(cfg: Config) -> list[str]:
     return [str(p) for p in cfg.data.data_path]
 
 
-def build_datasets(cfg: Config, tokenizer: Tokenizer, cache_dir: str):
-    """Train and validation GPTDatasets sized for the whole run (the validation set may be None)."""
+def build_datasets(cfg: Config, layout: Layout, tokenizer: Tokenizer, cache_dir: str):
+    """Train and validation GPTDatasets sized for the whole run (the validation set may be None).
+
+    On CPU the causal mask comes with each sample (Megatron builds its default mask on CUDA);
+    GPU attention kernels make their own."""
     stage = cfg.stage
     train_samples = stage.train_iters * stage.global_batch_size
     evals = stage.train_iters // stage.eval_interval + 1 if stage.eval_interval else 0
@@ -56,7 +59,7 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer, cache_dir: str):
         reset_position_ids=cfg.data.reset_position_ids,
         reset_attention_mask=cfg.data.reset_attention_mask,
         eod_mask_loss=cfg.data.eod_mask_loss,
-        create_attention_mask=True,
+        create_attention_mask=layout.device == "cpu",
         mid_level_dataset_surplus=0.005,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(

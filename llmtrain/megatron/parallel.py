@@ -36,7 +36,6 @@ def initialize(layout: Layout, seed: int, timeout_minutes: int = 30) -> None:
         context_parallel_size=layout.context_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
-        create_gloo_process_groups=layout.device == "cpu",
     )
     seed_everything(seed)
 
