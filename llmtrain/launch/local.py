@@ -9,6 +9,7 @@ import os
 import socket
 import traceback
 import uuid
+from typing import Callable, Optional
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
@@ -20,26 +21,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(cfg: Config, layout: Layout) -> dict:
-    """Entry point of each worker; a failure is printed with its rank before it propagates."""
+def worker(cfg: Config, layout: Layout, entry: Optional[Callable] = None) -> dict:
+    """Entry point of each worker: `entry(cfg, layout)`, training by default; a failure is printed
+    with its rank before it propagates."""
     from llmtrain.train import train
 
     try:
-        return train(cfg, layout)
+        return (entry or train)(cfg, layout)
     except Exception:
         print(f"[rank {os.environ.get('RANK', '0')}] "
               + traceback.format_exc(), flush=True)
         raise
 
 
-def launch(cfg: Config, layout: Layout, node_rank: int = 0) -> dict:
-    """Run the job's workers on this node; return the summary of the rank that logged."""
+def launch(cfg: Config, layout: Layout, node_rank: int = 0,
+           entry: Optional[Callable] = None) -> dict:
+    """Run the job's workers on this node; return the summary of the rank that logged. `entry`
+    (a picklable function of cfg and layout) replaces training, e.g. for checkpoint conversion."""
     os.environ.update(cfg.launcher.env)
     port = cfg.launcher.master_port or free_port()
     if layout.world_size == 1:
         os.environ.update(MASTER_ADDR=cfg.launcher.master_addr, MASTER_PORT=str(port),
                           RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        return worker(cfg, layout)
+        return worker(cfg, layout, entry)
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -57,7 +61,7 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0) -> dict:
         start_method="spawn",
     )
     try:
-        results = elastic_launch(config, worker)(cfg, layout)
+        results = elastic_launch(config, worker)(cfg, layout, entry)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         raise RuntimeError(f"worker rank {rank} failed (exit code {failure.exitcode}); "
