@@ -23,7 +23,7 @@ from llmtrain.convert.check import tokenize
 from llmtrain.convert.config import DIRECTIONS, DTYPES, ConvertConfig
 from llmtrain.convert.families import Family
 from llmtrain.convert.mapping import ConversionError
-from llmtrain.convert.worker import Job
+from llmtrain.convert.job import Job
 
 # Fields that describe training rather than the architecture (not compared with model=).
 NOT_ARCHITECTURE = ("name", "init_method_std", "attention_dropout", "hidden_dropout",

@@ -32,10 +32,8 @@ def _write_model_yaml(plan: Plan, folder: Path) -> Path:
     """The model as a conf/model entry, usable with hydra.searchpath=[file://<folder>]."""
     path = folder / "model" / f"{plan.model.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = {k: v for k, v in dataclasses.asdict(plan.model).items()
-              if v != getattr(type(plan.model)(), k, None) or k == "name"}
     path.write_text(f"# Written by python -m llmtrain.convert from {plan.job.input}\n"
-                    + yaml.safe_dump(fields, sort_keys=False))
+                    + yaml.safe_dump(dataclasses.asdict(plan.model), sort_keys=False))
     return path
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from llmtrain.config.schema import Config, ModelConfig, PrecisionConfig
+from llmtrain.config.schema import Config, PrecisionConfig
 from llmtrain.config.validate import Layout
 from llmtrain.convert import families, hf_files, legacy
+from llmtrain.convert.job import Job
 from llmtrain.megatron import checkpoint, parallel, probe, weights
 from llmtrain.megatron.model import build_model
 from llmtrain.runtime import quiet_libraries
@@ -28,22 +27,6 @@ PRECISIONS = {"fp32": PrecisionConfig(name="fp32"),
               "fp16": PrecisionConfig(name="fp16", fp16=True)}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-@dataclass(frozen=True)
-class Job:
-    """A conversion as the workers see it (sent to every process)."""
-
-    direction: str
-    input: str
-    # None: verify only, write nothing.
-    output: Optional[str]
-    model: ModelConfig
-    dtype: str  # format of the weights written
-    check_dtype: Optional[str]  # None: no check
-    sequences: list = field(default_factory=list)  # token ids of the prompts
-    max_shard_bytes: int = 5 * 10**9
-    legacy: Optional[legacy.LegacyCheckpoint] = None
-    iteration: int = 0  # mcore_to_hf: the step read
 
 
 def run(job: Job, cfg: Config, layout: Layout) -> dict:

@@ -12,12 +12,9 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from llmtrain.megatron.weights import gather_to_first, is_first_of_tensor_group
-
+# Names of what is recorded; the Hugging Face side of a check records under the same names, and
+# imports them from here without importing Megatron (which `run` imports when called).
 EMBEDDING = "embedding"
 LOGITS = "logits"
 
@@ -47,6 +44,12 @@ def _forward(tokens: torch.Tensor, data_iterator, model):
 def run(chunks: list, sequences: list[list[int]], vocab_size: int) -> list[dict] | None:
     """Per sequence, {name: tensor} of the embedding output, every layer's output and the
     logits, collected on global rank 0 (None on the other ranks)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from llmtrain.megatron.weights import gather_to_first, is_first_of_tensor_group
+
     for chunk in chunks:
         chunk.eval()
     records = []
