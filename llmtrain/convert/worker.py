@@ -40,7 +40,11 @@ def run(job: Job, cfg: Config, layout: Layout) -> dict:
 
 
 def _build(cfg: Config, layout: Layout, dtype: str) -> list:
-    return build_model(dataclasses.replace(cfg, precision=PRECISIONS[dtype]), layout)
+    """The training builder's model, every tensor in `dtype`: Megatron makes norms and position
+    embeddings in fp32 whatever the precision, and training's mixed-precision wrapper casts
+    them; converted weights are stored in one format, like a training checkpoint."""
+    chunks = build_model(dataclasses.replace(cfg, precision=PRECISIONS[dtype]), layout)
+    return [chunk.to(TORCH_DTYPES[dtype]) for chunk in chunks]
 
 
 def _fresh(cfg: Config, layout: Layout, dtype: str, root: str, iteration: int) -> list:
