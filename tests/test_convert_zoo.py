@@ -1,0 +1,65 @@
+"""The model zoo (conf/model/) holds the published architectures: each entry has exactly the
+parameter count its publisher states, validates, and is what its Hugging Face config says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_config
+from llmtrain.cli import CONF_DIR
+from llmtrain.config.plan import count_parameters
+from llmtrain.config.schema import ModelConfig
+from llmtrain.config.validate import Machine, validate
+from llmtrain.convert import families
+from llmtrain.convert.plan import differences
+
+# Parameters as published (model cards, the safetensors index of the Hub checkpoints), counted
+# over the real vocabulary (Megatron's padding excluded).
+PUBLISHED = {
+    "gpt2": 124_439_808, "gpt2_345m": 354_823_168, "gpt2_large": 774_030_080,
+    "gpt2_xl": 1_557_611_200,
+    "llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192,
+    "llama3_8b": 8_030_261_248, "llama3_1_8b": 8_030_261_248, "llama3_70b": 70_553_706_496,
+    "llama3_1_70b": 70_553_706_496, "llama3_2_1b": 1_235_814_400, "llama3_2_3b": 3_212_749_824,
+    "mistral_7b": 7_241_732_096, "mistral_7b_v0_3": 7_248_023_552,
+    "qwen2_0_5b": 494_032_768, "qwen2_1_5b": 1_543_714_304, "qwen2_7b": 7_615_616_512,
+    "qwen2_5_0_5b": 494_032_768, "qwen2_5_1_5b": 1_543_714_304, "qwen2_5_3b": 3_085_938_688,
+    "qwen2_5_7b": 7_615_616_512, "qwen2_5_14b": 14_770_033_664, "qwen2_5_32b": 32_763_876_352,
+    "qwen2_5_72b": 72_706_203_648,
+    "bloom_560m": 559_214_592, "bloom_1b7": 1_722_408_960, "bloom_7b1": 7_069_016_064,
+    "bloom_176b": 176_247_271_424,
+    "falcon_7b": 6_921_720_704, "falcon_40b": 41_303_293_952,
+}
+ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+CPU = Machine(gpus=0, has_transformer_engine=False)
+
+
+def _model(name: str) -> ModelConfig:
+    return compose_config(f"model={name}").model
+
+
+def test_every_published_model_is_in_the_zoo():
+    assert sorted(PUBLISHED) == [name for name in ZOO if name != "tiny"]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count_is_the_published_one(name):
+    m = _model(name)
+    assert m.name == name
+    assert count_parameters(m, m.vocab_size).total == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_entry_validates_for_a_cpu_run(name):
+    validate(compose_config(f"model={name}"), CPU)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_hugging_face_config_expresses_the_entry_exactly(name):
+    m = _model(name)
+    family = families.by_name(m.family)
+    hf_config = family.hf_config(m)
+    assert hf_config.model_type == family.model_type
+    assert differences(m, ModelConfig(name=name, **family.model_fields(hf_config))) == []
