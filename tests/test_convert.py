@@ -84,7 +84,10 @@ def test_bf16_checkpoint_is_stored_in_bf16_and_checked_in_fp32(tmp_path):
 def test_output_in_another_format_and_sharded(tmp_path):
     hf = tiny_hf("gpt2", tmp_path / "hf")
     mcore, back = tmp_path / "mcore", tmp_path / "back"
-    convert(f"input={hf}", f"output={mcore}", "dtype=bf16", "check=false", **QUIET)
+    report = convert(f"input={hf}", f"output={mcore}", "dtype=bf16", **QUIET)
+    # Rounded to bf16 on the way: judged with bf16's tolerance (computed in fp32).
+    assert report["check"]["tolerance"]["dtype"] == "bf16" and report["check"]["passed"]
+    assert report["check"]["dtype"] == "fp32"
     # 0.1 MB files: the index lists every tensor, transformers loads it.
     report = convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}",
                      "max_shard_size_gb=0.0001", **QUIET)

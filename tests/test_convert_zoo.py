@@ -63,3 +63,55 @@ def test_hugging_face_config_expresses_the_entry_exactly(name):
     hf_config = family.hf_config(m)
     assert hf_config.model_type == family.model_type
     assert differences(m, ModelConfig(name=name, **family.model_fields(hf_config))) == []
+
+
+# config.json of Hub checkpoints, as published (the fields that describe the architecture).
+HUB_CONFIGS = {
+    "llama3_2_1b": ("LlamaConfig", {
+        "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "num_attention_heads": 32, "num_hidden_layers": 16,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": True, "vocab_size": 128256}),
+    "llama2_7b": ("LlamaConfig", {
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+        "max_position_embeddings": 4096, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "tie_word_embeddings": False, "vocab_size": 32000}),
+    "mistral_7b": ("MistralConfig", {
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "sliding_window": 4096, "tie_word_embeddings": False, "vocab_size": 32000}),
+    "qwen2_5_0_5b": ("Qwen2Config", {
+        "hidden_act": "silu", "hidden_size": 896, "intermediate_size": 4864,
+        "max_position_embeddings": 32768, "max_window_layers": 24, "num_attention_heads": 14,
+        "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+        "use_sliding_window": False, "vocab_size": 151936}),
+    "bloom_560m": ("BloomConfig", {
+        "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
+        "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
+    "falcon_7b": ("FalconConfig", {
+        "alibi": False, "bias": False, "hidden_size": 4544, "layer_norm_epsilon": 1e-05,
+        "multi_query": True, "new_decoder_architecture": False, "num_attention_heads": 71,
+        "num_hidden_layers": 32, "parallel_attn": True, "vocab_size": 65024}),
+    "falcon_40b": ("FalconConfig", {
+        "alibi": False, "bias": False, "hidden_size": 8192, "layer_norm_epsilon": 1e-05,
+        "new_decoder_architecture": True, "num_attention_heads": 128, "num_hidden_layers": 60,
+        "num_kv_heads": 8, "parallel_attn": True, "vocab_size": 65024}),
+    "gpt2": ("GPT2Config", {
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05, "n_embd": 768,
+        "n_head": 12, "n_layer": 12, "n_positions": 1024, "vocab_size": 50257}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
+    import transformers
+
+    class_name, fields = HUB_CONFIGS[name]
+    hf_config = getattr(transformers, class_name)(**fields)
+    family = families.for_hf_config(hf_config)
+    assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []

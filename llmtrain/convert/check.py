@@ -121,7 +121,11 @@ def compare(megatron: list[dict], hf: list[dict], num_layers: int, max_rel_diff:
 
 def table(result: dict) -> str:
     """The rows as the console shows them."""
-    lines = [f"{'':14}{'max |diff|':>12}{'max |ref|':>12}{'cosine':>14}",
+    tolerance = result["tolerance"]
+    lines = [f"check in {result['dtype']} on {len(result['sequences'])} prompt(s) "
+             f"({result['tokens']}); tolerance for {tolerance['dtype']}: max |diff| <= "
+             f"{tolerance['max_rel_diff']:g} x max |ref|, cosine >= {tolerance['min_cosine']}",
+             f"{'':14}{'max |diff|':>12}{'max |ref|':>12}{'cosine':>14}",
              *(f"{r['name']:<14}{r['max_abs_diff']:>12.3e}{r['max_abs_reference']:>12.3e}"
                f"{r['cosine']:>14.9f}{'' if r['passed'] else '   EXCEEDED'}"
                for r in result["rows"]),

@@ -42,6 +42,8 @@ class Plan:
     job: Job
     # The Hugging Face folder the check loads (the input, or the written output).
     hf_folder: Optional[Path] = None
+    # The format the input stores (the check's tolerance follows a conversion into a coarser one).
+    source_dtype: str = "fp32"
     tokens_from: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -161,11 +163,11 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
                                    c.pipeline_model_parallel_size)
     reader = hf_files.HFReader(folder, family.base_prefix)
     _check_tensor_names(reader, family, m, folder)
-    dtype = c.dtype or _dtype_name(getattr(hf_config, "dtype", None)) or _dtype_name(
+    source = _dtype_name(getattr(hf_config, "dtype", None)) or _dtype_name(
         reader.dtype()) or "fp32"
     sequences, tokens_from = tokenize(folder, c.prompts, m.vocab_size, cfg.data.seq_length, c.seed)
-    return Plan(c, family, m, cfg, layout, _job(c, m, dtype, sequences), hf_folder=folder,
-                tokens_from=tokens_from)
+    return Plan(c, family, m, cfg, layout, _job(c, m, c.dtype or source, sequences),
+                hf_folder=folder, source_dtype=source, tokens_from=tokens_from)
 
 
 def _read_mcore(root: Path) -> tuple[Path, int]:
@@ -220,14 +222,14 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                               f"hidden size {m.hidden_size} and vocabulary {m.vocab_size} "
                               f"(its word embedding is {embedding[0] if embedding else 'missing'})"
                               f": choose the model= it was trained as")
-    dtype = c.dtype or _dtype_name(embedding[1]) or "fp32"
+    source = _dtype_name(embedding[1]) or "fp32"
     tokenizer = root if hf_files.has_tokenizer(root) else (Path(c.tokenizer) if c.tokenizer
                                                              else None)
     sequences, tokens_from = tokenize(tokenizer, c.prompts, m.vocab_size, cfg.data.seq_length,
                                       c.seed)
-    job = _job(c, m, dtype, sequences, iteration=iteration)
+    job = _job(c, m, c.dtype or source, sequences, iteration=iteration)
     job = dataclasses.replace(job, input=str(root.resolve()))
-    plan = Plan(c, family, m, cfg, layout, job, tokens_from=tokens_from)
+    plan = Plan(c, family, m, cfg, layout, job, source_dtype=source, tokens_from=tokens_from)
     if tokenizer is None:
         plan.notes.append("no tokenizer: the Hugging Face folder gets none (add tokenizer=<dir>)")
     return plan
@@ -257,10 +259,10 @@ def _plan_megatron_to_mcore(c: ConvertConfig) -> Plan:
     cfg, layout = _megatron_config(c, m, tp, pp)
     embedding = legacy.model_state(first, found_ckpt.file(0, 0)).get(
         "embedding.word_embeddings.weight")
-    dtype = c.dtype or _dtype_name(embedding.dtype if embedding is not None else None) or "fp32"
+    source = _dtype_name(embedding.dtype if embedding is not None else None) or "fp32"
     del first
     plan = Plan(c, families.by_name(m.family), m, cfg, layout,
-                _job(c, m, dtype, [], legacy=found_ckpt))
+                _job(c, m, c.dtype or source, [], legacy=found_ckpt), source_dtype=source)
     if (c.tensor_model_parallel_size, c.pipeline_model_parallel_size) not in ((1, 1), (tp, pp)):
         plan.notes.append(f"the checkpoint is split TP {tp} x PP {pp}: it is read under that "
                           f"layout (the written checkpoint loads under any)")

@@ -20,6 +20,8 @@ from llmtrain.convert.plan import Plan
 from llmtrain.launch.local import launch
 
 REPORT = "conversion_report.json"
+# From the finest to the coarsest format.
+PRECISION_ORDER = ["fp32", "fp16", "bf16"]
 # Files of a Megatron checkpoint folder that do not belong in a Hugging Face one.
 NOT_HF = (REPORT, "latest_checkpointed_iteration.txt")
 
@@ -57,16 +59,26 @@ def _finish_hf_folder(plan: Plan, folder: Path, parts: list) -> None:
         (folder / hf_files.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def tolerance_dtype(plan: Plan) -> str:
+    """The format whose tolerances apply: the check's, or the written one where the conversion
+    rounds the weights to it (fp32 into bf16, say)."""
+    formats = {plan.job.check_dtype}
+    if plan.job.dtype != plan.source_dtype:
+        formats.add(plan.job.dtype)
+    return max(formats, key=PRECISION_ORDER.index)
+
+
 def _verify(plan: Plan, records: list, hf_folder: Path) -> dict:
     c = plan.convert
-    default_rel, default_cos = TOLERANCES[plan.job.check_dtype]
+    judged_as = tolerance_dtype(plan)
+    default_rel, default_cos = TOLERANCES[judged_as]
     max_rel = c.max_rel_diff if c.max_rel_diff is not None else default_rel
     min_cos = c.min_cosine if c.min_cosine is not None else default_cos
     reference = hf_records(hf_folder, plan.family, plan.job.sequences,
                            worker.TORCH_DTYPES[plan.job.check_dtype])
     result = compare(records, reference, plan.model.num_layers, max_rel, min_cos)
     return {"dtype": plan.job.check_dtype, "hugging_face": str(hf_folder),
-            "tolerance": {"max_rel_diff": max_rel, "min_cosine": min_cos},
+            "tolerance": {"dtype": judged_as, "max_rel_diff": max_rel, "min_cosine": min_cos},
             "tokens": plan.tokens_from, "sequences": plan.job.sequences, **result}
 
 

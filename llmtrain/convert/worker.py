@@ -63,9 +63,11 @@ def _hf_to_mcore(job: Job, cfg: Config, layout: Layout) -> dict:
     family = families.by_name(job.model.family)
     mapping = family.mapping(job.model)
     reader = hf_files.HFReader(Path(job.input), family.base_prefix)
+    # Verifying only: the check's model gets the weights as they would be written.
     chunks = _build(cfg, layout, job.check_dtype if job.output is None else job.dtype)
+    written = TORCH_DTYPES[job.dtype]
     weights.load_whole_tensors(
-        chunks, lambda name, shape: mapping.to_mcore(name, reader.read, shape))
+        chunks, lambda name, shape: mapping.to_mcore(name, reader.read, shape).to(written))
     if job.output is not None:
         checkpoint.save(job.output, 0, chunks, None, None, {"converted_from": job.input})
         del chunks
