@@ -15,6 +15,7 @@ def _config(kind: str):
     from transformers import (
         BloomConfig,
         FalconConfig,
+        GlmConfig,
         GPT2Config,
         LlamaConfig,
         MistralConfig,
@@ -42,10 +43,12 @@ def _config(kind: str):
         # Falcon 40B's layout: a norm each for attention and MLP, grouped-query attention.
         "falcon40b": lambda: FalconConfig(vocab_size=VOCAB, **dict(small, num_attention_heads=8),
                                           num_kv_heads=2, new_decoder_architecture=True),
+        # GLM-4: RoPE on interleaved pairs of half the channels, Q/K/V biases, fused gate/up.
+        "glm": lambda: GlmConfig(**llama, head_dim=16, partial_rotary_factor=0.5, pad_token_id=None),
     }[kind]()
 
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b")
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm")
 
 
 def tiny_hf(kind: str, folder: Path, dtype: torch.dtype = torch.float32,

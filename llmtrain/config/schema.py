@@ -47,6 +47,8 @@ class ModelConfig:
     parallel_mlp_layernorm: bool = False
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    # GLM-4: RoPE rotates interleaved channel pairs (GPT-J style) instead of the two halves.
+    rotary_interleaved: bool = False
     # Llama 3.1 RoPE frequency scaling.
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0

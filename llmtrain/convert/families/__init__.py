@@ -34,9 +34,10 @@ class Family:
 
 
 def _all() -> list[Family]:
-    from llmtrain.convert.families import bloom, falcon, gpt2, llama
+    from llmtrain.convert.families import bloom, falcon, glm, gpt2, llama
 
-    return [llama.LLAMA, llama.MISTRAL, llama.QWEN2, gpt2.GPT2, bloom.BLOOM, falcon.FALCON]
+    return [llama.LLAMA, llama.MISTRAL, llama.QWEN2, gpt2.GPT2, bloom.BLOOM, falcon.FALCON,
+            glm.GLM]
 
 
 def supported() -> str:

@@ -15,8 +15,9 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
 
-def rope_fields(c, problems: list[str]) -> dict:
-    """RoPE base and scaling of a Hugging Face config (transformers' `rope_parameters`)."""
+def rope_fields(c, problems: list[str], partial: bool = False) -> dict:
+    """RoPE base, scaling and (where the family has it, `partial`) the fraction of channels
+    rotated, from a Hugging Face config (transformers' `rope_parameters`)."""
     rope = dict(getattr(c, "rope_parameters", None) or {})
     theta = float(rope.get("rope_theta", 10000.0))
     if theta != int(theta):
@@ -31,19 +32,26 @@ def rope_fields(c, problems: list[str]) -> dict:
         fields.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
     elif kind != "default":
         problems.append(f"RoPE scaling of type {kind!r} (default and llama3 convert)")
-    if float(getattr(c, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+    percent = float(rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+                    or 1.0)
+    if partial:
+        fields["rotary_percent"] = percent
+    elif percent != 1.0:
         problems.append("partial rotary embeddings (partial_rotary_factor)")
     return fields
 
 
 def hf_rope(m: ModelConfig) -> dict:
     rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    if m.rotary_percent != 1.0:
+        rope["partial_rotary_factor"] = m.rotary_percent
     if m.rope_scaling:
         rope.update(rope_type="llama3", factor=m.rope_scaling_factor, **LLAMA3_ROPE)
     return rope
 
 
-def _fields(c, family: str, problems: list[str]) -> dict:
+def decoder_fields(c, family: str, problems: list[str], partial_rotary: bool = False) -> dict:
+    """The ModelConfig fields every family of this module shares."""
     heads, kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     if c.hidden_act != "silu":
@@ -62,13 +70,13 @@ def _fields(c, family: str, problems: list[str]) -> dict:
         "layernorm_epsilon": c.rms_norm_eps,
         "activation": "swiglu",
         "share_embeddings_and_output_weights": bool(c.tie_word_embeddings),
-        **rope_fields(c, problems),
+        **rope_fields(c, problems, partial_rotary),
     }
 
 
 def _llama_fields(c) -> dict:
     problems: list[str] = []
-    fields = _fields(c, "llama", problems)
+    fields = decoder_fields(c, "llama", problems)
     attention_bias, mlp_bias = bool(c.attention_bias), bool(getattr(c, "mlp_bias", False))
     if attention_bias != mlp_bias:
         problems.append("biases on attention but not MLP projections or the reverse "
@@ -80,7 +88,7 @@ def _llama_fields(c) -> dict:
 
 def _mistral_fields(c) -> dict:
     problems: list[str] = []
-    fields = _fields(c, "mistral", problems)
+    fields = decoder_fields(c, "mistral", problems)
     if c.sliding_window:
         fields["window_size"] = [c.sliding_window - 1, 0]
     unsupported("Mistral", problems)
@@ -89,7 +97,7 @@ def _mistral_fields(c) -> dict:
 
 def _qwen2_fields(c) -> dict:
     problems: list[str] = []
-    fields = _fields(c, "qwen2", problems)
+    fields = decoder_fields(c, "qwen2", problems)
     if c.use_sliding_window:
         problems.append("sliding-window attention on some layers (use_sliding_window)")
     fields["add_qkv_bias"] = True
@@ -97,7 +105,7 @@ def _qwen2_fields(c) -> dict:
     return fields
 
 
-def _common_hf(m: ModelConfig, architecture: str) -> dict:
+def common_hf(m: ModelConfig, architecture: str) -> dict:
     heads, groups, size = head_counts(m)
     return dict(
         architectures=[architecture], vocab_size=m.vocab_size, hidden_size=m.hidden_size,
@@ -111,7 +119,7 @@ def _common_hf(m: ModelConfig, architecture: str) -> dict:
 def _llama_hf(m: ModelConfig):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**_common_hf(m, "LlamaForCausalLM"), attention_bias=m.add_bias_linear,
+    return LlamaConfig(**common_hf(m, "LlamaForCausalLM"), attention_bias=m.add_bias_linear,
                        mlp_bias=m.add_bias_linear)
 
 
@@ -119,16 +127,17 @@ def _mistral_hf(m: ModelConfig):
     from transformers import MistralConfig
 
     window = m.window_size[0] + 1 if m.window_size else None
-    return MistralConfig(**_common_hf(m, "MistralForCausalLM"), sliding_window=window)
+    return MistralConfig(**common_hf(m, "MistralForCausalLM"), sliding_window=window)
 
 
 def _qwen2_hf(m: ModelConfig):
     from transformers import Qwen2Config
 
-    return Qwen2Config(**_common_hf(m, "Qwen2ForCausalLM"), use_sliding_window=False)
+    return Qwen2Config(**common_hf(m, "Qwen2ForCausalLM"), use_sliding_window=False)
 
 
-def rules(m: ModelConfig) -> list[Rule]:
+def rules(m: ModelConfig, fused_gate_up: bool = False) -> list[Rule]:
+    """Llama's names; `fused_gate_up`: one [gate; up] projection (GLM), Megatron's own layout."""
     layer, hf = "decoder.layers.{i}", "model.layers.{i}"
     attention = f"{hf}.self_attn"
     result = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
@@ -140,9 +149,13 @@ def rules(m: ModelConfig) -> list[Rule]:
     result += linear(f"{layer}.self_attention.linear_proj", f"{attention}.o_proj",
                      m.add_bias_linear)
     result += norm(f"{layer}.pre_mlp_layernorm", f"{hf}.post_attention_layernorm", m)
-    for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
-        result.append(Rule(f"{layer}.mlp.linear_fc1.{kind}",
-                           (f"{hf}.mlp.gate_proj.{kind}", f"{hf}.mlp.up_proj.{kind}"), Concat()))
+    if fused_gate_up:
+        result.append(Rule(f"{layer}.mlp.linear_fc1.weight", (f"{hf}.mlp.gate_up_proj.weight",)))
+    else:
+        for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
+            result.append(Rule(f"{layer}.mlp.linear_fc1.{kind}",
+                               (f"{hf}.mlp.gate_proj.{kind}", f"{hf}.mlp.up_proj.{kind}"),
+                               Concat()))
     result += linear(f"{layer}.mlp.linear_fc2", f"{hf}.mlp.down_proj", m.add_bias_linear)
     result += norm("decoder.final_layernorm", "model.norm", m)
     if not m.share_embeddings_and_output_weights:
