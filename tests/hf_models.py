@@ -44,7 +44,8 @@ def _config(kind: str):
         "falcon40b": lambda: FalconConfig(vocab_size=VOCAB, **dict(small, num_attention_heads=8),
                                           num_kv_heads=2, new_decoder_architecture=True),
         # GLM-4: RoPE on interleaved pairs of half the channels, Q/K/V biases, fused gate/up.
-        "glm": lambda: GlmConfig(**llama, head_dim=16, partial_rotary_factor=0.5, pad_token_id=None),
+        "glm": lambda: GlmConfig(**llama, head_dim=16, partial_rotary_factor=0.5,
+                                 pad_token_id=None),
     }[kind]()
 
 

@@ -48,7 +48,7 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
 
 
 # The product runs over the foundation's models; the model zoo added for conversion (published
-# sizes of more families) is checked against each other group in tests/test_convert_zoo.py.
+# sizes of more families) is checked in tests/test_convert_zoo.py.
 PRODUCT = {**OPTIONS, "model": ["tiny", "gpt2_345m", "llama3_2_1b", "llama3_8b", "llama3_1_8b",
                                  "llama3_70b", "qwen2_7b"]}
 COMBOS = [dict(zip(GROUPS, values)) for values in itertools.product(*(PRODUCT[g] for g in GROUPS))]

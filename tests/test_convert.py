@@ -163,7 +163,7 @@ def test_model_that_disagrees_with_the_config_names_each_field(tmp_path):
     error = _refused(f"input={hf}", f"output={tmp_path / 'out'}", "model=llama3_2_1b")
     assert f"model=llama3_2_1b disagrees with {hf}/config.json on 11 field(s):" in error
     fields = [line.strip() for line in error.splitlines() if line.startswith("    ")]
-    assert fields == [f"{field}: {ours} (model=llama3_2_1b) vs {theirs}" for field, ours, theirs in (
+    assert fields == [f"{name}: {ours} (model=llama3_2_1b) vs {theirs}" for name, ours, theirs in (
         ("num_layers", 16, 4), ("hidden_size", 2048, 64), ("ffn_hidden_size", 8192, 160),
         ("num_attention_heads", 32, 4), ("num_query_groups", 8, 2), ("kv_channels", 64, 16),
         ("vocab_size", 128256, 256), ("max_position_embeddings", 131072, 128),

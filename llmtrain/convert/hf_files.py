@@ -132,6 +132,11 @@ def finish_index(folder: Path, parts: list[dict[str, list[str]]]) -> list[str]:
     """Name the written files as transformers does (model.safetensors, or model-0000i-of-0000n
     with an index) in the order given; return the final file names."""
     files = [(file, names) for part in parts for file, names in part.items()]
+    # safetensors writes files readable by their owner only; make them what the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    for file, _ in files:
+        os.chmod(folder / file, 0o666 & ~umask)
     if len(files) == 1:
         os.replace(folder / files[0][0], folder / SAFE_SINGLE)
         return [SAFE_SINGLE]

@@ -30,7 +30,7 @@ def head_counts(m: ModelConfig) -> tuple[int, int, int]:
 
 
 class Transform:
-    """A pair of exact inverses between the Hugging Face tensors of a rule and one Megatron tensor."""
+    """Exact inverses between the Hugging Face tensors of a rule and one Megatron tensor."""
 
     def to_mcore(self, tensors: list[torch.Tensor], m: ModelConfig,
                  shape: torch.Size) -> torch.Tensor:

@@ -144,21 +144,27 @@ def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfi
         raise ConversionError("\n".join(problems))
 
 
-def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
+def _model_of(c: ConvertConfig, folder: Path):
+    """(Hugging Face config, family, model config) of the config.json in `folder`; model= must
+    agree with it."""
     from transformers import AutoConfig
 
-    folder = Path(c.input)
-    missing = hf_files.missing_files(folder)
-    if missing:
-        raise ConversionError(f"the Hugging Face checkpoint at {folder} lacks: "
-                              + ", ".join(missing))
     hf_config = AutoConfig.from_pretrained(str(folder))
     family = families.for_hf_config(hf_config)
     found = ModelConfig(name=c.model.name if c.model else model_name(folder),
                         **family.model_fields(hf_config))
     if c.model:
         _disagreement(c.model, found, f"{folder / hf_files.CONFIG}")
-    m = c.model or found
+    return hf_config, family, c.model or found
+
+
+def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
+    folder = Path(c.input)
+    missing = hf_files.missing_files(folder)
+    if missing:
+        raise ConversionError(f"the Hugging Face checkpoint at {folder} lacks: "
+                              + ", ".join(missing))
+    hf_config, family, m = _model_of(c, folder)
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size)
     reader = hf_files.HFReader(folder, family.base_prefix)
@@ -191,19 +197,11 @@ def _read_mcore(root: Path) -> tuple[Path, int]:
 
 
 def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
-    from transformers import AutoConfig
-
     from llmtrain.megatron import checkpoint
 
     root, iteration = _read_mcore(Path(c.input))
     if (root / hf_files.CONFIG).exists():
-        hf_config = AutoConfig.from_pretrained(str(root))
-        family = families.for_hf_config(hf_config)
-        found = ModelConfig(name=c.model.name if c.model else model_name(root),
-                            **family.model_fields(hf_config))
-        if c.model:
-            _disagreement(c.model, found, f"{root / hf_files.CONFIG}")
-        m = c.model or found
+        _, family, m = _model_of(c, root)
     elif c.model:
         m = c.model
         family = families.by_name(m.family)

@@ -11,7 +11,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
 import yaml
 
 from llmtrain.convert import hf_files, worker
@@ -90,6 +89,7 @@ def execute(plan: Plan, say=print) -> dict:
     if job.direction == "mcore_to_hf" and job.output is None:
         scratch = Path(tempfile.mkdtemp(prefix="llmtrain-check-"))
         job = dataclasses.replace(job, output=str(scratch))
+    created = job.output is not None and not Path(job.output).exists()
     if job.output:
         Path(job.output).mkdir(parents=True, exist_ok=True)
     say(f"[convert] {job.direction}: {job.input} -> {job.output or '(check only)'}; model "
@@ -125,6 +125,11 @@ def execute(plan: Plan, say=print) -> dict:
         report["seconds"] = round(time.perf_counter() - began, 1)
         if out is not None and not scratch:
             (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    except BaseException:
+        # A conversion that stopped half way leaves no half-written folder behind.
+        if created and not scratch:
+            shutil.rmtree(job.output, ignore_errors=True)
+        raise
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

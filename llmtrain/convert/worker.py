@@ -28,7 +28,6 @@ PRECISIONS = {"fp32": PrecisionConfig(name="fp32"),
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-
 def run(job: Job, cfg: Config, layout: Layout) -> dict:
     """Entry point of each worker; rank 0 returns what the main process reports."""
     quiet_libraries()
@@ -112,9 +111,11 @@ def _megatron_to_mcore(job: Job, cfg: Config, layout: Layout) -> dict:
         return {}
     del chunks
     gc.collect()
-    # Read back as training reads it, compared with the original files tensor by tensor.
+    # Read back as training reads it, compared with the original files tensor by tensor (in the
+    # format written).
     loaded = _fresh(cfg, layout, job.dtype, job.output, 0)[0].state_dict()
-    differing = [name for name, tensor in state.items() if not torch.equal(loaded[name], tensor)]
+    differing = [name for name, tensor in state.items()
+                 if not torch.equal(loaded[name], tensor.to(loaded[name].dtype))]
     counts = weights.gather_to_first((len(state), differing))
     if counts is None:
         return {}

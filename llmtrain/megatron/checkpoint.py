@@ -85,7 +85,7 @@ def save(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
 
 
 def has_training_state(source: str | os.PathLike) -> bool:
-    """Whether a checkpoint folder holds optimizer and schedule state (a converted model does not)."""
+    """Whether a checkpoint folder holds optimizer and schedule state (converted ones do not)."""
     return "scheduler" in dist_checkpointing.load_common_state_dict(str(source))
 
 

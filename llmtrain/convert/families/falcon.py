@@ -58,7 +58,8 @@ def _hf(m: ModelConfig):
     return FalconConfig(
         architectures=["FalconForCausalLM"], vocab_size=m.vocab_size, hidden_size=m.hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=heads, num_kv_heads=groups,
-        new_decoder_architecture=new, multi_query=groups == 1, parallel_attn=m.parallel_attention_mlp,
+        new_decoder_architecture=new, multi_query=groups == 1,
+        parallel_attn=m.parallel_attention_mlp,
         num_ln_in_parallel_attn=(2 if m.parallel_mlp_layernorm else 1) if new else None,
         ffn_hidden_size=m.ffn_hidden_size, bias=m.add_bias_linear,
         layer_norm_epsilon=m.layernorm_epsilon, max_position_embeddings=m.max_position_embeddings,
