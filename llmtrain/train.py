@@ -82,6 +82,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
                 f"{schedule_name()}; output in {cfg.output_dir}")
     losses: list[float] = []
     lrs: list[float] = []
+    step_seconds: list[float] = []
     last_saved = start
     for iteration in range(start + 1, stage.train_iters + 1):
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -89,6 +90,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
         result = train_step(model, optimizer, scheduler, train_iters, **schedule_args)
         sync_device(layout.device)
         seconds = time.perf_counter() - began
+        step_seconds.append(seconds)
         lrs.append(lr)
         if result.loss is not None:
             losses.append(result.loss)
@@ -112,7 +114,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     if log.enabled:
         summary = {"final_loss": losses[-1] if losses else None, "first_loss":
                    losses[0] if losses else None, "steps": stage.train_iters,
-                   "start_step": start, "losses": losses, "lrs": lrs, **log.last}
+                   "start_step": start, "losses": losses, "lrs": lrs, "step_seconds": step_seconds, **log.last}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     log.close()

@@ -110,6 +110,9 @@ class PrecisionConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     grad_reduce_in_fp32: bool = True
+    # Weight gradients accumulated by the GEMM straight into the fp32 gradient buffer
+    # (Transformer Engine layers; None: on wherever they run).
+    gradient_accumulation_fusion: Optional[bool] = None
 
 
 @dataclass
@@ -140,7 +143,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # Where the index caches of GPTDataset go (None: next to the run's output).
     data_cache_path: Optional[str] = None
-    num_workers: int = 0
+    # DataLoader worker processes (None: 2 on GPU, none on CPU).
+    num_workers: Optional[int] = None
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False

@@ -195,6 +195,9 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         if not 0 < par.cpu_offloading_num_layers < m.num_layers:
             problems.append(f"parallel.cpu_offloading_num_layers must be between 1 and "
                             f"{m.num_layers - 1} (the model has {m.num_layers} layers)")
+    if prec.gradient_accumulation_fusion and not use_te:
+        problems.append("precision.gradient_accumulation_fusion=true needs Transformer Engine's "
+                        "layers (a GPU with llmtrain[gpu] installed)")
     if par.use_distributed_optimizer and device == "cpu" and not (prec.bf16 or prec.fp16):
         problems.append("parallel.use_distributed_optimizer=true on CPU needs precision=bf16 or "
                         "fp16 (Megatron-Core's fp32 distributed optimizer cannot resume there)")

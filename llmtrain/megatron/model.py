@@ -101,7 +101,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         # Fused kernels exist only on the GPU.
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=cuda,
-        bias_activation_fusion=cuda and m.add_bias_linear,
+        bias_activation_fusion=cuda and (m.add_bias_linear or m.activation == "swiglu"),
         masked_softmax_fusion=cuda,
         apply_rope_fusion=cuda and layout.use_transformer_engine,
         persist_layer_norm=cuda,
@@ -147,4 +147,23 @@ def build_model(cfg: Config, layout: Layout) -> list[GPTModel]:
         if layout.device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
+    if wgrad_accumulation_fusion(cfg, layout):
+        for chunk in chunks:
+            fuse_wgrad_accumulation(chunk)
     return chunks
+
+
+def wgrad_accumulation_fusion(cfg: Config, layout: Layout) -> bool:
+    setting = cfg.precision.gradient_accumulation_fusion
+    return layout.use_transformer_engine if setting is None else setting
+
+
+def fuse_wgrad_accumulation(chunk: torch.nn.Module) -> None:
+    """Let Transformer Engine's layers accumulate weight gradients into the DDP buffer.
+
+    Megatron's switch for this (gradient_accumulation_fusion) also covers the output layer,
+    a plain Megatron layer that needs Apex's kernel for it; the Transformer Engine layers need
+    nothing more, so they are switched on one by one and the output layer keeps its own path."""
+    for module in chunk.modules():
+        if hasattr(module, "fuse_wgrad_accumulation"):
+            module.fuse_wgrad_accumulation = True
