@@ -114,7 +114,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     if log.enabled:
         summary = {"final_loss": losses[-1] if losses else None, "first_loss":
                    losses[0] if losses else None, "steps": stage.train_iters,
-                   "start_step": start, "losses": losses, "lrs": lrs, "step_seconds": step_seconds, **log.last}
+                   "start_step": start, "losses": losses, "lrs": lrs, "step_seconds": step_seconds,
+                   "tokens_per_step": log.tokens_per_step, "world_size": layout.world_size,
+                   "flops_per_token": log.flops_per_token, "peak_tflops": log.peak, **log.last}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     log.close()

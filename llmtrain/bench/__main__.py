@@ -46,7 +46,11 @@ def _run(argv: list[str]) -> str:
 
 
 def _peer(module: str, spec: dict) -> dict:
-    out = _run([sys.executable, "-m", module, json.dumps(spec)])
+    """A peer's result, or its failure (the table shows it; the other figures still count)."""
+    try:
+        out = _run([sys.executable, "-m", module, json.dumps(spec)])
+    except RuntimeError as error:
+        return {"failed": str(error).strip().splitlines()[-1][:60]}
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -108,14 +112,19 @@ def main() -> None:
           f"{cfg.data.seq_length}, micro batch {cfg.stage.micro_batch_size}, global batch "
           f"{cfg.stage.global_batch_size}, {torch.cuda.get_device_name()}; median of "
           f"{args.steps} steps after {args.warmup} warm-up")
-    print(f"{'':<24}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'vs llmtrain':>13}")
+    print(f"{'':<32}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'vs llmtrain':>13}")
     base = None
     for name, result in results.items():
+        if "failed" in result:
+            print(f"{name:<32}failed: {result['failed']}")
+            continue
+        if result.get("micro_batch_size", cfg.stage.micro_batch_size) != cfg.stage.micro_batch_size:
+            name = f"{name} (micro {result['micro_batch_size']})"
         speed = tokens_per_step / statistics.median(result["step_seconds"])
         base = base or speed
         tflops = speed * fpt / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
-        print(f"{name:<24}{speed:>10,.0f}{tflops:>9.1f}{mfu:>7}"
+        print(f"{name:<32}{speed:>10,.0f}{tflops:>9.1f}{mfu:>7}"
               f"{result['peak_memory_gib']:>10.1f}{speed / base:>12.3f}x")
 
 

@@ -43,9 +43,23 @@ def hf_config(m: dict):
 
 
 def main(spec: dict) -> dict:
+    """Run at the spec's micro batch; where that does not fit (transformers materialises the
+    fp32 logits), halve it and accumulate twice as many: the global batch stays the same."""
+    micro, micro_batches = spec["micro_batch_size"], spec["num_microbatches"]
+    while True:
+        try:
+            return {**train(spec, micro, micro_batches), "micro_batch_size": micro}
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro, micro_batches = micro // 2, micro_batches * 2
+            torch.cuda.empty_cache()
+
+
+def train(spec: dict, micro: int, micro_batches: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    seq, micro, micro_batches = spec["seq_length"], spec["micro_batch_size"], spec["num_microbatches"]
+    seq = spec["seq_length"]
     model = AutoModelForCausalLM.from_config(hf_config(spec["model"])).cuda()
     model.gradient_checkpointing_disable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
