@@ -76,9 +76,10 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         expert_model_parallel_size=layout.expert_model_parallel_size,
         sequence_parallel=layout.sequence_parallel,
         pipeline_dtype=dtype,
-        # Pipeline sends and receives one by one on CPU: gloo matches a batch's messages between
-        # two ranks in issue order, which mixes activations with gradients when PP = 2.
-        batch_p2p_comm=cuda,
+        # Pipeline sends and receives one by one (Megatron-LM's default; Megatron-Core's is
+        # batched): a batch matches the messages between two ranks in issue order, which swaps
+        # activations and gradients with PP = 2 and VPP (seen with gloo and with NCCL).
+        batch_p2p_comm=False,
         moe_token_dispatcher_type=par.moe_token_dispatcher_type or (
             "alltoall" if cuda else "allgather"),
         # Memory.
