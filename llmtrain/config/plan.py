@@ -124,8 +124,8 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     grad_bytes = 4 if prec.grad_reduce_in_fp32 or not half else 2
     # Adam: fp32 master copy (mixed precision only) + two moments.
     optim_bytes = (4 if half else 0) + (8 if cfg.optim.optimizer == "adam" else 4)
-    if cfg.parallel.use_distributed_optimizer:
-        optim_bytes /= layout.data_parallel_size
+    if cfg.parallel.use_distributed_optimizer:  # sharded over the data-parallel (x CP) ranks
+        optim_bytes /= layout.data_parallel_size * layout.context_parallel_size
     # Activations per layer and micro-batch with flash attention (Korthikanti et al.):
     # s b h (10 + 24 / TP) bytes, or 34 s b h / TP with sequence parallel; the first stage
     # holds up to PP micro-batches in flight under 1F1B.
