@@ -11,7 +11,7 @@ from conftest import compose_config
 from llmtrain.cli import CONF_DIR
 from llmtrain.config.plan import count_parameters
 from llmtrain.config.schema import ModelConfig
-from llmtrain.config.validate import Machine, validate
+from llmtrain.config.validate import ConfigError, Machine, validate
 from llmtrain.convert import families
 from llmtrain.convert.plan import differences
 
@@ -32,7 +32,16 @@ PUBLISHED = {
     "bloom_176b": 176_247_271_424,
     "falcon_7b": 6_921_720_704, "falcon_40b": 41_303_293_952,
 }
+# Entries added with conversion (the others came with training and its tests).
+CONVERSION_ZOO = (
+    "gpt2", "gpt2_large", "gpt2_xl", "llama2_7b", "llama2_13b", "llama2_70b", "llama3_1_70b",
+    "llama3_2_3b", "mistral_7b", "mistral_7b_v0_3", "qwen2_0_5b", "qwen2_1_5b", "qwen2_5_0_5b",
+    "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
+    "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+# Families with a Hugging Face mapping (MoE models convert later).
+DENSE = [name for name in ZOO if name not in ("tiny", "tiny_moe", "mixtral_8x7b",
+                                              "qwen1_5_moe_a2_7b")]
 CPU = Machine(gpus=0, has_transformer_engine=False)
 
 
@@ -40,8 +49,9 @@ def _model(name: str) -> ModelConfig:
     return compose_config(f"model={name}").model
 
 
-def test_every_published_model_is_in_the_zoo():
-    assert sorted(PUBLISHED) == [name for name in ZOO if name != "tiny"]
+def test_every_published_dense_model_is_in_the_zoo():
+    assert sorted(PUBLISHED) == DENSE
+    assert set(CONVERSION_ZOO) <= set(ZOO)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -54,6 +64,23 @@ def test_parameter_count_is_the_published_one(name):
 @pytest.mark.parametrize("name", ZOO)
 def test_entry_validates_for_a_cpu_run(name):
     validate(compose_config(f"model={name}"), CPU)
+
+
+# Heads that TP=2 does not divide.
+NOT_TP2 = {"falcon_7b": 71, "gpt2_xl": 25}
+
+
+@pytest.mark.parametrize("name", CONVERSION_ZOO)
+def test_entry_under_tp2_pp2(name):
+    cfg = compose_config(f"model={name}", "parallel=tp2pp2")
+    if name not in NOT_TP2:
+        validate(cfg, CPU)
+        return
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert error.value.problems == [
+        f"model {name} has {NOT_TP2[name]} attention heads, which tensor parallel size 2 does not "
+        f"divide: choose a TP that divides it"]
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

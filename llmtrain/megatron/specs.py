@@ -102,7 +102,8 @@ def gpt_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
     if m.parallel_attention_mlp:
         return _parallel_layer_spec(m, use_te)
     if use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=m.num_moe_experts)
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts))
     else:
         spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
                                         normalization=m.normalization)
