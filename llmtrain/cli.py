@@ -19,16 +19,22 @@ register()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def resolve(dcfg: DictConfig) -> Config:
-    """The typed config, or a plain-words error naming every key left unset (???)."""
+def resolve(dcfg: DictConfig):
+    """The typed config of any llmtrain tool, or a plain-words error naming every key left
+    unset (???)."""
     missing = sorted(OmegaConf.missing_keys(dcfg))
     if missing:
         raise ConfigError([f"{key} must be set (it is ??? in its config group): add {key}=... "
                            f"to the command" for key in missing])
-    cfg = resolve_token_lengths(OmegaConf.to_object(dcfg))
+    return OmegaConf.to_object(dcfg)
+
+
+def resolve_run(dcfg: DictConfig) -> Config:
+    """A training run's typed config, with run lengths given in tokens turned into iterations."""
+    cfg = resolve_token_lengths(resolve(dcfg))
     if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(["logging.wandb_project needs Weights & Biases: pip install wandb "
-                           "(or leave wandb_project unset; TensorBoard logging is always on)"])
+                           "(or leave logging.wandb_project unset)"])
     return cfg
 
 
@@ -46,7 +52,7 @@ def main(dcfg: DictConfig):
 
     quiet_libraries()
     try:
-        cfg = resolve(dcfg)
+        cfg = resolve_run(dcfg)
         machine = detect_machine()
         if cfg.dry_run and cfg.device == "cuda" and machine.gpus == 0:
             # Planning a GPU job from a machine without one (a laptop, a login node).
