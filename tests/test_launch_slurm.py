@@ -3,7 +3,8 @@
 
 Nothing is installed or configured system-wide and no daemon outlives the module: the fixture
 cancels every job, stops the daemons it started and kills any process left with its SLURM_CONF.
-The cluster has one node; two nodes rendezvousing is covered by tests/test_launch.py.
+The cluster has two nodes, two slurmd on this machine (each with its own port and spool),
+so that multi-node jobs rendezvous across Slurm nodes as on a real cluster.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ SLURM_CONF = """\
 ClusterName=llmtrain{port}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={port}
-SlurmdPort={node_port}
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
@@ -47,11 +47,11 @@ AuthInfo=socket={dir}/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool/%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/log/slurmctld.log
-SlurmdLogFile={dir}/log/slurmd.log
+SlurmdLogFile={dir}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -68,13 +68,16 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 MessageTimeout=30
 KillWait=5
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+NodeName=node1 NodeHostname={host} NodeAddr=127.0.0.1 Port={port1} CPUs={cpus} RealMemory=1000
+NodeName=node2 NodeHostname={host} NodeAddr=127.0.0.1 Port={port2} CPUs={cpus} RealMemory=1000
+PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
 """
 
 
 class LocalSlurm:
-    """A one-node Slurm cluster on this machine, for the duration of a test module."""
+    """A two-node Slurm cluster on this machine, for the duration of a test module."""
+
+    NODES = ("node1", "node2")
 
     def __init__(self, folder: Path):
         self.dir = folder
@@ -94,15 +97,16 @@ class LocalSlurm:
                      f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"])
         self._until(lambda: (munge / "munge.socket").exists(), "munged to open its socket")
         self.conf.write_text(SLURM_CONF.format(
-            host=socket.gethostname().split(".")[0], port=free_port(), node_port=free_port(),
-            dir=self.dir, cpus=os.cpu_count()))
+            host=socket.gethostname().split(".")[0], port=free_port(), port1=free_port(), port2=free_port(),
+            dir=self.dir, cpus=max(1, os.cpu_count() // 2)))
         self._spawn(["slurmctld", "-D", "-f", str(self.conf)])
-        self._spawn(["slurmd", "-D", "-f", str(self.conf)])
-        self._until(lambda: self.run("sinfo", "--noheader", "--format=%T", check=False)
-                    .stdout.strip() == "idle", "the node to be idle")
+        for node in self.NODES:
+            self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", node], name=f"slurmd-{node}")
+        self._until(lambda: self.run("sinfo", "--noheader", "--Node", "--format=%T", check=False)
+                    .stdout.split() == ["idle"] * len(self.NODES), "the nodes to be idle")
 
-    def _spawn(self, command: list[str]) -> None:
-        log = open(self.dir / "log" / f"{Path(command[0]).name}.out", "w")
+    def _spawn(self, command: list[str], name: str | None = None) -> None:
+        log = open(self.dir / "log" / f"{name or command[0]}.out", "w")
         self.daemons.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                              env={**os.environ, **self.env}))
 
@@ -176,18 +180,23 @@ def job_id_of(stdout: str) -> str:
     return re.search(r"submitted Slurm job (\d+)", stdout).group(1)
 
 
-def test_slurm_job_trains_and_writes_its_log(cluster, tmp_path):
-    out = run_llmtrain(*FAST, *CPU_JOB, "parallel=tp2pp1", "stage.train_iters=3",
-                       "checkpoint.save=null", "launcher.slurm.wait=true",
+def test_two_node_slurm_job_trains_and_logs_each_node(cluster, tmp_path):
+    out = run_llmtrain(*FAST, *CPU_JOB, "launcher.nnodes=2", "parallel=tp2pp1",
+                       "stage.train_iters=3", "checkpoint.save=null", "launcher.slurm.wait=true",
                        f"hydra.run.dir={tmp_path}", env=cluster.env).stdout
     job = job_id_of(out)
-    assert len(summary(tmp_path)["losses"]) == 3
-    log = (tmp_path / "slurm" / f"{job}_0_log.out").read_text()
-    assert f"Slurm job {job} (restart 0): node 0 of 1" in log
-    assert "2 cpu worker(s)" in log and "step      3/3" in log
+    assert "submitted Slurm job" in out and "(2 node(s))" in out
     assert "[llmtrain] done" in out  # the submitting command waited for the job
-    sbatch = next((tmp_path / "slurm").glob(f"{job}_submission.sh")).read_text()
-    assert "#SBATCH --signal=USR1@90" in sbatch and "#SBATCH --requeue" in sbatch
+    assert len(summary(tmp_path)["losses"]) == 3
+    logs = [(tmp_path / "slurm" / f"{job}_{node}_log.out").read_text() for node in (0, 1)]
+    for node, log in enumerate(logs):
+        assert f"Slurm job {job} (restart 0): node {node} of 2" in log
+        assert "1 cpu worker(s), rendezvous 127.0.0.1:" in log  # node 0's NodeAddr
+    assert "step      3/3" in logs[0]  # the logging rank is global rank 0, on node 0
+    sbatch = (tmp_path / "slurm" / f"{job}_submission.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=1", "--signal=USR1@90", "--requeue",
+                 "--exclusive", "--time=10"):
+        assert f"#SBATCH {line}" in sbatch
 
 
 def test_preempted_job_requeues_itself_and_resumes(cluster, tmp_path):
@@ -233,14 +242,15 @@ def test_sweep_through_hydra_submitit_slurm(cluster, tmp_path):
 
 
 def test_sbatch_template_runs_the_same_entrypoint(cluster, tmp_path):
+    """launchers/slurm.sbatch, its GPU request overridden: two nodes, one model (TP 2)."""
     submitted = cluster.run(
-        "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--time=10",
-        f"--output={tmp_path}/%j.out", "launchers/slurm.sbatch",
-        *FAST, "stage.train_iters=3", "checkpoint.save=null", f"hydra.run.dir={tmp_path}/run",
-        env={"PYTHON": sys.executable})
+        "sbatch", "--parsable", "--gpus-per-node=0", "--time=10", f"--output={tmp_path}/%j.out",
+        "launchers/slurm.sbatch", *FAST, "parallel=tp2pp1", "stage.train_iters=3",
+        "checkpoint.save=null", f"hydra.run.dir={tmp_path}/run", env={"PYTHON": sys.executable})
     job = submitted.stdout.strip()
     cluster.wait_done(job)
     log = (tmp_path / f"{job}.out").read_text()
     assert "JobState=COMPLETED" in cluster.job_info(job), log[-3000:]
-    assert f"Slurm job {job} (restart 0): node 0 of 1" in log
+    for node in (0, 1):
+        assert f"Slurm job {job} (restart 0): node {node} of 2" in log
     assert len(summary(tmp_path / "run")["losses"]) == 3

@@ -167,11 +167,15 @@ def wait(job) -> dict:
     return next((summary for summary in job.results() if summary), {})
 
 
-def hostnames() -> list[str]:
-    """The job's nodes, in Slurm's order (node 0 first)."""
-    listed = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                            capture_output=True, text=True, check=True)
-    return listed.stdout.split()
+def first_node_address() -> str:
+    """Where the other nodes reach node 0: its NodeAddr, the address Slurm itself uses (the
+    node's name unless the cluster configured another)."""
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()
+    shown = subprocess.run(["scontrol", "show", "node", nodes[0], "--oneliner"],
+                           capture_output=True, text=True).stdout
+    address = re.search(r"\bNodeAddr=(\S+)", shown)
+    return address.group(1) if address else nodes[0]
 
 
 def requeue(job_id: str) -> None:
@@ -187,7 +191,7 @@ def run_node(cfg: Config) -> dict:
     check(cfg)
     job_id = os.environ["SLURM_JOB_ID"]
     node_rank = int(os.environ["SLURM_NODEID"])
-    master = hostnames()[0]
+    master = first_node_address()
     port = cfg.launcher.master_port or 20000 + int(job_id) % 20000
     cfg = replace(cfg, launcher=replace(cfg.launcher, node_rank=node_rank, master_addr=master,
                                         master_port=port))
