@@ -117,3 +117,29 @@ def test_slurm_plans_for_the_nodes_it_asks_for(tmp_path):
                        env={"PATH": str(tmp_path)}).stdout
     assert "processes    16 = 2 node(s) x 8  |  TP 4  PP 2" in out
     assert "(pretrain, bf16, cuda)" in out
+
+
+def test_dlc_example_submits_the_entrypoint_every_node_runs(tmp_path):
+    """launchers/dlc_job.sh hands `pai dlc job submit` a node command; run as DLC runs it on
+    each of two nodes, it plans the two-node job (dry run: no GPUs here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pai").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$PAI_ARGS"\n')
+    (bin_dir / "pai").chmod(0o755)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PAI_ARGS": str(tmp_path / "args"), "IMAGE": "registry.example/llmtrain:latest", "NODES": "2", "CODE_DIR": str(ROOT),
+           "OUTPUT": str(tmp_path / "run"), "PYTHONPATH": str(ROOT)}
+    subprocess.run(["bash", str(ROOT / "launchers" / "dlc_job.sh"), "model=llama3_8b",
+                    "parallel=tp4pp2", "precision=bf16", "device=cuda", "dry_run=true"],
+                   env=env, check=True, capture_output=True)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:2] == ["dlc", "job"] and args[args.index("--worker-count") + 1] == "2"
+    command = args[args.index("--command") + 1]
+    for rank in ("0", "1"):
+        node = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env={
+            **env, "MASTER_ADDR": "dlc-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2",
+            "RANK": rank, "KUBERNETES_CONTAINER_RESOURCE_GPU": "8"})
+        assert node.returncode == 0, node.stderr[-3000:]
+        assert "processes    16 = 2 node(s) x 8  |  TP 4  PP 2" in node.stdout

@@ -226,6 +226,23 @@ def test_preempted_job_requeues_itself_and_resumes(cluster, tmp_path):
     assert len(resumed["losses"]) == steps - resumed["start_step"]
 
 
+def test_cancelled_job_is_not_requeued(cluster, tmp_path):
+    """scancel (SIGTERM to the job) is the user's decision: the job does not requeue itself."""
+    out = run_llmtrain(*FAST, *CPU_JOB, "stage.train_iters=50", "checkpoint.save=null",
+                       f"hydra.run.dir={tmp_path}", env=cluster.env).stdout
+    job = job_id_of(out)
+    log = tmp_path / "slurm" / f"{job}_0_log.out"
+    deadline = time.monotonic() + 600
+    while "step      1/50" not in (log.read_text() if log.exists() else ""):
+        assert job in cluster.jobs() and time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    cluster.run("scancel", job)
+    cluster.wait_done(job)
+    info = cluster.job_info(job)
+    assert "JobState=CANCELLED" in info and "Restarts=0" in info
+    assert "requeued Slurm job" not in log.read_text()
+
+
 def test_sweep_through_hydra_submitit_slurm(cluster, tmp_path):
     fixed = [arg for arg in FAST if not arg.startswith("optim.lr=")]
     out = run_llmtrain("-m", "hydra/launcher=submitit_slurm", "launcher=slurm",

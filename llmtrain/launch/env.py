@@ -25,8 +25,9 @@ def check(cfg: Config) -> None:
         problems.append(
             f"launcher={name} takes the node's place from the environment, but "
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: run it where "
-            f"the platform sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE (nodes) and RANK (this "
-            f"node's rank), or set them yourself on each node, or use launcher=local")
+            f"the platform sets them (MASTER_ADDR/MASTER_PORT: node 0's address and port, "
+            f"WORLD_SIZE: the number of nodes, RANK: this node's rank), set them yourself on "
+            f"each node, or use launcher=local on one machine")
     elif not 0 <= cfg.launcher.node_rank < cfg.launcher.nnodes:
         problems.append(f"this node's rank (RANK={cfg.launcher.node_rank}) must be between 0 and "
                         f"the number of nodes - 1 (WORLD_SIZE={cfg.launcher.nnodes})")
