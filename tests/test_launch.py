@@ -129,7 +129,8 @@ def test_dlc_example_submits_the_entrypoint_every_node_runs(tmp_path):
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     (bin_dir / "python").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "PAI_ARGS": str(tmp_path / "args"), "IMAGE": "registry.example/llmtrain:latest", "NODES": "2", "CODE_DIR": str(ROOT),
+           "PAI_ARGS": str(tmp_path / "args"), "IMAGE": "registry.example/llmtrain:latest",
+           "NODES": "2", "CODE_DIR": str(ROOT),
            "OUTPUT": str(tmp_path / "run"), "PYTHONPATH": str(ROOT)}
     subprocess.run(["bash", str(ROOT / "launchers" / "dlc_job.sh"), "model=llama3_8b",
                     "parallel=tp4pp2", "precision=bf16", "device=cuda", "dry_run=true"],

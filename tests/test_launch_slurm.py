@@ -97,8 +97,8 @@ class LocalSlurm:
                      f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"])
         self._until(lambda: (munge / "munge.socket").exists(), "munged to open its socket")
         self.conf.write_text(SLURM_CONF.format(
-            host=socket.gethostname().split(".")[0], port=free_port(), port1=free_port(), port2=free_port(),
-            dir=self.dir, cpus=max(1, os.cpu_count() // 2)))
+            host=socket.gethostname().split(".")[0], port=free_port(), port1=free_port(),
+            port2=free_port(), dir=self.dir, cpus=max(1, os.cpu_count() // 2)))
         self._spawn(["slurmctld", "-D", "-f", str(self.conf)])
         for node in self.NODES:
             self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", node], name=f"slurmd-{node}")
