@@ -166,6 +166,9 @@ def describe(cfg: Config, layout: Layout) -> str:
         f"batch        global {cfg.stage.global_batch_size} x seq {cfg.data.seq_length} = "
         f"{tokens:,} tokens/step; micro {cfg.stage.micro_batch_size}, "
         f"{layout.num_microbatches} micro-batches per step",
+        f"schedule     {cfg.stage.train_iters:,} steps = {cfg.stage.train_iters * tokens / 1e9:.3g} B "
+        f"tokens; lr {cfg.optim.lr:g}, {cfg.optim.lr_warmup_iters:,} warm-up steps, "
+        f"{cfg.optim.lr_decay_style} decay to {cfg.optim.min_lr:g}",
         f"compute      {fpt / 1e9:.2f} GFLOP/token, {fpt * tokens / 1e12:.1f} TFLOP/step",
         f"{'memory/' + unit:<13} weights {memory.weights:.2f} GiB + gradients {memory.gradients:.2f} "
         f"+ optimizer {memory.optimizer:.2f} + activations {memory.activations:.2f} "
