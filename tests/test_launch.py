@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from conftest import FAST, ROOT, run_llmtrain, summary
+from llmtrain.launch.slurm import time_minutes
 
 STEPS = ["stage.train_iters=4", "checkpoint.save=null"]
 PLATFORM = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
@@ -144,3 +145,10 @@ def test_dlc_example_submits_the_entrypoint_every_node_runs(tmp_path):
             "RANK": rank, "KUBERNETES_CONTAINER_RESOURCE_GPU": "8"})
         assert node.returncode == 0, node.stderr[-3000:]
         assert "processes    16 = 2 node(s) x 8  |  TP 4  PP 2" in node.stdout
+
+
+@pytest.mark.parametrize("limit,minutes", [("90", 90), ("1:30", 2), ("04:00:00", 240),
+                                           ("0:30:01", 31), ("1-12", 2160), ("1-2:30", 1590),
+                                           ("2-00:00:00", 2880)])
+def test_slurm_time_limits_in_every_slurm_format(limit, minutes):
+    assert time_minutes(limit) == minutes

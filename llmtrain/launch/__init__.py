@@ -28,11 +28,13 @@ from llmtrain.config.validate import ConfigError, Layout, Machine
 
 REQUEUE_EXIT_CODE = 3
 PREEMPTION_SIGNAL = signal.SIGUSR1
+# Its name as sbatch (--signal=USR1@90) and submitit spell it.
+PREEMPTION_SIGNAL_NAME = PREEMPTION_SIGNAL.name.removeprefix("SIG")
 LAUNCHERS = ("local", "env", "dlc", "slurm")
 
 # submitit asks Slurm for SIGUSR2 unless told otherwise; this makes it ask for (and, inside the
 # job, listen to) llmtrain's signal, for our submissions and for hydra/launcher=submitit_slurm.
-os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", PREEMPTION_SIGNAL.name.removeprefix("SIG"))
+os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", PREEMPTION_SIGNAL_NAME)
 
 
 def target_machine(cfg: Config) -> Machine:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import ConfigError, Machine, validate
-from llmtrain.launch import PREEMPTION_SIGNAL, REQUEUE_EXIT_CODE, local
+from llmtrain.launch import PREEMPTION_SIGNAL_NAME, REQUEUE_EXIT_CODE, local
 
 # Slurm's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes, days-hours:minutes:seconds.
@@ -91,8 +91,7 @@ def requested_machine(cfg: Config) -> Machine:
 def sbatch_parameters(cfg: Config) -> dict:
     """submitit's SlurmExecutor parameters for the job (names of `submitit.SlurmExecutor`)."""
     slurm = cfg.launcher.slurm
-    extra: dict = {"signal": f"{PREEMPTION_SIGNAL.name.removeprefix('SIG')}@"
-                             f"{slurm.signal_delay_s}",
+    extra: dict = {"signal": f"{PREEMPTION_SIGNAL_NAME}@{slurm.signal_delay_s}",
                    "requeue" if slurm.requeue else "no-requeue": True}
     extra.update(slurm.sbatch)
     srun_args = []
@@ -108,8 +107,7 @@ def sbatch_parameters(cfg: Config) -> dict:
         mem=f"{slurm.mem_gb}GB" if slurm.mem_gb else None, exclusive=slurm.exclusive or None,
         signal_delay_s=slurm.signal_delay_s, srun_args=srun_args or None,
         # submitit's own handler (before and after the workers run) listens to our signal too.
-        setup=[f"export SUBMITIT_PREEMPT_SIGNAL={os.environ['SUBMITIT_PREEMPT_SIGNAL']}",
-               *slurm.setup],
+        setup=[f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPTION_SIGNAL_NAME}", *slurm.setup],
         additional_parameters=extra,
     )
     return {key: value for key, value in parameters.items() if value is not None}
