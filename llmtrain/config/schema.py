@@ -34,16 +34,28 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
     layernorm_epsilon: float = 1e-5
-    activation: str = "swiglu"  # swiglu | gelu | gelu_tanh
+    activation: str = "swiglu"  # swiglu | gelu | gelu_tanh | relu
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     position_embedding_type: str = "rope"  # rope | learned_absolute | alibi | none
+    # Bloom: a LayerNorm right after the word embeddings.
+    embedding_layernorm: bool = False
+    # Falcon: attention and MLP both read the layer's input and add to the residual together.
+    parallel_attention_mlp: bool = False
+    # Falcon 40B/180B: in a parallel layer the MLP has its own LayerNorm (else it shares the
+    # attention's).
+    parallel_mlp_layernorm: bool = False
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    # GLM-4: RoPE rotates interleaved channel pairs (GPT-J style) instead of the two halves.
+    rotary_interleaved: bool = False
     # Llama 3.1 RoPE frequency scaling.
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     share_embeddings_and_output_weights: bool = False
+    # Sliding-window attention (Mistral 7B v0.1): each token sees [left, right] tokens around it;
+    # None: the whole causal context.
+    window_size: Optional[list[int]] = None
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0

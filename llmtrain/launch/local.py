@@ -13,6 +13,7 @@ import socket
 import threading
 import traceback
 import uuid
+from typing import Callable, Optional
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
@@ -25,12 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(cfg: Config, layout: Layout) -> dict:
-    """Entry point of each worker; a failure is printed with its rank before it propagates."""
+def worker(cfg: Config, layout: Layout, entry: Optional[Callable] = None) -> dict:
+    """Entry point of each worker: `entry(cfg, layout)`, training by default; a failure is printed
+    with its rank before it propagates."""
     from llmtrain.train import train
 
     try:
-        return train(cfg, layout)
+        return (entry or train)(cfg, layout)
     except Exception:
         print(f"[rank {os.environ.get('RANK', '0')}] "
               + traceback.format_exc(), flush=True)
@@ -72,18 +74,20 @@ def rendezvous_id(layout: Layout) -> str:
     return uuid.uuid4().hex[:8]
 
 
-def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False) -> dict:
+def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
+           entry: Optional[Callable] = None) -> dict:
     """Run this node's workers; return the summary of the rank that logged (else {}).
 
-    `spawn` starts a worker process even for a one-process run, so that this process stays free
-    to supervise it. Exits with REQUEUE_EXIT_CODE when a worker asked for a requeue, or when the
-    workers stopped after a preemption notice."""
+    `entry` (a picklable function of cfg and layout) replaces training, e.g. for checkpoint
+    conversion. `spawn` starts a worker process even for a one-process run, so that this process
+    stays free to supervise it. Exits with REQUEUE_EXIT_CODE when a worker asked for a requeue,
+    or when the workers stopped after a preemption notice."""
     os.environ.update(cfg.launcher.env)
     port = cfg.launcher.master_port or free_port()
     if layout.world_size == 1 and not spawn:
         os.environ.update(MASTER_ADDR=cfg.launcher.master_addr, MASTER_PORT=str(port),
                           RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        return worker(cfg, layout)
+        return worker(cfg, layout, entry)
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -102,7 +106,7 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False)
     )
     with PreemptionNotice() as notice:
         try:
-            results = elastic_launch(config, worker)(cfg, layout)
+            results = elastic_launch(config, worker)(cfg, layout, entry)
         except ChildFailedError as error:
             codes = {failure.exitcode for failure in error.failures.values()}
             if REQUEUE_EXIT_CODE in codes or notice.received:
