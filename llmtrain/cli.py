@@ -13,6 +13,7 @@ from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
 from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.launch import launch, target_machine
 
 register()
 # The repository's conf/ folder (an absolute path: Hydra would read "../conf" as a module).
@@ -48,12 +49,12 @@ def prepare(cfg: Config) -> None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig):
-    from llmtrain.runtime import detect_machine, quiet_libraries
+    from llmtrain.runtime import quiet_libraries
 
     quiet_libraries()
     try:
         cfg = resolve_run(dcfg)
-        machine = detect_machine()
+        machine = target_machine(cfg)
         if cfg.dry_run and cfg.device == "cuda" and machine.gpus == 0:
             # Planning a GPU job from a machine without one (a laptop, a login node).
             machine = Machine(gpus=cfg.launcher.nproc_per_node or 8, has_transformer_engine=True)
@@ -69,9 +70,9 @@ def main(dcfg: DictConfig):
     if cfg.dry_run:
         return None
     prepare(cfg)
-    from llmtrain.launch.local import launch
-
     summary = launch(cfg, layout)
+    if summary is None:  # submitted: it runs elsewhere (launcher=slurm)
+        return None
     out = Path(cfg.output_dir)
     print(f"[llmtrain] done: logs and TensorBoard events in {out / cfg.logging.tensorboard_dir}, "
           f"checkpoints in {out / cfg.checkpoint.save if cfg.checkpoint.save else 'nowhere'}, "
