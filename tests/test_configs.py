@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose_config, run_llmtrain
 from test_convert_zoo import CONVERSION_ZOO
-from llmtrain.cli import CONF_DIR, resolve
+from llmtrain.cli import CONF_DIR, resolve, resolve_run
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import ConfigError, Machine, validate
 
@@ -25,6 +25,8 @@ FP8_ON_CPU = ("precision=fp8 needs NVIDIA Transformer Engine and a GPU; install 
 SHAPE_PROBLEMS = {
     ("tiny", "tp8pp1"): "model tiny has 4 KV groups (num_query_groups), which tensor parallel "
                         "size 8 does not divide: choose a TP that divides it",
+    ("tiny_moe", "tp8pp1"): "model tiny_moe has 4 KV groups (num_query_groups), which tensor "
+                            "parallel size 8 does not divide: choose a TP that divides it",
     ("qwen2_7b", "tp8pp1"): "model qwen2_7b has 28 attention heads, which tensor parallel size 8 "
                             "does not divide: choose a TP that divides it",
 }
@@ -50,10 +52,11 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
 
 # The zoo entries added with checkpoint conversion (published sizes of more families) are left out
 # of the product, which would grow fourfold; tests/test_convert_zoo.py checks them. Launchers
-# decide who starts the workers, not what a config validates to: they are checked one by one
-# (test_every_launcher_composes) instead of multiplying the product too.
+# decide who starts the workers, not what a config validates to, and experiments are whole recipes
+# that set the other groups themselves: both are checked one by one (test_every_launcher_composes,
+# test_every_experiment_is_valid_where_it_is_meant_to_run) instead of multiplying the product.
 PRODUCT = {**OPTIONS, "model": [m for m in OPTIONS["model"] if m not in CONVERSION_ZOO]}
-COMBO_GROUPS = [g for g in GROUPS if g != "launcher"]
+COMBO_GROUPS = [g for g in GROUPS if g not in ("launcher", "experiment")]
 COMBOS = [dict(zip(COMBO_GROUPS, values))
           for values in itertools.product(*(PRODUCT[g] for g in COMBO_GROUPS))]
 
@@ -86,6 +89,24 @@ def test_combination_is_valid_or_expected_invalid(choice):
 @pytest.mark.parametrize("launcher", OPTIONS["launcher"])
 def test_every_launcher_composes(launcher):
     assert _problems({"launcher": launcher}) == []
+
+
+# What a user adds on the command line to an experiment: their data and tokenizer.
+EXPERIMENT_PATHS = ["data.data_path=[/data/corpus_text_document]",
+                    "data.tokenizer.tokenizer_model=/models/hf", "data.tokenizer.vocab_file=/v.json",
+                    "data.tokenizer.merge_file=/m.txt"]
+
+
+@pytest.mark.parametrize("experiment", OPTIONS["experiment"])
+def test_every_experiment_is_valid_where_it_is_meant_to_run(experiment):
+    cfg = compose_config(f"experiment={experiment}", *EXPERIMENT_PATHS, typed=False)
+    layout = validate(resolve_run(cfg), Machine(gpus=8, has_transformer_engine=True))
+    assert layout.world_size == 8
+    assert cfg.name == experiment
+    with pytest.raises(ConfigError) as error:  # without the data, the user is told what to set
+        validate(resolve_run(compose_config(f"experiment={experiment}", typed=False)),
+                 Machine(gpus=8, has_transformer_engine=True))
+    assert any("needs data.data_path" in p for p in error.value.problems)
 
 
 def test_validation_reports_every_problem_at_once():
