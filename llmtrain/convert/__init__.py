@@ -12,9 +12,9 @@ def convert(*overrides: str, say=print) -> dict:
     return its report. Raises ConversionError (bad input) or CheckFailed (outputs differ)."""
     from hydra import compose, initialize_config_dir
 
-    from llmtrain.cli import CONF_DIR
+    from llmtrain.cli import CONF_DIR, resolve
     from llmtrain.config.store import register as register_training
-    from llmtrain.convert.config import register, resolve
+    from llmtrain.convert.config import register
     from llmtrain.convert.plan import prepare
     from llmtrain.convert.run import execute
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from llmtrain.cli import CONF_DIR
+from llmtrain.cli import CONF_DIR, resolve
 from llmtrain.config.store import register as register_training
 from llmtrain.config.validate import ConfigError
-from llmtrain.convert.config import register, resolve
+from llmtrain.convert.config import register
 from llmtrain.convert.hf_files import has_tokenizer
 from llmtrain.convert.mapping import ConversionError
 

@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from llmtrain.config.schema import LauncherConfig, ModelConfig
-from llmtrain.config.validate import ConfigError
 
 DIRECTIONS = ("hf_to_mcore", "mcore_to_hf", "megatron_to_mcore")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -64,10 +63,3 @@ class ConvertConfig:
 def register() -> None:
     ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
 
-
-def resolve(dcfg: DictConfig) -> ConvertConfig:
-    """The typed config, or an error naming every key left unset."""
-    missing = sorted(OmegaConf.missing_keys(dcfg))
-    if missing:
-        raise ConfigError([f"{key} must be set: add {key}=... to the command" for key in missing])
-    return OmegaConf.to_object(dcfg)
