@@ -62,4 +62,3 @@ class ConvertConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
-
