@@ -40,8 +40,6 @@ class Plan:
     cfg: Config  # the Megatron side, as training would compose it
     layout: Layout
     job: Job
-    # The Hugging Face folder the check loads (the input, or the written output).
-    hf_folder: Optional[Path] = None
     # The format the input stores (the check's tolerance follows a conversion into a coarser one).
     source_dtype: str = "fp32"
     tokens_from: str = ""
@@ -173,7 +171,7 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
         reader.dtype()) or "fp32"
     sequences, tokens_from = tokenize(folder, c.prompts, m.vocab_size, cfg.data.seq_length, c.seed)
     return Plan(c, family, m, cfg, layout, _job(c, m, c.dtype or source, sequences),
-                hf_folder=folder, source_dtype=source, tokens_from=tokens_from)
+                source_dtype=source, tokens_from=tokens_from)
 
 
 def _read_mcore(root: Path) -> tuple[Path, int]:
