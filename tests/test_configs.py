@@ -39,6 +39,10 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
                         "gpt2_345m")
     if choice["precision"] == "fp8":
         problems.append(FP8_ON_CPU)
+    if choice["stage"] == "sft" and choice["data"] != "sft":
+        problems.append(f"stage.epochs needs a dataset of known size (data.kind=sft), not "
+                        f"data.kind={choice['data']}: set stage.epochs=null and choose "
+                        f"stage.train_iters")
     if choice["data"] == "indexed":
         problems += ["data=indexed needs data.data_path: the prefixes written by `python -m "
                      "llmtrain.data tokenize` (optionally weighted)",

@@ -26,8 +26,12 @@ TOKENIZER_ALIASES = {"HuggingFaceTokenizer": "huggingface", "GPT2BPETokenizer": 
 TOKENIZER_TYPES = ("huggingface", "gpt2bpe", "sentencepiece", "corpus")
 
 
-def _keys(text: str) -> tuple[str, ...]:
-    return tuple(k for k in text.replace(",", " ").split() if k)
+class _Keys(argparse.Action):
+    """Keys given as Megatron does (`--json-keys text title`) or comma-separated."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest,
+                tuple(k for v in values for k in v.replace(",", " ").split() if k))
 
 
 def _add_tokenizer(parser: argparse.ArgumentParser) -> None:
@@ -96,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--input", nargs="+", required=True,
                        help=".jsonl, .json, .parquet or .txt files (optionally .zst)")
     clean.add_argument("--output", required=True, help="a .jsonl or .jsonl.zst file")
-    clean.add_argument("--text-keys", type=_keys, default=("text",),
+    clean.add_argument("--text-keys", nargs="+", action=_Keys, default=("text",),
                        help="keys whose text makes the document, joined by newlines "
                             "(WuDao: title,content)")
-    clean.add_argument("--keep-keys", type=_keys, default=(), help="keys copied as they are")
+    clean.add_argument("--keep-keys", nargs="+", action=_Keys, default=(), help="keys copied as they are")
     clean.add_argument("--output-key", default="text", help="key of the cleaned text")
     clean.add_argument("--min-chars", type=int, default=32,
                        help="drop documents shorter than this after cleaning")
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--output-prefix", required=True,
                           help="writes PREFIX_<key>_document.bin/.idx per key (with --sft: "
                                "PREFIX_sft_tokens, PREFIX_sft_loss_mask and PREFIX_sft.json)")
-    tokenize.add_argument("--json-keys", type=_keys, default=("text",),
+    tokenize.add_argument("--json-keys", nargs="+", action=_Keys, default=("text",),
                           help="keys to tokenize, one dataset each (default: text)")
     tokenize.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                           help="end every document with the end-of-document token")
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = verbs.add_parser("inspect", help="show a document or SFT sample as tokens")
     show.add_argument("target", help="a dataset prefix, an SFT set prefix, or a raw file")
     show.add_argument("--index", type=int, nargs="+", default=[0], help="which (default 0)")
-    show.add_argument("--json-keys", type=_keys, default=("text",),
+    show.add_argument("--json-keys", nargs="+", action=_Keys, default=("text",),
                       help="the key to show of raw documents")
     show.add_argument("--tokens", action="store_true", help="also one line per token")
     _add_tokenizer(show)

@@ -110,14 +110,21 @@ def _first_char(path: str) -> bytes:
     return head[:1]
 
 
+def _json_reason(error: ValueError) -> str:
+    if not isinstance(error, json.JSONDecodeError):
+        return str(error)
+    at = "" if error.msg.endswith(" at") else " at"  # "Unterminated string starting at"
+    return f"{error.msg}{at} column {error.colno}"
+
+
 def _load_json_array(path: str) -> list:
     with _open_binary(path) as stream:
         text = stream.read().decode("utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column "
-                        f"{error.colno}): fix the file") from None
+        raise DataError(f"{path} line {error.lineno}: malformed JSON ({_json_reason(error)}): "
+                        f"fix the file") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: holds one JSON {type(data).__name__}, not an array of "
                         f"documents or one document per line")
@@ -214,8 +221,7 @@ def parse_chunk(chunk: Chunk, skip_bad_lines: bool) -> Parsed:
             if skip_bad_lines:
                 parsed.bad_lines += 1
                 continue
-            reason = (f"{error.msg} at column {error.colno}"
-                      if isinstance(error, json.JSONDecodeError) else str(error))
+            reason = _json_reason(error)
             raise DataError(f"{chunk.where(offset)}: malformed JSON ({reason}): fix the line, "
                             f"or {SKIP_HINT}") from None
         parsed.records.append((chunk.where(offset), record))

@@ -1,9 +1,11 @@
 """Worker processes for the data tools, and the progress line they print.
 
-`ordered_map` runs a function over a stream of chunks on spawned processes, each set up once
+`ordered_map` runs a function over a stream of chunks on worker processes, each set up once
 (a tokenizer is loaded once per worker), and yields the results in input order, so that output
 is identical whatever the number of workers. At most two chunks per worker are in flight, so
-inputs larger than memory stream through.
+inputs larger than memory stream through. On Linux workers are forked (they start at once, with
+the modules already imported; the parent has started no tokenizer threads by then), elsewhere
+spawned.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def ordered_map(function: Callable, items: Iterable, workers: int,
         for item in items:
             yield function(item)
         return
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(workers, initializer, initargs) as pool:
         pending: deque = deque()
         for item in items:

@@ -132,12 +132,13 @@ def build_datasets(cfg: Config, layout: Layout, tokenizer: Tokenizer, cache_dir:
         create_attention_mask=layout.device == "cpu",
         mid_level_dataset_surplus=0.005,
     )
+    sizes = [train_samples, valid_samples, 0]
+    # Splits nobody reads are not built: Megatron loops forever on a split without documents
+    # (a small dataset's test split), even when no sample of it is asked for.
+    config.split_matrix = [bounds if size else None
+                           for bounds, size in zip(config.split_matrix, sizes)]
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        MockGPTDataset if mock else GPTDataset,
-        [train_samples, valid_samples, 0],
-        lambda: True,
-        config,
-    ).build()
+        MockGPTDataset if mock else GPTDataset, sizes, lambda: True, config).build()
     return train, valid
 
 
