@@ -15,7 +15,7 @@ from llmtrain.megatron.data import batches, build_datasets
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
-from llmtrain.megatron.step import eval_step, train_step
+from llmtrain.megatron.step import eval_step, schedule_name, train_step
 from llmtrain.metrics import RunLog
 from llmtrain.runtime import quiet_libraries, sync_device
 
@@ -78,8 +78,11 @@ def _train(cfg: Config, layout: Layout) -> dict:
                          micro_batch_size=stage.micro_batch_size, device=layout.device)
 
     log.message(f"training {cfg.model.name} for {stage.train_iters} steps on "
-                f"{layout.world_size} {layout.device} process(es); output in {cfg.output_dir}")
+                f"{layout.world_size} {layout.device} process(es), pipeline schedule "
+                f"{schedule_name()}; output in {cfg.output_dir}")
     losses: list[float] = []
+    lrs: list[float] = []
+    step_seconds: list[float] = []
     last_saved = start
     for iteration in range(start + 1, stage.train_iters + 1):
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -87,6 +90,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
         result = train_step(model, optimizer, scheduler, train_iters, **schedule_args)
         sync_device(layout.device)
         seconds = time.perf_counter() - began
+        step_seconds.append(seconds)
+        lrs.append(lr)
         if result.loss is not None:
             losses.append(result.loss)
         scale = optimizer.get_loss_scale().item() if cfg.precision.fp16 else None
@@ -109,7 +114,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     if log.enabled:
         summary = {"final_loss": losses[-1] if losses else None, "first_loss":
                    losses[0] if losses else None, "steps": stage.train_iters,
-                   "start_step": start, "losses": losses, **log.last}
+                   "start_step": start, "losses": losses, "lrs": lrs, "step_seconds": step_seconds,
+                   "tokens_per_step": log.tokens_per_step, "world_size": layout.world_size,
+                   "flops_per_token": log.flops_per_token, "peak_tflops": log.peak, **log.last}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     log.close()

@@ -18,10 +18,17 @@ from typing import Any, Optional
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
 from llmtrain.megatron import parallel
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# How the distributed optimizer lays out its state. "fully_reshardable" loads under any other
+# TP/PP/DP layout (Megatron gathers each parameter's state once when saving); Megatron-Core
+# 0.19.2 cannot load it back into torch's own Adam (no Transformer Engine or Apex: the CPU), where
+# "dp_reshardable" is used, which allows changes of the data-parallel size only.
+CONTENT_METADATA = {"distrib_optim_sharding_type":
+                    "fully_reshardable" if HAVE_APEX_OR_TE else "dp_reshardable"}
 
 
 def step_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -59,6 +66,15 @@ def _merged(model_state: dict) -> dict:
     return merged
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state at its first step, but Megatron's distributed optimizer
+    reads that state (its step count) to build what it loads into: take one step of zero
+    gradients first. Whatever it changes is overwritten by the load."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
 def save(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
          common: dict[str, Any]) -> Path:
     """Write step `iteration` collectively from every rank; return its folder."""
@@ -67,11 +83,11 @@ def save(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
         target.mkdir(parents=True, exist_ok=True)
     parallel.barrier()
     state = _model_state(model)
-    state["optimizer"] = optimizer.sharded_state_dict(_merged(state))
+    state["optimizer"] = optimizer.sharded_state_dict(_merged(state), metadata=CONTENT_METADATA)
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     state.update(common)
-    dist_checkpointing.save(state, str(target))
+    dist_checkpointing.save(state, str(target), content_metadata=CONTENT_METADATA)
     parallel.barrier()
     if parallel.rank() == 0:
         tmp = Path(root) / f".{TRACKER}.tmp"
@@ -87,7 +103,10 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
     source = step_dir(root, iteration)
     state = _model_state(model)
     if not weights_only:
-        state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True)
+        _materialize_optimizer_state(optimizer)
+        metadata = dist_checkpointing.load_content_metadata(str(source)) or CONTENT_METADATA
+        state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True,
+                                                          metadata=metadata)
     loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_keys(model), model):
         unwrap(chunk).load_state_dict(loaded.pop(key), strict=True)
