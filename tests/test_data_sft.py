@@ -4,7 +4,6 @@ self-cognition set learns while its prompts carry no loss."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys

@@ -57,13 +57,12 @@ def flatten(ids: list[list[int]], dtype, eod: Optional[int]) -> tuple[np.ndarray
 def _tokenize_chunk(chunk: Chunk):
     tokenizer: Tokenizer = _worker["tokenizer"]
     parsed = parse_chunk(chunk, _worker["skip_bad_lines"])
-    dtype = np.int64
     eod = tokenizer.eod if _worker["append_eod"] else None
     out = {}
     for key in _worker["keys"]:
         texts = [text_field(record, key, where) for where, record in parsed.records]
         kept = [t for t in texts if t.strip()]
-        flat, lengths = flatten(tokenizer.encode_batch(kept), dtype, eod)
+        flat, lengths = flatten(tokenizer.encode_batch(kept), np.int32, eod)
         out[key] = (flat, lengths, len(texts) - len(kept))
     return out, len(parsed.records), parsed.bad_lines
 

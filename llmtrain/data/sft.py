@@ -27,6 +27,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from llmtrain.config.schema import Config, SFTConfig, TokenizerConfig
+from llmtrain.config.validate import split_fractions
 from llmtrain.data import chat, indexed, selfcognition
 from llmtrain.data.sources import Chunk, DataError, chunks, parse_chunk
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
@@ -83,7 +84,7 @@ def _encode_chunk(chunk: Chunk):
         ids.append(sample_ids)
         masks.append(sample_mask)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((i for s in ids for i in s), dtype=np.int64, count=int(lengths.sum()))
+    flat = np.fromiter((i for s in ids for i in s), dtype=np.int32, count=int(lengths.sum()))
     mask = np.fromiter((m for s in masks for m in s), dtype=np.uint8, count=int(lengths.sum()))
     return flat, mask, lengths, parsed.bad_lines
 
@@ -238,17 +239,9 @@ class TokenizedSFT:
         return max((t.max_token_id() for t, _ in self.parts), default=-1)
 
 
-def split_fractions(split: str) -> list[float]:
-    """Megatron's split string ("98,2,0" or "98/2/0") as three fractions."""
-    values = [float(v) for v in split.replace("/", ",").split(",")]
-    values = (values + [0.0, 0.0, 0.0])[:3]
-    if any(v < 0 for v in values) or sum(values) <= 0:
-        raise DataError(f"data.split={split} must be non-negative weights with a positive sum")
-    return [v / sum(values) for v in values]
-
-
 def split_samples(count: int, split: str, seed: int) -> list[np.ndarray]:
-    """Sample indices of train, valid and test: a seeded shuffle cut at the split's bounds."""
+    """Sample indices of train, valid and test: a seeded shuffle cut at the split's bounds
+    (data.split, as Megatron reads it)."""
     order = np.random.default_rng(seed).permutation(count)
     bounds = np.round(np.cumsum([0.0] + split_fractions(split)) * count).astype(int)
     return [np.sort(order[bounds[k]:bounds[k + 1]]) for k in range(3)]
