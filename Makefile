@@ -13,7 +13,7 @@ PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 TEST_ARGS ?= -m "not slow and not gpu"
 
-.PHONY: run test test-all venv bench clean-venv
+.PHONY: run test test-all venv bench bench-data clean-venv
 
 run: $(VENV)/.ready
 	$(RUN) -m llmtrain $(ARGS)
@@ -27,6 +27,10 @@ bench: $(VENV)/.ready
 
 test-all: $(VENV)/.ready
 	$(RUN) -m pytest -q tests
+
+# Tokenization throughput on all cores as a ratio to the tokenizer's own encode_batch.
+bench-data: $(VENV)/.ready
+	$(RUN) scripts/bench_data.py $(BENCH_ARGS)
 
 venv: $(VENV)/.ready
 

@@ -13,6 +13,7 @@ from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
 from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.data.sources import DataError
 from llmtrain.launch import launch, target_machine
 
 register()
@@ -45,6 +46,11 @@ def prepare(cfg: Config) -> None:
         from llmtrain.data.corpus import ensure_corpus
 
         ensure_corpus()
+    if cfg.data.kind == "sft" and cfg.stage.epochs:
+        from llmtrain.data.sft import derive_train_iters
+
+        print(f"[llmtrain] {derive_train_iters(cfg, Path(cfg.output_dir) / 'data_cache')}",
+              flush=True)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
@@ -69,7 +75,13 @@ def main(dcfg: DictConfig):
     print(describe(cfg, layout), flush=True)
     if cfg.dry_run:
         return None
-    prepare(cfg)
+    try:
+        prepare(cfg)
+        if cfg.stage.epochs:  # the schedule again, with train_iters derived from the data
+            layout = validate(cfg, machine)
+    except (ConfigError, DataError) as error:
+        print(f"llmtrain: {error}", file=sys.stderr)
+        sys.exit(2)
     summary = launch(cfg, layout)
     if summary is None:  # submitted: it runs elsewhere (launcher=slurm)
         return None

@@ -55,7 +55,10 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
 # decide who starts the workers, not what a config validates to, and experiments are whole recipes
 # that set the other groups themselves: both are checked one by one (test_every_launcher_composes,
 # test_every_experiment_is_valid_where_it_is_meant_to_run) instead of multiplying the product.
-PRODUCT = {**OPTIONS, "model": [m for m in OPTIONS["model"] if m not in CONVERSION_ZOO]}
+# The sft stage sets the schedule, not what a layout validates to: it is checked against every
+# data option (test_sft_stage_with_every_data_option) instead of doubling the product.
+PRODUCT = {**OPTIONS, "model": [m for m in OPTIONS["model"] if m not in CONVERSION_ZOO],
+           "stage": ["pretrain"]}
 COMBO_GROUPS = [g for g in GROUPS if g not in ("launcher", "experiment")]
 COMBOS = [dict(zip(COMBO_GROUPS, values))
           for values in itertools.product(*(PRODUCT[g] for g in COMBO_GROUPS))]
@@ -68,6 +71,17 @@ def _problems(choice: dict[str, str]) -> list[str]:
     except ConfigError as error:
         return error.problems
     return []
+
+
+@pytest.mark.parametrize("data", OPTIONS["data"])
+def test_sft_stage_with_every_data_option(data):
+    expected = [] if data == "sft" else [
+        f"stage.epochs needs a dataset of known size (data.kind=sft), not data.kind={data}: set "
+        f"stage.epochs=null and choose stage.train_iters"]
+    if data == "indexed":
+        expected += expected_problems({"model": "tiny", "parallel": "tp1pp1",
+                                       "precision": "fp32", "data": data})
+    assert sorted(_problems({"stage": "sft", "data": data})) == sorted(expected)
 
 
 def test_every_group_has_options():

@@ -138,6 +138,28 @@ class TokenizerConfig:
     tokenizer_model: Optional[str] = None
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
+    # Ids reserved on top of the tokenizer's vocabulary (Megatron's --extra-vocab-size).
+    extra_vocab_size: int = 0
+
+
+@dataclass
+class SFTConfig:
+    """Instruction data (data.kind=sft): conversations become tokens with a loss mask that is
+    1 on the assistant's tokens only."""
+
+    # alpaca (instruction/input/output) | sharegpt (conversations) | messages (role/content) |
+    # auto (told apart by their keys)
+    format: str = "auto"
+    # chatml (Qwen) | llama3 | tokenizer (the chat_template of the tokenizer directory)
+    chat_template: str = "chatml"
+    # System prompt of conversations that bring none (None: no system turn).
+    system: Optional[str] = None
+    # Several conversations per sequence with no attention across them, instead of one
+    # conversation per sequence padded to seq_length.
+    packing: bool = False
+    # Who the generated self-cognition set (data_path entry `self-cognition`) says the model is.
+    model_name: str = "llmtrain"
+    model_author: str = "the llmtrain developers"
 
 
 @dataclass
@@ -146,7 +168,8 @@ class DataConfig:
 
     name: str = "corpus"
     # corpus: the embedded default corpus (built and cached on first use);
-    # indexed: Megatron mmap datasets given by data_path; mock: random tokens.
+    # indexed: Megatron mmap datasets given by data_path; mock: random tokens;
+    # sft: conversations (json/jsonl/parquet files, pre-tokenized prefixes, `self-cognition`).
     kind: str = "corpus"
     # Megatron's --data-path: prefixes, optionally weighted ("0.7 /a/b_text_document 0.3 /c/d").
     data_path: list[str] = field(default_factory=list)
@@ -160,11 +183,12 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 @dataclass
 class StageConfig:
-    """What is trained and for how long: pretrain (sft and rlhf come later)."""
+    """What is trained and for how long: pretrain or sft (rlhf comes later)."""
 
     name: str = "pretrain"
     micro_batch_size: int = 4
@@ -172,6 +196,9 @@ class StageConfig:
     # Length of the run: iterations, or tokens (then train_iters = tokens / (global batch x seq)).
     train_iters: Optional[int] = 100
     train_tokens: Optional[int] = None
+    # Passes over the training set; when set, train_iters is derived from the dataset's size
+    # when the run starts (data.kind=sft).
+    epochs: Optional[int] = None
     # Evaluation on the validation split every eval_interval steps (0: never).
     eval_interval: int = 0
     eval_iters: int = 4

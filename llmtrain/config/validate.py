@@ -6,10 +6,12 @@ what to change. The result is the `Layout`: the resolved process layout every wo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 from llmtrain.config.schema import Config
+from llmtrain.data.chat import FORMATS, TEMPLATES
 
 CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
@@ -17,7 +19,9 @@ CHOICES = {
     "model.position_embedding_type": ("rope", "learned_absolute", "alibi", "none"),
     "precision.fp8": (None, "e4m3", "hybrid"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
-    "data.kind": ("corpus", "indexed", "mock"),
+    "data.kind": ("corpus", "indexed", "mock", "sft"),
+    "data.sft.format": FORMATS,
+    "data.sft.chat_template": TEMPLATES,
     "data.tokenizer.tokenizer_type": ("corpus", "huggingface", "gpt2bpe", "sentencepiece", "null"),
     "optim.optimizer": ("adam", "sgd"),
     "optim.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
@@ -80,6 +84,15 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     """Megatron pads the embedding so that every TP rank holds an equal, aligned slice."""
     multiple = divisible_by * tensor_parallel
     return -(-vocab_size // multiple) * multiple
+
+
+def split_fractions(split: str) -> list[float] | None:
+    """Megatron's train/valid/test split string ("969,30,1") as fractions; None if malformed."""
+    values = [float(v) for v in re.findall(r"[.0-9]+", split)]
+    if not 1 <= len(values) <= 3 or sum(values) <= 0:
+        return None
+    values += [0.0] * (3 - len(values))
+    return [v / sum(values) for v in values]
 
 
 def _get(cfg: Config, dotted: str):
@@ -274,6 +287,36 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if data.kind == "indexed" and not data.data_path:
         problems.append("data=indexed needs data.data_path: the prefixes written by "
                         "`python -m llmtrain.data tokenize` (optionally weighted)")
+    fractions = split_fractions(data.split)
+    if fractions is None:
+        problems.append(f"data.split={data.split} must be one to three non-negative weights "
+                        f"(train,valid,test) with a positive sum, e.g. 969,30,1")
+    elif stage.eval_interval and fractions[1] == 0:
+        problems.append(f"the valid split has no samples: data.split={data.split} gives it no "
+                        f"share; give it one (e.g. 98,2,0) or set stage.eval_interval=0")
+    if stage.epochs is not None and stage.epochs < 1:
+        problems.append(f"stage.epochs={stage.epochs} must be at least 1 (or null: run "
+                        f"stage.train_iters steps)")
+    elif stage.epochs is not None and stage.train_tokens is not None:
+        problems.append("stage.epochs and stage.train_tokens both set the length of the run: "
+                        "choose one")
+    elif stage.epochs is not None and data.kind != "sft":
+        problems.append(f"stage.epochs needs a dataset of known size (data.kind=sft), not "
+                        f"data.kind={data.kind}: set stage.epochs=null and choose "
+                        f"stage.train_iters")
+    if data.kind == "sft":
+        if not data.data_path:
+            problems.append("data=sft needs data.data_path: json/jsonl/parquet files of "
+                            "conversations, prefixes written by `python -m llmtrain.data tokenize "
+                            "--sft`, or self-cognition")
+        if data.sft.packing and device == "cuda" and stage.micro_batch_size != 1:
+            problems.append("data.sft.packing=true on GPUs needs stage.micro_batch_size=1 (packed "
+                            "sequences are one row of several samples); raise global_batch_size "
+                            "instead")
+        if data.sft.chat_template == "tokenizer" and data.tokenizer.tokenizer_type != "huggingface":
+            problems.append("data.sft.chat_template=tokenizer needs a Hugging Face tokenizer "
+                            "directory (data.tokenizer.tokenizer_type=huggingface); or choose a "
+                            "named template: chatml, llama3")
     tok = data.tokenizer
     for key in TOKENIZER_FILES.get(tok.tokenizer_type, ()):
         if not getattr(tok, key):

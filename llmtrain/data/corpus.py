@@ -2,7 +2,8 @@
 
 Documents are the docstrings of Python's standard library (modules, classes and functions), read
 from the source files with `ast` (nothing is imported). A byte-level BPE tokenizer is trained on
-them with `tokenizers`, and the documents are written as a Megatron indexed dataset. Everything is
+them with `tokenizers` (with ChatML's `<|im_start|>`/`<|im_end|>` as special tokens, so that
+instruction tuning runs on it too), and the documents are written as a Megatron indexed dataset. Everything is
 built once and cached under `$LLMTRAIN_CACHE` (default `~/.cache/llmtrain`), keyed by the Python
 version and the build recipe.
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 
 VOCAB_SIZE = 4096
 EOD = "<|endoftext|>"
-RECIPE = 1  # bump when the way the corpus is built changes
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+RECIPE = 2  # bump when the way the corpus is built changes
 MIN_CHARS = 40
 
 
@@ -70,7 +72,7 @@ def _build(target: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOD],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOD, *CHAT_TOKENS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(docs, trainer=trainer)

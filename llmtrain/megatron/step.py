@@ -10,6 +10,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from llmtrain.megatron.data import packed_seq_params
+
 
 @dataclass
 class StepResult:
@@ -41,7 +43,8 @@ def _forward(device: str, data_iterator, model):
     attention_mask = batch.get("attention_mask")
     if attention_mask is not None:
         attention_mask = move(attention_mask)
-    output = model(tokens, position_ids, attention_mask, labels=labels)
+    packed = packed_seq_params(batch, device)  # packed SFT sequences on the GPU
+    output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed)
     return output, partial(_loss, loss_mask)
 
 
