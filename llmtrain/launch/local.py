@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 import uuid
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
+from llmtrain.launch import RunStopped
 
 
 def free_port() -> int:
@@ -21,11 +23,16 @@ def free_port() -> int:
 
 
 def worker(cfg: Config, layout: Layout) -> dict:
-    """Entry point of each worker; a failure is printed with its rank before it propagates."""
+    """Entry point of each worker; a failure is printed with its rank before it propagates.
+    A run that stopped on purpose (RunStopped, on every rank) returns its exit status instead."""
     from llmtrain.train import train
 
     try:
         return train(cfg, layout)
+    except RunStopped as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"llmtrain: {stopped}", file=sys.stderr, flush=True)
+        return {"exit_code": stopped.exit_code}
     except Exception:
         print(f"[rank {os.environ.get('RANK', '0')}] "
               + traceback.format_exc(), flush=True)
@@ -44,6 +51,8 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0) -> dict:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from llmtrain.preemption import forward_to_workers
+
     config = LaunchConfig(
         min_nodes=layout.nnodes,
         max_nodes=layout.nnodes,
@@ -57,7 +66,8 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0) -> dict:
         start_method="spawn",
     )
     try:
-        results = elastic_launch(config, worker)(cfg, layout)
+        with forward_to_workers():  # SIGTERM/SIGUSR1: the workers save and return
+            results = elastic_launch(config, worker)(cfg, layout)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         raise RuntimeError(f"worker rank {rank} failed (exit code {failure.exitcode}); "
