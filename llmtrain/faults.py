@@ -3,8 +3,9 @@ environment variable asks for it. Never set these in a real run (docs/reliabilit
 
 LLMTRAIN_FAULT_SAVE=crash@STEP[:RANK] or stall@STEP[:RANK]
     While saving step STEP, on RANK (default 0), after the data files are written and before the
-    step is committed: `crash` raises an OSError there (with async_save=true, in the background
-    writer, before it writes); `stall` sleeps there for an hour (the test kills the run).
+    step is committed: `crash` raises an OSError there (with async_save=true, the rank's
+    background writer process dies instead, before it writes); `stall` sleeps there for an hour
+    (the test kills the run).
 LLMTRAIN_FAULT_NAN=grad@STEP[:RANK] or loss@STEP[:RANK]
     At step STEP, on RANK (default 0), just before the non-finite check: `grad` writes a NaN into
     the rank's first gradient, `loss` makes the rank's loss NaN (a rank of the last pipeline stage).
@@ -50,7 +51,7 @@ def during_save(iteration: int, rank: int) -> None:
 
 
 def crashing_writer(iteration: int):
-    """The background writer of an async save, replaced by one that fails before writing."""
+    """The background writer of an async save, replaced by one that dies before writing."""
 
     def write(*args, **kwargs):
         raise OSError(f"injected fault (LLMTRAIN_FAULT_SAVE) in the writer of step {iteration}")

@@ -84,7 +84,9 @@ def compare(stored: dict, current: dict, allowed: list[str],
 
 def refusal(source: str, refused: list[Change], allowed: list[str]) -> str:
     lines = "\n".join(f"    {change}" for change in refused)
-    names = ",".join(dict.fromkeys([*allowed, *(c.key for c in refused)]))
+    # The tokenizer's identity is one thing to allow, however many of its fields differ.
+    keys = ("tokenizer" if covers("tokenizer", c.key) else c.key for c in refused)
+    names = ",".join(dict.fromkeys([*allowed, *keys]))
     return (f"cannot resume from {source}: the configuration differs from the checkpoint's in "
             f"what is being trained (checkpoint -> now):\n{lines}\n"
             f"  Restore these values, start the new experiment in another folder "

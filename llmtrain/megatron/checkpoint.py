@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 from megatron.core.dist_checkpointing.validation import INTEGRITY_FNAME
@@ -174,8 +175,19 @@ def _first_error(error: Optional[str]) -> Optional[str]:
                  for r, e in enumerate(errors) if e), None)
 
 
+# What a failed save or load may raise (torch's CheckpointException is a BaseException).
+FAILURES = (Exception, CheckpointException)
+
+
 def _text(exc: BaseException) -> str:
     """An exception as a user reads it (an OSError already names the file and the cause)."""
+    if isinstance(exc, CheckpointException):
+        ranks = sorted(exc.failures)
+        causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                           for rank, (error, _) in sorted(exc.failures.items()))
+        return (f"the writers of rank(s) {', '.join(map(str, ranks))} failed ({causes}); a "
+                f"failing writer logs its cause on its own rank" if ranks
+                else "a writer on another rank failed")
     return str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
 
 
@@ -185,7 +197,7 @@ def _on_rank0(work: Callable[[], Any]) -> tuple[Any, Optional[str]]:
     if _rank() == 0:
         try:
             result = work()
-        except Exception as exc:  # any failure here is reported as the save's or load's failure
+        except FAILURES as exc:  # any failure here is reported as the save's or load's failure
             error = _text(exc)
     return _broadcast((result, error))
 
@@ -437,7 +449,7 @@ class Checkpoints:
             common = self._load(folder, model, optimizer, scheduler, plan.weights_only, with_rng)
         except RunStopped:
             raise
-        except Exception as exc:
+        except FAILURES as exc:
             found = listing(folder.parent)
             raise RunStopped(f"loading {folder} failed: {_text(exc)}\n  "
                              f"{self._earlier(folder.parent, plan.iteration, found)}") from None
@@ -489,7 +501,7 @@ class Checkpoints:
         try:
             request = dist_checkpointing.save(state, str(temp), async_sharded_save=background,
                                               async_strategy="mcore")
-        except Exception as exc:
+        except FAILURES as exc:
             error = _text(exc)
         error = _first_error(error)
         if error:
@@ -522,7 +534,7 @@ class Checkpoints:
         error = None
         try:
             faults.during_save(iteration, _rank())
-        except Exception as exc:
+        except FAILURES as exc:
             error = _text(exc)
         error = _first_error(error)
         if error:
@@ -605,7 +617,7 @@ class Checkpoints:
             finished = self.queue.maybe_finalize_async_calls(blocking=blocking)
         except RunStopped:
             raise
-        except Exception as exc:  # a writer failed: dist_checkpointing raises it on every rank
+        except FAILURES as exc:  # a writer failed: dist_checkpointing raises it on every rank
             self._fail(iteration, _text(exc), temp)
         if finished:
             self.pending = None
