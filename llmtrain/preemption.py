@@ -57,12 +57,20 @@ class Watcher:
         self._previous = {}
 
 
+class Forwarded:
+    """What the launcher process received while its workers ran."""
+
+    received: Optional[int] = None
+
+
 @contextlib.contextmanager
-def forward_to_workers() -> Iterator[None]:
+def forward_to_workers() -> Iterator[Forwarded]:
     """In the launcher process, around torch elastic: SIGTERM and SIGUSR1 go on to the worker
-    processes, which save and return; the launcher waits for them as usual."""
+    processes, which save and exit with REQUEUE_EXIT_CODE; the launcher waits for them."""
+    forwarded = Forwarded()
 
     def forward(signum, frame):
+        forwarded.received = forwarded.received or signum
         for child in multiprocessing.active_children():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signum)
@@ -73,7 +81,7 @@ def forward_to_workers() -> Iterator[None]:
     os.environ[key] = "SIGINT,SIGHUP,SIGQUIT"
     previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
     try:
-        yield
+        yield forwarded
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Optional
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.data.tokenizer import load_tokenizer
-from llmtrain.launch import REQUEUE_EXIT_CODE, RunStopped
+from llmtrain.errors import RunStopped
+from llmtrain.launch import REQUEUE_EXIT_CODE
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.data import batches, build_datasets
 from llmtrain.megatron.init import initialize as initialize_weights
@@ -37,6 +39,11 @@ def train(cfg: Config, layout: Layout) -> dict:
     parallel.initialize(layout, cfg.seed)
     try:
         return _train(cfg, layout)
+    except RunStopped as stopped:  # raised by every rank together: say why once, exit with status
+        if parallel.rank() == 0:
+            print(f"llmtrain: {stopped}", file=sys.stderr, flush=True)
+        parallel.barrier()  # no rank exits (and gets its peers killed) before rank 0 has said it
+        raise SystemExit(stopped.exit_code) from None
     finally:
         parallel.shutdown()
 

@@ -362,3 +362,44 @@ def test_a_background_writer_failure_on_rank_1_reaches_rank_0(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "llmtrain: saving step 4 failed: the writers of rank(s) 1 failed" in out.stderr
     assert checkpoint_steps(tmp_path) == ["iter_0000002"]
+
+
+def test_only_changes_that_keep_the_experiment_pass_without_being_named():
+    from llmtrain.config.changes import compare
+
+    stored = {"model": {"hidden_size": 256, "hidden_dropout": 0.0}, "optim": {"lr": 1e-3},
+              "stage": {"global_batch_size": 8, "micro_batch_size": 2},
+              "parallel": {"tensor_model_parallel_size": 1}, "tokenizer": {"identity": "a"}}
+    current = {"model": {"hidden_size": 320, "hidden_dropout": 0.1, "new_field": 1},
+               "optim": {"lr": 5e-4}, "stage": {"global_batch_size": 16, "micro_batch_size": 4},
+               "parallel": {"tensor_model_parallel_size": 2}, "tokenizer": {"identity": "b"}}
+    accepted, refused = compare(stored, current, allowed=["stage.global_batch_size"])
+    assert [c.key for c in accepted] == ["model.hidden_dropout", "optim.lr",
+                                         "parallel.tensor_model_parallel_size",
+                                         "stage.global_batch_size", "stage.micro_batch_size"]
+    assert [str(c) for c in refused] == ["model.hidden_size: 256 -> 320",
+                                         "tokenizer.identity: a -> b"]
+    # Fine-tuning from weights: only the model and the tokenizer must match.
+    _, refused = compare(stored, current, allowed=["model"], weights_only=True)
+    assert [c.key for c in refused] == ["tokenizer.identity"]
+
+
+def test_checkpoint_settings_are_validated_before_anything_runs():
+    from conftest import compose_config
+    from llmtrain.config.validate import ConfigError, Machine, validate
+
+    cfg = compose_config("checkpoint.keep_last=0", "checkpoint.keep_every=10",
+                         "checkpoint.load_step=5", "checkpoint.resume=never",
+                         "checkpoint.allow_config_change=[model.hidden,tokenizer,optim]",
+                         "optim.on_nonfinite=ignore")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, Machine())
+    assert error.value.problems == [
+        "optim.on_nonfinite=ignore is not one of: stop, skip",
+        "checkpoint.keep_last=0 must be at least 1 (or null)",
+        "checkpoint.keep_every keeps steps that keep_last would delete: set checkpoint.keep_last "
+        "too (without it every checkpoint is kept)",
+        "checkpoint.load_step and checkpoint.resume=never contradict each other: drop one",
+        "checkpoint.allow_config_change names model.hidden, which is no config field or group "
+        "(write them as on the command line, e.g. model.hidden_size, or `tokenizer`)",
+    ]

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import traceback
 import uuid
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
-from llmtrain.launch import RunStopped
+from llmtrain.launch import REQUEUE_EXIT_CODE
 
 
 def free_port() -> int:
@@ -23,16 +22,11 @@ def free_port() -> int:
 
 
 def worker(cfg: Config, layout: Layout) -> dict:
-    """Entry point of each worker; a failure is printed with its rank before it propagates.
-    A run that stopped on purpose (RunStopped, on every rank) returns its exit status instead."""
+    """Entry point of each worker; a failure is printed with its rank before it propagates."""
     from llmtrain.train import train
 
     try:
         return train(cfg, layout)
-    except RunStopped as stopped:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"llmtrain: {stopped}", file=sys.stderr, flush=True)
-        return {"exit_code": stopped.exit_code}
     except Exception:
         print(f"[rank {os.environ.get('RANK', '0')}] "
               + traceback.format_exc(), flush=True)
@@ -66,10 +60,14 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0) -> dict:
         start_method="spawn",
     )
     try:
-        with forward_to_workers():  # SIGTERM/SIGUSR1: the workers save and return
+        with forward_to_workers():  # SIGTERM/SIGUSR1: the workers save, then exit with 3
             results = elastic_launch(config, worker)(cfg, layout)
     except ChildFailedError as error:
+        # Workers that stopped on purpose exit with a status and said why (llmtrain.train).
+        codes = {failure.exitcode for failure in error.failures.values()}
+        if REQUEUE_EXIT_CODE in codes or codes == {2}:
+            raise SystemExit(REQUEUE_EXIT_CODE if REQUEUE_EXIT_CODE in codes else 2) from None
         rank, failure = error.get_first_failure()
         raise RuntimeError(f"worker rank {rank} failed (exit code {failure.exitcode}); "
-                           f"its traceback is printed above") from None
+                           f"its error is printed above") from None
     return next((r for r in results.values() if r), {})

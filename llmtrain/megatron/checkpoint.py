@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ from llmtrain import __version__, faults
 from llmtrain.config import changes
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
-from llmtrain.launch import RunStopped
+from llmtrain.errors import RunStopped
 from llmtrain.megatron import rng
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -330,9 +330,8 @@ class Checkpoints:
         self.cfg, self.layout, self.tokenizer = cfg, layout, tokenizer
         self.root = save_dir
         self.say = say
-        self.last_saved: Optional[int] = None
         self.queue = None
-        self.pending: Optional[tuple[int, Path]] = None  # the async save in flight
+        self.pending: Optional[int] = None  # the step of the async save in flight
         if cfg.checkpoint.async_save and save_dir is not None:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -389,8 +388,8 @@ class Checkpoints:
                 plan.error = (f"{path} cannot be read ({exc}): the checkpoint is damaged. "
                               f"{self._earlier(root, step, found)}")
         else:
-            plan.notes.append(f"{folder} has no {DESCRIPTOR} (it was not written by llmtrain): "
-                              f"its config and tokenizer cannot be checked")
+            plan.notes.append(f"{folder} has no {DESCRIPTOR} (a converted or Megatron-LM "
+                              f"checkpoint): its config and tokenizer cannot be checked")
         return plan
 
     @staticmethod
@@ -446,7 +445,8 @@ class Checkpoints:
                      f"{_layout(dataclasses.asdict(self.layout))}. Random-number streams "
                      f"(dropout) restart from the seed")
         try:
-            common = self._load(folder, model, optimizer, scheduler, plan.weights_only, with_rng)
+            common = load(folder.parent, plan.iteration, model, optimizer, scheduler,
+                          plan.weights_only, with_rng)
         except RunStopped:
             raise
         except FAILURES as exc:
@@ -458,55 +458,20 @@ class Checkpoints:
                                        if plan.weights_only else f"; resuming after step {start}"))
         return Restored(start, folder, common.get("rng_state") if with_rng else None)
 
-    def _load(self, folder: Path, model: list, optimizer, scheduler, weights_only: bool,
-              with_rng: bool) -> dict:
-        state = _model_state(model)
-        if not weights_only:
-            state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True)
-        if with_rng:
-            state["rng_state"] = _rng_shard(None)
-        loaded = dist_checkpointing.load(state, str(folder))
-        for key, chunk in zip(_keys(model), model):
-            unwrap(chunk).load_state_dict(loaded.pop(key), strict=True)
-        if not weights_only:
-            optimizer.load_state_dict(loaded.pop("optimizer"))
-            scheduler.load_state_dict(loaded.pop("scheduler"))
-        dist.barrier()
-        return loaded
-
     # Saving.
 
     def save(self, iteration: int, model: list, optimizer, scheduler,
              blocking: bool = False) -> None:
         """Save step `iteration` (collective). With checkpoint.async_save the files are written
-        in the background unless `blocking`; `poll` and `wait` commit it."""
+        in the background unless `blocking`; `poll` and `wait` commit the step."""
         self.wait()
         began = time.perf_counter()
-        root = self.root
-        temp = root / f"iter_{iteration:07d}{INCOMPLETE}"
-        state = _model_state(model)
-        state["optimizer"] = optimizer.sharded_state_dict(_merged(state))
-        state["scheduler"] = scheduler.state_dict()
-        state["iteration"] = iteration
-        state["consumed_samples"] = iteration * self.cfg.stage.global_batch_size
-        state["rng_state"] = _rng_shard(rng.capture())
-        size = torch.tensor([_bytes_to_write(state)], dtype=torch.float64,
-                            device=self.layout.device)
-        dist.all_reduce(size)
-        _, error = _on_rank0(partial(self._prepare, temp, float(size.item())))
-        if error:
-            self._fail(iteration, error, temp)
+        state = _state(model, optimizer, scheduler, iteration, {
+            "consumed_samples": iteration * self.cfg.stage.global_batch_size,
+            "rng_state": _rng_shard(rng.capture())})
         background = self.queue is not None and not blocking
-        error = None
-        try:
-            request = dist_checkpointing.save(state, str(temp), async_sharded_save=background,
-                                              async_strategy="mcore")
-        except FAILURES as exc:
-            error = _text(exc)
-        error = _first_error(error)
-        if error:
-            self._fail(iteration, error, temp)
-        commit = partial(self._commit, iteration, temp, began)
+        request = _start(self.root, iteration, state, background, self.layout.device)
+        commit = partial(self._commit, iteration, began)
         if not background:
             commit()
             return
@@ -514,92 +479,21 @@ class Checkpoints:
             request = request._replace(async_fn=faults.crashing_writer(iteration))
         request.add_finalize_fn(commit)
         self.queue.schedule_async_request(request)
-        self.pending = (iteration, temp)
+        self.pending = iteration
 
-    def _prepare(self, temp: Path, size: float) -> None:
-        """Rank 0, before anything is written: room for the step, and a clean temporary folder."""
-        root = temp.parent
-        root.mkdir(parents=True, exist_ok=True)
-        if temp.exists():
-            shutil.rmtree(temp)
-        free = shutil.disk_usage(root).free
-        needed = size * 1.05 + 16 * MIB
-        if free < needed:
-            raise OSError(f"not enough free disk space in {root}: the checkpoint needs about "
-                          f"{_size(needed)} and {_size(free)} are free")
-        temp.mkdir()
-
-    def _commit(self, iteration: int, temp: Path, began: float) -> None:
-        """Collective, after every rank's files are written: descriptor, manifest, rename."""
-        error = None
-        try:
-            faults.during_save(iteration, _rank())
-        except FAILURES as exc:
-            error = _text(exc)
-        error = _first_error(error)
-        if error:
-            self._fail(iteration, error, temp)
-        _, error = _on_rank0(lambda: _write_json(temp / DESCRIPTOR, describe(
-            self.cfg, self.layout, self.tokenizer, iteration)))
-        if not error and self.cfg.checkpoint.verify_integrity:
-            try:
-                _write_manifest(temp)
-            except OSError as exc:  # every rank reads; rank 0 writes
-                error = _text(exc)
-            error = _first_error(error)
-        if error:
-            self._fail(iteration, error, temp)
-        removed, error = _on_rank0(partial(self._publish, iteration, temp))
-        if error:
-            self._fail(iteration, error, temp)
-        self.last_saved = iteration
-        extra = f"; removed {', '.join(removed)}" if removed else ""
-        self.say(f"saved {step_dir(self.root, iteration)} in "
-                 f"{time.perf_counter() - began:.1f} s{extra}")
-
-    def _publish(self, iteration: int, temp: Path) -> list[str]:
-        """Rank 0: make the step visible, move the pointer, apply retention."""
-        folder = step_dir(self.root, iteration)
-        if folder.exists():  # an older save of the same step (resume=never, load_step)
-            _remove(folder)
-        os.replace(temp, folder)
-        tracker = self.root / f".{TRACKER}.tmp"
-        tracker.write_text(str(iteration))
-        os.replace(tracker, self.root / TRACKER)
-        _fsync_dir(self.root)
-        return self._retain(iteration)
-
-    def _retain(self, just_saved: int) -> list[str]:
-        """Rank 0: delete steps that keep_last / keep_every let go, and leftovers of failed saves."""
+    def _commit(self, iteration: int, began: float) -> None:
+        """Collective, once every rank's files are written."""
         ck = self.cfg.checkpoint
-        removed = []
-        for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and entry.name.startswith("iter_") and (
-                    entry.name.endswith(INCOMPLETE) or entry.name.endswith(DELETING)):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry.name)
-        if ck.keep_last:
-            steps = listing(self.root).complete
-            keep = set(steps[-ck.keep_last:]) | {just_saved}
-            keep |= {s for s in steps if ck.keep_every and s % ck.keep_every == 0}
-            for step in steps:
-                if step not in keep:
-                    _remove(step_dir(self.root, step))
-                    removed.append(f"iter_{step:07d}")
-        return removed
-
-    def _fail(self, iteration: int, error: str, temp: Path) -> None:
-        """Every rank: drop the incomplete folder, say what happened, stop."""
+        _finish(self.root, iteration, describe(self.cfg, self.layout, self.tokenizer, iteration),
+                ck.verify_integrity)
         self.pending = None
-        if _rank() == 0:
-            shutil.rmtree(temp, ignore_errors=True)
-        steps = listing(self.root).complete
-        earlier = ([s for s in steps if s != iteration] or [None])[-1]
-        intact = (f"the previous checkpoint, {step_dir(self.root, earlier)}, is intact"
-                  if earlier is not None else "no earlier checkpoint exists")
-        raise RunStopped(f"saving step {iteration} failed: {error}\n  Nothing of step "
-                         f"{iteration} was kept; {intact}. Fix the cause (free disk space, "
-                         f"permissions), then run the same command to resume.")
+        removed, error = _on_rank0(partial(_retain, self.root, ck.keep_last, ck.keep_every,
+                                           iteration))
+        note = f"; removed {', '.join(removed)}" if removed else ""
+        if error:
+            note = f"; warning: old checkpoints could not be removed ({error})"
+        self.say(f"saved {step_dir(self.root, iteration)} in "
+                 f"{time.perf_counter() - began:.1f} s{note}")
 
     def poll(self) -> None:
         """At a step boundary (collective): commit a background save whose writers finished."""
@@ -612,15 +506,166 @@ class Checkpoints:
     def _finalize(self, blocking: bool) -> None:
         if self.queue is None or self.pending is None:
             return
-        iteration, temp = self.pending
+        iteration = self.pending
         try:
-            finished = self.queue.maybe_finalize_async_calls(blocking=blocking)
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
         except RunStopped:
             raise
         except FAILURES as exc:  # a writer failed: dist_checkpointing raises it on every rank
-            self._fail(iteration, _text(exc), temp)
-        if finished:
             self.pending = None
+            _fail(self.root, iteration, _text(exc))
+
+
+# The steps of a save, shared by training (Checkpoints) and the converter (`save`).
+
+def _state(model: list, optimizer, scheduler, iteration: int, extra: dict) -> dict:
+    state = _model_state(model)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(_merged(state))
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state.update(extra)
+    return state
+
+
+def _temp_dir(root: Path, iteration: int) -> Path:
+    return root / f"iter_{iteration:07d}{INCOMPLETE}"
+
+
+def _start(root: Path, iteration: int, state: dict, background: bool, device: str):
+    """Collective: room for the step, a fresh temporary folder, then its files written (or, in
+    the background, their writers prepared: the returned request)."""
+    size = torch.tensor([_bytes_to_write(state)], dtype=torch.float64, device=device)
+    dist.all_reduce(size)
+    _, error = _on_rank0(partial(_prepare, _temp_dir(root, iteration), float(size.item())))
+    if error:
+        _fail(root, iteration, error)
+    request, error = None, None
+    try:
+        request = dist_checkpointing.save(state, str(_temp_dir(root, iteration)),
+                                          async_sharded_save=background, async_strategy="mcore")
+    except FAILURES as exc:
+        error = _text(exc)
+    error = _first_error(error)
+    if error:
+        _fail(root, iteration, error)
+    return request
+
+
+def _prepare(temp: Path, size: float) -> None:
+    """Rank 0, before anything is written: room for the step, and a clean temporary folder."""
+    root = temp.parent
+    root.mkdir(parents=True, exist_ok=True)
+    if temp.exists():
+        shutil.rmtree(temp)
+    free = shutil.disk_usage(root).free
+    needed = size * 1.05 + 16 * MIB
+    if free < needed:
+        raise OSError(f"not enough free disk space in {root}: the checkpoint needs about "
+                      f"{_size(needed)} and {_size(free)} are free")
+    temp.mkdir()
+
+
+def _finish(root: Path, iteration: int, descriptor: Optional[dict], verify: bool) -> None:
+    """Collective, once every rank's files are written: descriptor, manifest, then visible."""
+    temp = _temp_dir(root, iteration)
+    error = None
+    try:
+        faults.during_save(iteration, _rank())
+    except FAILURES as exc:
+        error = _text(exc)
+    error = _first_error(error)
+    if not error and descriptor is not None:
+        _, error = _on_rank0(lambda: _write_json(temp / DESCRIPTOR, descriptor))
+    if not error and verify:
+        try:
+            _write_manifest(temp)
+        except OSError as exc:
+            error = _text(exc)
+        error = _first_error(error)
+    if not error:
+        _, error = _on_rank0(partial(_publish, root, iteration, temp))
+    if error:
+        _fail(root, iteration, error)
+
+
+def _publish(root: Path, iteration: int, temp: Path) -> None:
+    """Rank 0: make the step visible (one rename), then move the pointer file."""
+    folder = step_dir(root, iteration)
+    if folder.exists():  # an older save of the same step (resume=never, load_step)
+        _remove(folder)
+    os.replace(temp, folder)
+    tracker = root / f".{TRACKER}.tmp"
+    tracker.write_text(str(iteration))
+    os.replace(tracker, root / TRACKER)
+    _fsync_dir(root)
+
+
+def _retain(root: Path, keep_last: Optional[int], keep_every: Optional[int],
+            just_saved: int) -> list[str]:
+    """Rank 0: delete steps that keep_last / keep_every let go, and leftovers of failed saves."""
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and entry.name.startswith("iter_") and (
+                entry.name.endswith(INCOMPLETE) or entry.name.endswith(DELETING)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if keep_last:
+        steps = listing(root).complete
+        keep = set(steps[-keep_last:]) | {just_saved}
+        keep |= {s for s in steps if keep_every and s % keep_every == 0}
+        for step in steps:
+            if step not in keep:
+                _remove(step_dir(root, step))
+                removed.append(f"iter_{step:07d}")
+    return removed
+
+
+def _fail(root: Path, iteration: int, error: str) -> NoReturn:
+    """Every rank: drop the incomplete folder, say what happened and what is left, stop."""
+    if _rank() == 0:
+        shutil.rmtree(_temp_dir(root, iteration), ignore_errors=True)
+    earlier = [s for s in listing(root).complete if s != iteration]
+    intact = (f"the previous checkpoint, {step_dir(root, earlier[-1])}, is intact" if earlier
+              else "no earlier checkpoint exists")
+    raise RunStopped(f"saving step {iteration} failed: {error}\n  Nothing of step {iteration} "
+                     f"was kept; {intact}. Fix the cause (free disk space, permissions), then "
+                     f"run the same command to resume.")
+
+
+def save(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
+         common: dict[str, Any]) -> Path:
+    """Write step `iteration` collectively, synchronously and atomically, with its manifest
+    (optimizer and scheduler may be None: the converter's weights-only steps). Training saves
+    through Checkpoints, which adds RNG states, the descriptor, retention and async writes."""
+    root = Path(root)
+    state = _state(model, optimizer, scheduler, iteration, common)
+    _start(root, iteration, state, False, "cuda" if torch.cuda.is_initialized() else "cpu")
+    _finish(root, iteration, None, verify=True)
+    return step_dir(root, iteration)
+
+
+def load(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
+         weights_only: bool = False, with_rng: bool = False) -> dict[str, Any]:
+    """Load step `iteration` into the given objects (collective); return the common state
+    (with this rank's `rng_state` when asked for: apply it with `rng.restore`)."""
+    state = _model_state(model)
+    if not weights_only:
+        state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True)
+    if with_rng:
+        state["rng_state"] = _rng_shard(None)
+    loaded = dist_checkpointing.load(state, str(step_dir(root, iteration)))
+    for key, chunk in zip(_keys(model), model):
+        unwrap(chunk).load_state_dict(loaded.pop(key), strict=True)
+    if not weights_only:
+        optimizer.load_state_dict(loaded.pop("optimizer"))
+        scheduler.load_state_dict(loaded.pop("scheduler"))
+    else:
+        loaded.pop("optimizer", None)
+        loaded.pop("scheduler", None)
+    dist.barrier()
+    return loaded
 
 
 def _step_of(name: str) -> int:

@@ -18,7 +18,7 @@ from megatron.core import parallel_state as ps
 
 from llmtrain import faults
 from llmtrain.config.schema import Config
-from llmtrain.launch import RunStopped
+from llmtrain.errors import RunStopped
 from llmtrain.megatron.checkpoint import unwrap
 
 
