@@ -344,7 +344,12 @@ class Checkpoints:
         ck = self.cfg.checkpoint
         load_dir = Path(ck.load) if ck.load else None
         if ck.resume == "never":
-            return Plan(notes=["checkpoint.resume=never: starting from fresh weights"])
+            note = "checkpoint.resume=never: starting from fresh weights"
+            existing = listing(self.root).complete if self.root else []
+            if existing:
+                note += (f"; {self.root} already holds steps {', '.join(map(str, existing))}, "
+                         f"which saves of the same step replace")
+            return Plan(notes=[note])
         if ck.load_step is not None:
             root = load_dir or self.root
             found = listing(root)
@@ -358,17 +363,19 @@ class Checkpoints:
                             error_code=2)
             return self._planned(root, ck.load_step, found,
                                  weights_only=ck.finetune and root == load_dir)
+        notes = []
         for root, weights_only in ((self.root, False), (load_dir, ck.finetune)):
             if root is None:
                 continue
             found = listing(root)
             if found.complete:
-                return self._planned(root, found.complete[-1], found, weights_only)
+                plan = self._planned(root, found.complete[-1], found, weights_only)
+                plan.notes[:0] = notes
+                return plan
             if found.incomplete:
-                return Plan(notes=[f"warning: {root} holds only incomplete checkpoints "
-                                   f"({', '.join(found.incomplete)}): starting from fresh "
-                                   f"weights"])
-        return Plan()
+                notes.append(f"warning: skipping {root}: it holds only incomplete checkpoints "
+                             f"({', '.join(found.incomplete)})")
+        return Plan(notes=notes)
 
     def _planned(self, root: Path, step: int, found: Listing, weights_only: bool) -> Plan:
         folder = step_dir(root, step)
