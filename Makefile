@@ -21,6 +21,10 @@ run: $(VENV)/.ready
 test: $(VENV)/.ready
 	$(RUN) -m pytest -q $(TEST_ARGS) tests
 
+# Throughput beside a bare Megatron-Core step and a transformers step (GPU): make bench ARGS="model=..."
+bench: $(VENV)/.ready
+	$(RUN) -m llmtrain.bench $(ARGS)
+
 test-all: $(VENV)/.ready
 	$(RUN) -m pytest -q tests
 

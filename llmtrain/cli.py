@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
 from llmtrain.config.validate import ConfigError, Machine, validate
@@ -23,7 +25,11 @@ def resolve(dcfg: DictConfig) -> Config:
     if missing:
         raise ConfigError([f"{key} must be set (it is ??? in its config group): add {key}=... "
                            f"to the command" for key in missing])
-    return OmegaConf.to_object(dcfg)
+    cfg = resolve_token_lengths(OmegaConf.to_object(dcfg))
+    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(["logging.wandb_project needs Weights & Biases: pip install wandb "
+                           "(or leave wandb_project unset; TensorBoard logging is always on)"])
+    return cfg
 
 
 def prepare(cfg: Config) -> None:

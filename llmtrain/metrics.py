@@ -47,6 +47,15 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(tensorboard_dir))
+        self.wandb = None
+        if enabled and cfg.logging.wandb_project:
+            import dataclasses
+
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project,
+                                    name=cfg.logging.wandb_exp_name or cfg.name,
+                                    dir=cfg.output_dir, config=dataclasses.asdict(cfg))
         self.started = time.monotonic()
         self.last: dict[str, float] = {}
 
@@ -67,9 +76,7 @@ class RunLog:
             "train/loss_scale": loss_scale,
         }
         self.last = {k: v for k, v in scalars.items() if v is not None}
-        if self.writer:
-            for key, value in self.last.items():
-                self.writer.add_scalar(key, value, iteration)
+        self._write(self.last, iteration)
         if iteration % self.cfg.logging.log_interval and iteration != self.cfg.stage.train_iters:
             return
         remaining = (self.cfg.stage.train_iters - iteration) * seconds
@@ -86,11 +93,16 @@ class RunLog:
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 50.0))
-        if self.writer:
-            self.writer.add_scalar("valid/loss", loss, iteration)
-            self.writer.add_scalar("valid/ppl", ppl, iteration)
+        self._write({"valid/loss": loss, "valid/ppl": ppl}, iteration)
         print(f"step {iteration:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}",
               flush=True)
+
+    def _write(self, scalars: dict[str, float], iteration: int) -> None:
+        if self.writer:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, iteration)
+        if self.wandb:
+            self.wandb.log(scalars, step=iteration)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -99,3 +111,5 @@ class RunLog:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -11,12 +11,13 @@ from llmtrain.config.validate import Machine
 
 
 def detect_machine() -> Machine:
-    """GPUs on this node and whether Transformer Engine is installed."""
+    """GPUs on this node, their compute capability, and whether Transformer Engine is installed."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     has_te = importlib.util.find_spec("transformer_engine") is not None
-    return Machine(gpus=gpus, has_transformer_engine=has_te)
+    capability = torch.cuda.get_device_capability(0) if gpus else None
+    return Machine(gpus=gpus, has_transformer_engine=has_te, gpu_capability=capability)
 
 
 def quiet_libraries() -> None:

@@ -20,7 +20,7 @@ from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.nonfinite import NonFiniteGuard
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
-from llmtrain.megatron.step import eval_step, train_step
+from llmtrain.megatron.step import eval_step, schedule_name, train_step
 from llmtrain.metrics import RunLog
 from llmtrain.preemption import Watcher
 from llmtrain.runtime import quiet_libraries, sync_device
@@ -82,8 +82,11 @@ def _train(cfg: Config, layout: Layout) -> dict:
                          micro_batch_size=stage.micro_batch_size, device=layout.device)
 
     log.message(f"training {cfg.model.name} for {stage.train_iters} steps on "
-                f"{layout.world_size} {layout.device} process(es); output in {cfg.output_dir}")
+                f"{layout.world_size} {layout.device} process(es), pipeline schedule "
+                f"{schedule_name()}; output in {cfg.output_dir}")
     losses: list[float] = []
+    lrs: list[float] = []
+    step_seconds: list[float] = []
     last_saved = start
     guard = NonFiniteGuard(cfg, model, layout.device, log.message)
     watcher = Watcher(cfg.checkpoint.exit_signal_handler, layout.device)
@@ -96,6 +99,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
                             guard=partial(guard, iteration))
         sync_device(layout.device)
         seconds = time.perf_counter() - began
+        step_seconds.append(seconds)
+        lrs.append(lr)
         if result.loss is not None:
             losses.append(result.loss)
         scale = optimizer.get_loss_scale().item() if cfg.precision.fp16 else None
@@ -126,7 +131,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     if log.enabled:
         summary = {"final_loss": losses[-1] if losses else None, "first_loss":
                    losses[0] if losses else None, "steps": stage.train_iters,
-                   "start_step": start, "losses": losses, **log.last,
+                   "start_step": start, "losses": losses, "lrs": lrs, "step_seconds": step_seconds,
+                   "tokens_per_step": log.tokens_per_step, "world_size": layout.world_size,
+                   "flops_per_token": log.flops_per_token, "peak_tflops": log.peak, **log.last,
                    "preempted_after_step": preempted[0] if preempted else None}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))

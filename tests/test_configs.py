@@ -85,6 +85,8 @@ def test_validation_reports_every_problem_at_once():
         "model tiny has 4 KV groups (num_query_groups), which tensor parallel size 8 does not "
         "divide: choose a TP that divides it",
         "data.seq_length=100 must be divisible by 2 x context parallel size = 6",
+        "parallel.context_parallel_size > 1 needs Transformer Engine's attention (a GPU with "
+        "llmtrain[gpu] installed)",
         "parallel.sequence_parallel=true needs Transformer Engine's layers (a GPU with "
         "llmtrain[gpu] installed); leave it unset to choose automatically",
         "stage.global_batch_size=6 is not divisible by micro_batch_size 4 x data parallel size "

@@ -1,4 +1,5 @@
-"""The same tiny model and seed under TP, PP, TP x PP and DP gives the losses of one process.
+"""The same tiny model and seed under TP, PP, TP x PP, DP, VPP and activation recomputation
+gives the losses of one process.
 
 Weights are drawn per parameter from its global name (llmtrain.megatron.init), so every layout
 starts from the same model, and samples are assigned per global step, so every layout sees the
@@ -29,9 +30,14 @@ def reference(tmp_path_factory):
     ["parallel=tp1pp2"],
     ["parallel=tp2pp2"],
     ["parallel=tp1pp1", "parallel.data_parallel_size=2"],
+    ["parallel=tp1pp2", "parallel.virtual_pipeline_model_parallel_size=2"],
+    ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
+     "parallel.recompute_num_layers=1"],
 ], ids=lambda args: " ".join(args))
 def test_layout_matches_one_process(layout, reference, tmp_path):
-    run_llmtrain(*FAST, *STEPS, *layout, f"hydra.run.dir={tmp_path}")
+    out = run_llmtrain(*FAST, *STEPS, *layout, f"hydra.run.dir={tmp_path}").stdout
+    if "parallel.virtual_pipeline_model_parallel_size=2" in layout:
+        assert "pipeline schedule forward_backward_pipelining_with_interleaving" in out
     losses = summary(tmp_path)["losses"]
     assert len(losses) == len(reference) == 6
     assert losses == pytest.approx(reference, rel=1e-5)

@@ -124,8 +124,8 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     grad_bytes = 4 if prec.grad_reduce_in_fp32 or not half else 2
     # Adam: fp32 master copy (mixed precision only) + two moments.
     optim_bytes = (4 if half else 0) + (8 if cfg.optim.optimizer == "adam" else 4)
-    if cfg.parallel.use_distributed_optimizer:
-        optim_bytes /= layout.data_parallel_size
+    if cfg.parallel.use_distributed_optimizer:  # sharded over the data-parallel (x CP) ranks
+        optim_bytes /= layout.data_parallel_size * layout.context_parallel_size
     # Activations per layer and micro-batch with flash attention (Korthikanti et al.):
     # s b h (10 + 24 / TP) bytes, or 34 s b h / TP with sequence parallel; the first stage
     # holds up to PP micro-batches in flight under 1F1B.
@@ -166,6 +166,9 @@ def describe(cfg: Config, layout: Layout) -> str:
         f"batch        global {cfg.stage.global_batch_size} x seq {cfg.data.seq_length} = "
         f"{tokens:,} tokens/step; micro {cfg.stage.micro_batch_size}, "
         f"{layout.num_microbatches} micro-batches per step",
+        f"schedule     {cfg.stage.train_iters:,} steps = {cfg.stage.train_iters * tokens / 1e9:.3g} B "
+        f"tokens; lr {cfg.optim.lr:g}, {cfg.optim.lr_warmup_iters:,} warm-up steps, "
+        f"{cfg.optim.lr_decay_style} decay to {cfg.optim.min_lr:g}",
         f"compute      {fpt / 1e9:.2f} GFLOP/token, {fpt * tokens / 1e12:.1f} TFLOP/step",
         f"{'memory/' + unit:<13} weights {memory.weights:.2f} GiB + gradients {memory.gradients:.2f} "
         f"+ optimizer {memory.optimizer:.2f} + activations {memory.activations:.2f} "

@@ -51,6 +51,14 @@ class ModelConfig:
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None
+    # Always-on shared expert beside the routed ones (Qwen MoE), and its sigmoid gate.
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    moe_aux_loss_coeff: float = 0.01
+    # Softmax over all experts before the top-k choice, weights not renormalised (Qwen MoE);
+    # false: softmax over the k chosen logits (Mixtral).
+    moe_router_pre_softmax: bool = False
 
 
 @dataclass
@@ -70,6 +78,19 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # MoE token routing between expert-parallel ranks (None: alltoall on GPU, allgather on CPU).
+    moe_token_dispatcher_type: Optional[str] = None
+    # Memory for compute: activation recomputation (selective: attention core only; full:
+    # whole layers, `recompute_num_layers` of them per stage by `recompute_method`).
+    recompute_granularity: Optional[str] = None  # selective | full
+    recompute_method: Optional[str] = None  # uniform | block
+    recompute_num_layers: Optional[int] = None
+    # Activations of the first `cpu_offloading_num_layers` layers kept in host memory (GPU).
+    cpu_offloading: bool = False
+    cpu_offloading_num_layers: int = 0
+    # Optimizer state and step on the CPU (with the distributed optimizer).
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = 1.0
 
 
 @dataclass
@@ -89,6 +110,9 @@ class PrecisionConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     grad_reduce_in_fp32: bool = True
+    # Weight gradients accumulated by the GEMM straight into the fp32 gradient buffer
+    # (Transformer Engine layers; None: on wherever they run).
+    gradient_accumulation_fusion: Optional[bool] = None
 
 
 @dataclass
@@ -119,7 +143,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # Where the index caches of GPTDataset go (None: next to the run's output).
     data_cache_path: Optional[str] = None
-    num_workers: int = 0
+    # DataLoader worker processes (None: 2 on GPU, none on CPU).
+    num_workers: Optional[int] = None
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
@@ -132,7 +157,9 @@ class StageConfig:
     name: str = "pretrain"
     micro_batch_size: int = 4
     global_batch_size: int = 16
-    train_iters: int = 100
+    # Length of the run: iterations, or tokens (then train_iters = tokens / (global batch x seq)).
+    train_iters: Optional[int] = 100
+    train_tokens: Optional[int] = None
     # Evaluation on the validation split every eval_interval steps (0: never).
     eval_interval: int = 0
     eval_iters: int = 4
@@ -156,8 +183,13 @@ class OptimConfig:
     lr_warmup_iters: int = 0
     # None: decay over the whole run.
     lr_decay_iters: Optional[int] = None
+    # WSD: length of the final decay (after the stable phase) and its shape.
     lr_wsd_decay_iters: Optional[int] = None
     lr_wsd_decay_style: str = "linear"
+    # The same lengths in tokens (Pai-Megatron-Patch's WARMUP_TOKENS...): they set the *_iters.
+    lr_warmup_tokens: Optional[int] = None
+    lr_decay_tokens: Optional[int] = None
+    lr_wsd_decay_tokens: Optional[int] = None
     # A NaN or infinite loss or gradient (checked before the weight update, on every rank):
     # stop the run, or skip the step (no update), as Megatron-LM's --check-for-nan-in-loss-and-grad.
     check_for_nan_in_loss_and_grad: bool = True
@@ -204,6 +236,9 @@ class LoggingConfig:
     tensorboard: bool = True
     # Relative paths are inside the run's output folder.
     tensorboard_dir: str = "tensorboard"
+    # Weights & Biases (needs `pip install wandb`): on when a project is named.
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 from llmtrain.config.changes import unknown_entries
 from llmtrain.config.schema import Config
@@ -23,6 +24,9 @@ CHOICES = {
     "optim.optimizer": ("adam", "sgd"),
     "optim.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "optim.lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
+    "parallel.recompute_granularity": (None, "selective", "full"),
+    "parallel.recompute_method": (None, "uniform", "block"),
+    "parallel.moe_token_dispatcher_type": (None, "alltoall", "allgather"),
     "device": (None, "cpu", "cuda"),
     "checkpoint.resume": ("auto", "never"),
     "optim.on_nonfinite": ("stop", "skip"),
@@ -49,6 +53,8 @@ class Machine:
 
     gpus: int = 0
     has_transformer_engine: bool = False
+    # CUDA compute capability of the GPUs, e.g. (9, 0) for Hopper.
+    gpu_capability: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,46 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if prec.fp8 is not None and not use_te:
         problems.append("precision=fp8 needs NVIDIA Transformer Engine and a GPU; "
                         "install llmtrain[gpu] on a GPU machine or use precision=bf16")
+    # FP8 recipes by GPU generation: per-tensor scaling from Ada/Hopper (8.9), block scaling
+    # from Hopper (9.0), MXFP8 from Blackwell (10.0).
+    fp8_needs = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
+    if (prec.fp8 is not None and use_te and machine.gpu_capability is not None
+            and machine.gpu_capability < fp8_needs.get(prec.fp8_recipe, (0, 0))):
+        need = fp8_needs[prec.fp8_recipe]
+        problems.append(f"precision.fp8_recipe={prec.fp8_recipe} needs a GPU of compute "
+                        f"capability {need[0]}.{need[1]} or newer; this one is "
+                        f"{machine.gpu_capability[0]}.{machine.gpu_capability[1]}: use "
+                        f"fp8_recipe=delayed or tensorwise")
+    if cp > 1 and not use_te:
+        problems.append("parallel.context_parallel_size > 1 needs Transformer Engine's attention "
+                        "(a GPU with llmtrain[gpu] installed)")
+    if par.recompute_granularity == "full" and not (par.recompute_method and
+                                                   par.recompute_num_layers):
+        problems.append("parallel.recompute_granularity=full needs recompute_method (uniform or "
+                        "block) and recompute_num_layers")
+    if par.recompute_granularity != "full" and (par.recompute_method or
+                                                par.recompute_num_layers):
+        problems.append("parallel.recompute_method/recompute_num_layers apply only to "
+                        "recompute_granularity=full")
+    if par.cpu_offloading:
+        if not use_te:
+            problems.append("parallel.cpu_offloading needs Transformer Engine on a GPU")
+        if pp > 1:
+            problems.append("parallel.cpu_offloading does not work with pipeline parallelism")
+        if par.recompute_granularity is not None:
+            problems.append("parallel.cpu_offloading and activation recomputation exclude each "
+                            "other: choose one")
+        if not 0 < par.cpu_offloading_num_layers < m.num_layers:
+            problems.append(f"parallel.cpu_offloading_num_layers must be between 1 and "
+                            f"{m.num_layers - 1} (the model has {m.num_layers} layers)")
+    if prec.gradient_accumulation_fusion and not use_te:
+        problems.append("precision.gradient_accumulation_fusion=true needs Transformer Engine's "
+                        "layers (a GPU with llmtrain[gpu] installed)")
+    if par.use_distributed_optimizer and device == "cpu" and not (prec.bf16 or prec.fp16):
+        problems.append("parallel.use_distributed_optimizer=true on CPU needs precision=bf16 or "
+                        "fp16 (Megatron-Core's fp32 distributed optimizer cannot resume there)")
+    if par.optimizer_cpu_offload and not par.use_distributed_optimizer:
+        problems.append("parallel.optimizer_cpu_offload needs use_distributed_optimizer=true")
     if device == "cpu" and (par.overlap_grad_reduce or par.overlap_param_gather):
         problems.append("parallel.overlap_grad_reduce/overlap_param_gather need CUDA streams; "
                         "turn them off on CPU")
@@ -196,9 +242,6 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                             f"TP x PP x CP x DP")
     if ep > 1 and (dp * cp) % ep:
         problems.append(f"expert parallel size {ep} must divide DP x CP = {dp * cp}")
-    if par.use_distributed_optimizer and device == "cpu":
-        problems.append("parallel.use_distributed_optimizer=true needs GPUs (gloo has no "
-                        "reduce-scatter); turn it off on CPU")
 
     # Batch and schedule.
     mbs, gbs = stage.micro_batch_size, stage.global_batch_size
@@ -213,13 +256,14 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         if vpp and num_microbatches % pp:
             problems.append(f"the interleaved pipeline schedule needs the number of micro-batches "
                             f"({num_microbatches}) to be a multiple of PP {pp}")
-    if stage.train_iters < 1:
-        problems.append(f"stage.train_iters={stage.train_iters} must be at least 1")
+    if stage.train_iters is None or stage.train_iters < 1:
+        problems.append(f"stage.train_iters={stage.train_iters} must be at least 1 (or set "
+                        f"stage.train_tokens)")
     if data.seq_length < 1:
         problems.append(f"data.seq_length={data.seq_length} must be at least 1")
     if optim.min_lr > optim.lr:
         problems.append(f"optim.min_lr={optim.min_lr} is above optim.lr={optim.lr}")
-    decay_iters = optim.lr_decay_iters or stage.train_iters
+    decay_iters = optim.lr_decay_iters or stage.train_iters or 0
     if optim.lr_warmup_iters >= max(decay_iters, 1) and optim.lr_decay_style != "constant":
         problems.append(f"optim.lr_warmup_iters={optim.lr_warmup_iters} must be below the "
                         f"decay length ({decay_iters} iterations)")

@@ -35,10 +35,11 @@ from typing import Any, Callable, NoReturn, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 from megatron.core.dist_checkpointing.validation import INTEGRITY_FNAME
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+from torch.distributed.checkpoint.api import CheckpointException
 
 from llmtrain import __version__, faults
 from llmtrain.config import changes
@@ -57,6 +58,12 @@ _RNG_LAYOUT = ("device", "tensor_model_parallel_size", "pipeline_model_parallel_
                "virtual_pipeline_model_parallel_size", "context_parallel_size",
                "expert_model_parallel_size", "data_parallel_size")
 MIB = 1 << 20
+# How the distributed optimizer lays out its state. "fully_reshardable" loads under any other
+# TP/PP/DP layout (Megatron gathers each parameter's state once when saving); Megatron-Core
+# 0.19.2 cannot load it back into torch's own Adam (no Transformer Engine or Apex: the CPU), where
+# "dp_reshardable" is used, which allows changes of the data-parallel size only.
+CONTENT_METADATA = {"distrib_optim_sharding_type":
+                    "fully_reshardable" if HAVE_APEX_OR_TE else "dp_reshardable"}
 
 
 def step_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -528,7 +535,8 @@ class Checkpoints:
 def _state(model: list, optimizer, scheduler, iteration: int, extra: dict) -> dict:
     state = _model_state(model)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(_merged(state))
+        state["optimizer"] = optimizer.sharded_state_dict(_merged(state),
+                                                          metadata=CONTENT_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
@@ -551,7 +559,8 @@ def _start(root: Path, iteration: int, state: dict, background: bool, device: st
     request, error = None, None
     try:
         request = dist_checkpointing.save(state, str(_temp_dir(root, iteration)),
-                                          async_sharded_save=background, async_strategy="mcore")
+                                          async_sharded_save=background, async_strategy="mcore",
+                                          content_metadata=CONTENT_METADATA)
     except FAILURES as exc:
         error = _text(exc)
     error = _first_error(error)
@@ -641,6 +650,15 @@ def _fail(root: Path, iteration: int, error: str) -> NoReturn:
                      f"run the same command to resume.")
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state at its first step, but Megatron's distributed optimizer
+    reads that state (its step count) to build what it loads into: take one step of zero
+    gradients first. Whatever it changes is overwritten by the load."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
 def save(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
          common: dict[str, Any]) -> Path:
     """Write step `iteration` collectively, synchronously and atomically, with its manifest
@@ -657,12 +675,16 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
          weights_only: bool = False, with_rng: bool = False) -> dict[str, Any]:
     """Load step `iteration` into the given objects (collective); return the common state
     (with this rank's `rng_state` when asked for: apply it with `rng.restore`)."""
+    source = step_dir(root, iteration)
     state = _model_state(model)
     if not weights_only:
-        state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True)
+        _materialize_optimizer_state(optimizer)
+        metadata = dist_checkpointing.load_content_metadata(str(source)) or CONTENT_METADATA
+        state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True,
+                                                          metadata=metadata)
     if with_rng:
         state["rng_state"] = _rng_shard(None)
-    loaded = dist_checkpointing.load(state, str(step_dir(root, iteration)))
+    loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_keys(model), model):
         unwrap(chunk).load_state_dict(loaded.pop(key), strict=True)
     if not weights_only:

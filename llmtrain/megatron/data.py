@@ -101,7 +101,10 @@ def batches(dataset, cfg: Config, layout: Layout, dp_rank: int, start_sample: in
         return None
     sampler = StepSampler(len(dataset), start_sample, cfg.stage.micro_batch_size,
                           cfg.stage.global_batch_size, dp_rank, layout.data_parallel_size)
+    workers = cfg.data.num_workers
+    if workers is None:
+        workers = 2 if layout.device == "cuda" else 0
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=layout.device == "cuda", persistent_workers=cfg.data.num_workers > 0)
+        dataset, batch_sampler=sampler, num_workers=workers,
+        pin_memory=layout.device == "cuda", persistent_workers=workers > 0)
     return iter(loader)

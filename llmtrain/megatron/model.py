@@ -39,7 +39,7 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
     """Megatron's TransformerConfig for this run: architecture, layout, precision and fusions."""
-    m, prec = cfg.model, cfg.precision
+    m, par, prec = cfg.model, cfg.parallel, cfg.precision
     activation, gated = ACTIVATIONS[m.activation]
     cuda = layout.device == "cuda"
     dtype = params_dtype(cfg)
@@ -62,6 +62,12 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         num_moe_experts=m.num_moe_experts,
         moe_router_topk=m.moe_router_topk,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=m.moe_shared_expert_gate,
+        moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_grouped_gemm=bool(m.num_moe_experts) and layout.use_transformer_engine,
         # Layout.
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
@@ -70,6 +76,18 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         expert_model_parallel_size=layout.expert_model_parallel_size,
         sequence_parallel=layout.sequence_parallel,
         pipeline_dtype=dtype,
+        # Pipeline sends and receives one by one (Megatron-LM's default; Megatron-Core's is
+        # batched): a batch matches the messages between two ranks in issue order, which swaps
+        # activations and gradients with PP = 2 and VPP (seen with gloo and with NCCL).
+        batch_p2p_comm=False,
+        moe_token_dispatcher_type=par.moe_token_dispatcher_type or (
+            "alltoall" if cuda else "allgather"),
+        # Memory.
+        recompute_granularity=par.recompute_granularity,
+        recompute_method=par.recompute_method,
+        recompute_num_layers=par.recompute_num_layers,
+        cpu_offloading=par.cpu_offloading,
+        cpu_offloading_num_layers=par.cpu_offloading_num_layers,
         # Precision.
         params_dtype=dtype,
         bf16=prec.bf16,
@@ -84,7 +102,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         # Fused kernels exist only on the GPU.
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=cuda,
-        bias_activation_fusion=cuda and m.add_bias_linear,
+        bias_activation_fusion=cuda and (m.add_bias_linear or m.activation == "swiglu"),
         masked_softmax_fusion=cuda,
         apply_rope_fusion=cuda and layout.use_transformer_engine,
         persist_layer_norm=cuda,
@@ -97,7 +115,8 @@ def layer_spec(cfg: Config, layout: Layout):
     """Transformer Engine's fused layers on a GPU that has it, Megatron's local layers otherwise."""
     m = cfg.model
     if layout.use_transformer_engine:
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=m.num_moe_experts)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts))
     return get_gpt_layer_local_spec(num_experts=m.num_moe_experts, normalization=m.normalization)
 
 
@@ -129,4 +148,23 @@ def build_model(cfg: Config, layout: Layout) -> list[GPTModel]:
         if layout.device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
+    if wgrad_accumulation_fusion(cfg, layout):
+        for chunk in chunks:
+            fuse_wgrad_accumulation(chunk)
     return chunks
+
+
+def wgrad_accumulation_fusion(cfg: Config, layout: Layout) -> bool:
+    setting = cfg.precision.gradient_accumulation_fusion
+    return layout.use_transformer_engine if setting is None else setting
+
+
+def fuse_wgrad_accumulation(chunk: torch.nn.Module) -> None:
+    """Let Transformer Engine's layers accumulate weight gradients into the DDP buffer.
+
+    Megatron's switch for this (gradient_accumulation_fusion) also covers the output layer,
+    a plain Megatron layer that needs Apex's kernel for it; the Transformer Engine layers need
+    nothing more, so they are switched on one by one and the output layer keeps its own path."""
+    for module in chunk.modules():
+        if hasattr(module, "fuse_wgrad_accumulation"):
+            module.fuse_wgrad_accumulation = True

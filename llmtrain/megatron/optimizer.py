@@ -72,8 +72,14 @@ def build_optimizer(cfg: Config, model: list[DistributedDataParallel]):
         hysteresis=prec.hysteresis,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        optimizer_cpu_offload=cfg.parallel.optimizer_cpu_offload,
+        optimizer_offload_fraction=cfg.parallel.optimizer_offload_fraction,
     )
-    return get_megatron_optimizer(config, model)
+    optimizer = get_megatron_optimizer(config, model)
+    # The schedule multiplies each micro-batch loss by the current loss scale before backward
+    # (fp16); the optimizer divides the gradients back before the update.
+    model[0].config.grad_scale_func = optimizer.scale_loss
+    return optimizer
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 
 @dataclass
@@ -30,6 +31,11 @@ def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _forward(device: str, data_iterator, model):
     batch = next(data_iterator)
+    if ps.get_context_parallel_world_size() > 1:
+        # Each context-parallel rank keeps two of 2 x CP sequence chunks (zigzag, load-balanced).
+        batch = get_batch_on_this_cp_rank(
+            {k: v for k, v in batch.items() if k != "attention_mask"}, is_hybrid_cp=False,
+            cp_group=ps.get_context_parallel_group())
     move = partial(torch.Tensor.to, device=device, non_blocking=True)
     tokens, labels = move(batch["tokens"]), move(batch["labels"])
     position_ids, loss_mask = move(batch["position_ids"]), move(batch["loss_mask"])
@@ -48,6 +54,11 @@ def _reduce_losses(reports: list[dict]) -> tuple[float | None, int]:
     torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     loss_sum, tokens = total.tolist()
     return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def schedule_name() -> str:
+    """Megatron's schedule for this layout: no pipelining, 1F1B, or interleaved 1F1B (VPP)."""
+    return get_forward_backward_func().__name__
 
 
 def run_schedule(model: list, iterators: list, num_microbatches: int, seq_length: int,

@@ -1,0 +1,85 @@
+"""Each training knob does what it claims, checked on tiny CPU runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, ROOT, compose_config, run_llmtrain, summary
+from llmtrain.cli import resolve
+from llmtrain.config.schedule import resolve_token_lengths
+
+NO_SAVE = ["checkpoint.save=null"]
+
+
+def saved_activation_bytes(*overrides: str) -> int:
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "activation_memory.py"), "data.seq_length=128",
+         "stage.micro_batch_size=2", *overrides],
+        capture_output=True, text=True, cwd=ROOT, check=True, env={"PYTHONPATH": str(ROOT)})
+    return json.loads(process.stdout.strip().splitlines()[-1])["saved_bytes"]
+
+
+def test_recompute_lowers_the_activations_kept_for_backward():
+    plain = saved_activation_bytes()
+    selective = saved_activation_bytes("parallel.recompute_granularity=selective")
+    full = saved_activation_bytes("parallel.recompute_granularity=full",
+                                  "parallel.recompute_method=uniform",
+                                  "parallel.recompute_num_layers=1")
+    # Selective recomputes the attention core; full keeps only each layer's input.
+    assert full < selective < plain
+    assert full < plain / 3
+
+
+def test_wsd_schedule_has_warmup_stable_and_decay(tmp_path):
+    run_llmtrain(*FAST, *NO_SAVE, "stage.train_iters=12", "optim.lr=1e-3", "optim.min_lr=1e-4",
+                 "optim.lr_warmup_iters=2", "optim.lr_decay_style=WSD",
+                 "optim.lr_wsd_decay_iters=4", f"hydra.run.dir={tmp_path}")
+    lrs = summary(tmp_path)["lrs"]
+    # Step k uses the rate of scheduler step k-1: warm-up over steps 0..2, stable up to step 8,
+    # then linear decay that would reach min_lr at step 12 (one past the run's last step).
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert lrs[3:9] == pytest.approx([1e-3] * 6)
+    assert lrs[9:] == pytest.approx([1e-3 - 0.9e-3 * k / 4 for k in (1, 2, 3)])
+
+
+def test_token_counts_set_the_iterations():
+    cfg = resolve(compose_config("data.seq_length=128", "stage.global_batch_size=8",
+                                 "stage.train_tokens=102400", "optim.lr_warmup_tokens=10240",
+                                 typed=False))
+    # 1024 tokens per step.
+    assert (cfg.stage.train_iters, cfg.optim.lr_warmup_iters) == (100, 10)
+    assert resolve_token_lengths(cfg) == cfg
+
+
+def test_fp16_loss_scaling_recovers_from_overflow(tmp_path):
+    """A loss scale of 2^16 overflows these fp16 gradients: the step is skipped and the scale
+    halves until the gradients fit, then the weights update again."""
+    out = run_llmtrain("data.seq_length=32", "stage.micro_batch_size=1",
+                       "stage.global_batch_size=1", "stage.eval_interval=0", *NO_SAVE,
+                       "precision=fp16", "precision.initial_loss_scale=65536",
+                       "precision.hysteresis=1", "optim.lr=1e-3", "optim.lr_warmup_iters=0",
+                       "optim.lr_decay_style=constant", "stage.train_iters=10",
+                       f"hydra.run.dir={tmp_path}").stdout
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    skipped = [line.endswith("| skipped") for line in steps]
+    scales = [int(line.split("loss scale ")[1].split()[0]) for line in steps]
+    assert skipped[0], "the first step must overflow at a scale of 2^16"
+    for index, was_skipped in enumerate(skipped):
+        before = 65536 if index == 0 else scales[index - 1]
+        if was_skipped:
+            assert scales[index] == before // 2
+    assert skipped.count(False) >= 3, "after backing off, most steps must update the weights"
+    assert all("grad norm" in line for line, s in zip(steps, skipped) if not s)
+
+
+def test_expert_parallel_matches_one_process(tmp_path):
+    args = [*FAST, *NO_SAVE, "model=tiny_moe", "stage.train_iters=3"]
+    run_llmtrain(*args, f"hydra.run.dir={tmp_path / 'ep1'}")
+    run_llmtrain(*args, "parallel.expert_model_parallel_size=2",
+                 "parallel.data_parallel_size=2", f"hydra.run.dir={tmp_path / 'ep2'}")
+    assert summary(tmp_path / "ep2")["losses"] == pytest.approx(
+        summary(tmp_path / "ep1")["losses"], rel=1e-5)
