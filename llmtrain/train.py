@@ -49,6 +49,8 @@ def train(cfg: Config, layout: Layout) -> dict:
 
 
 def _train(cfg: Config, layout: Layout) -> dict:
+    # From here on SIGTERM/SIGUSR1 only set a flag: the run stops at a step boundary and saves.
+    watcher = Watcher(cfg.checkpoint.exit_signal_handler, layout.device)
     stage = cfg.stage
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -89,7 +91,6 @@ def _train(cfg: Config, layout: Layout) -> dict:
     step_seconds: list[float] = []
     last_saved = start
     guard = NonFiniteGuard(cfg, model, layout.device, log.message)
-    watcher = Watcher(cfg.checkpoint.exit_signal_handler, layout.device)
     preempted = None
     restored.restore_rng()  # after the data loaders drew their seeds: the streams go on exactly
     for iteration in range(start + 1, stage.train_iters + 1):
