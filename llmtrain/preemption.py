@@ -5,19 +5,15 @@ A signal handler only sets a flag: it may run in the middle of a collective, whe
 is safe. At each step boundary every rank all-reduces its flag (MAX), so all ranks stop after the
 same step even when the signal reached them at different moments, or only some of them.
 
-In a multi-process run the launcher process gets the signal too: `forward_to_workers` keeps it
-alive, passes the signal on to the workers and lets it wait for them (torch elastic's own handler
-would tear them down after 30 seconds instead).
+In a multi-process run the launcher process records the signals, passes them on to its workers
+and waits for them (llmtrain.launch.local.PreemptionNotice).
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import os
 import signal
 import threading
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -55,37 +51,3 @@ class Watcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-
-
-class Forwarded:
-    """What the launcher process received while its workers ran."""
-
-    received: Optional[int] = None
-
-
-@contextlib.contextmanager
-def forward_to_workers() -> Iterator[Forwarded]:
-    """In the launcher process, around torch elastic: SIGTERM and SIGUSR1 go on to the worker
-    processes, which save and exit with REQUEUE_EXIT_CODE; the launcher waits for them."""
-    forwarded = Forwarded()
-
-    def forward(signum, frame):
-        forwarded.received = forwarded.received or signum
-        for child in multiprocessing.active_children():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signum)
-
-    key = "TORCHELASTIC_SIGNALS_TO_HANDLE"
-    saved_env = os.environ.get(key)
-    # Torch elastic turns SIGTERM into an exception that kills the workers; leave SIGTERM to us.
-    os.environ[key] = "SIGINT,SIGHUP,SIGQUIT"
-    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
-    try:
-        yield forwarded
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if saved_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved_env

@@ -61,11 +61,13 @@ def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
     mlp = h * ffn * gated + ffn * h + (ffn * gated + h) * bias
     if m.num_moe_experts:
         mlp = mlp * m.num_moe_experts + h * m.num_moe_experts
+    # Falcon's parallel layers share one norm between attention and MLP unless told otherwise.
+    layer_norms = 1 if m.parallel_attention_mlp and not m.parallel_mlp_layernorm else 2
     return ParamCounts(
-        embedding=padded_vocab * h,
+        embedding=padded_vocab * h + (norm if m.embedding_layernorm else 0),
         position=m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute"
         else 0,
-        per_layer=attention + mlp + 2 * norm,
+        per_layer=attention + mlp + layer_norms * norm,
         final_norm=norm,
         output=0 if m.share_embeddings_and_output_weights else padded_vocab * h,
         num_layers=m.num_layers,

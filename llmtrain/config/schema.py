@@ -8,7 +8,7 @@ Megatron-LM's arguments where the meaning is the same, so that its users recogni
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -34,16 +34,28 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
     layernorm_epsilon: float = 1e-5
-    activation: str = "swiglu"  # swiglu | gelu | gelu_tanh
+    activation: str = "swiglu"  # swiglu | gelu | gelu_tanh | relu
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     position_embedding_type: str = "rope"  # rope | learned_absolute | alibi | none
+    # Bloom: a LayerNorm right after the word embeddings.
+    embedding_layernorm: bool = False
+    # Falcon: attention and MLP both read the layer's input and add to the residual together.
+    parallel_attention_mlp: bool = False
+    # Falcon 40B/180B: in a parallel layer the MLP has its own LayerNorm (else it shares the
+    # attention's).
+    parallel_mlp_layernorm: bool = False
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    # GLM-4: RoPE rotates interleaved channel pairs (GPT-J style) instead of the two halves.
+    rotary_interleaved: bool = False
     # Llama 3.1 RoPE frequency scaling.
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     share_embeddings_and_output_weights: bool = False
+    # Sliding-window attention (Mistral 7B v0.1): each token sees [left, right] tokens around it;
+    # None: the whole causal context.
+    window_size: Optional[list[int]] = None
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -242,11 +254,43 @@ class LoggingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """What `launcher=slurm` asks sbatch for (see docs/launchers.md)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    # Wall-clock limit in Slurm's formats: minutes, HH:MM:SS or D-HH:MM:SS.
+    time: str = "01:00:00"
+    gpus_per_node: int = 8
+    # None: Slurm's default; with `exclusive` the job owns whole nodes.
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    exclusive: bool = True
+    # Any other sbatch option, by its long name: {qos: high, constraint: h100, reservation: x}.
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    # Shell lines run before the job starts (module load ..., source .venv/bin/activate).
+    setup: list[str] = field(default_factory=list)
+    # Run each node inside this container image (Pyxis/enroot: srun --container-image).
+    container_image: Optional[str] = None
+    container_mounts: Optional[str] = None
+    # The interpreter on the nodes; None: this one, or `python` inside container_image.
+    python: Optional[str] = None
+    # Preemption: Slurm sends SIGUSR1 this long before the time limit; the workers save and
+    # the job requeues itself and resumes from its latest checkpoint.
+    signal_delay_s: int = 90
+    requeue: bool = True
+    # Block until the job ends and print its summary (else submit and return).
+    wait: bool = False
+
+
+@dataclass
 class LauncherConfig:
     """How worker processes are started."""
 
     name: str = "local"
     nnodes: int = 1
+    # This node's place among nnodes (set by launcher=env/dlc from RANK, by Slurm itself).
+    node_rank: int = 0
     # None: one per GPU on a GPU machine; on CPU, as many as the parallel layout needs.
     nproc_per_node: Optional[int] = None
     master_addr: str = "127.0.0.1"
@@ -254,6 +298,7 @@ class LauncherConfig:
     master_port: Optional[int] = None
     # Environment applied to every worker (NCCL settings and the like).
     env: dict[str, str] = field(default_factory=dict)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass

@@ -15,8 +15,8 @@ from llmtrain.config.schema import Config
 
 CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
-    "model.activation": ("swiglu", "gelu", "gelu_tanh"),
-    "model.position_embedding_type": ("rope", "learned_absolute", "none"),
+    "model.activation": ("swiglu", "gelu", "gelu_tanh", "relu"),
+    "model.position_embedding_type": ("rope", "learned_absolute", "alibi", "none"),
     "precision.fp8": (None, "e4m3", "hybrid"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
     "data.kind": ("corpus", "indexed", "mock"),
@@ -129,6 +129,11 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         problems.append(f"model.hidden_size={m.hidden_size} is not a multiple of "
                         f"num_attention_heads={m.num_attention_heads}: set model.kv_channels")
+    if m.window_size is not None and (len(m.window_size) != 2 or min(m.window_size) < 0):
+        problems.append(f"model.window_size={list(m.window_size)} must be [left, right], two "
+                        f"token counts of at least 0 (Megatron's --window-size)")
+    if m.parallel_mlp_layernorm and not m.parallel_attention_mlp:
+        problems.append("model.parallel_mlp_layernorm=true needs model.parallel_attention_mlp=true")
     if m.ffn_hidden_size % tp:
         problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
                         f"tensor parallel size {tp}")

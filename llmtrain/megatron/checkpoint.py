@@ -37,7 +37,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
-from megatron.core.dist_checkpointing.validation import INTEGRITY_FNAME
+from megatron.core.dist_checkpointing.validation import (INTEGRITY_FNAME,
+                                                        StrictHandling)
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -671,22 +672,46 @@ def save(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
     return step_dir(root, iteration)
 
 
+def has_training_state(source: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder holds optimizer and schedule state (converted ones do not)."""
+    return "scheduler" in dist_checkpointing.load_common_state_dict(str(source))
+
+
+# Transformer Engine's per-module FP8 metadata: absent from checkpoints written by Megatron's local
+# layers (CPU runs, conversions) and rebuilt by TE at its first step, so a weights-only load may
+# go without it.
+_REBUILT = "_extra_state"
+
+
 def load(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
          weights_only: bool = False, with_rng: bool = False) -> dict[str, Any]:
     """Load step `iteration` into the given objects (collective); return the common state
     (with this rank's `rng_state` when asked for: apply it with `rng.restore`)."""
     source = step_dir(root, iteration)
     state = _model_state(model)
-    if not weights_only:
+    if weights_only:
+        loaded, _, absent = dist_checkpointing.load(state, str(source),
+                                                    strict=StrictHandling.RETURN_UNEXPECTED)
+        lacking = sorted(k for k in absent if _REBUILT not in k)
+        if lacking:
+            raise RuntimeError(f"{source} lacks {len(lacking)} tensor(s) of this model, e.g. "
+                               f"{', '.join(lacking[:5])}: was it written for another model= ?")
+    else:
+        if not has_training_state(source):
+            raise RuntimeError(f"{source} holds weights only (a converted model): add "
+                               f"checkpoint.finetune=true to start training from it")
         _materialize_optimizer_state(optimizer)
         metadata = dist_checkpointing.load_content_metadata(str(source)) or CONTENT_METADATA
         state["optimizer"] = optimizer.sharded_state_dict(_merged(state), is_loading=True,
                                                           metadata=metadata)
-    if with_rng:
-        state["rng_state"] = _rng_shard(None)
-    loaded = dist_checkpointing.load(state, str(source))
+        if with_rng:
+            state["rng_state"] = _rng_shard(None)
+        loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_keys(model), model):
-        unwrap(chunk).load_state_dict(loaded.pop(key), strict=True)
+        missing, unexpected = unwrap(chunk).load_state_dict(loaded.pop(key), strict=False)
+        wrong = [k for k in missing if _REBUILT not in k] + list(unexpected)
+        if wrong:
+            raise RuntimeError(f"{source} does not match this model: {', '.join(wrong[:5])}")
     if not weights_only:
         optimizer.load_state_dict(loaded.pop("optimizer"))
         scheduler.load_state_dict(loaded.pop("scheduler"))
@@ -695,6 +720,13 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
         loaded.pop("scheduler", None)
     dist.barrier()
     return loaded
+
+
+def stored_tensors(source: str | os.PathLike) -> dict[str, tuple[list[int], torch.dtype]]:
+    """{key: (whole shape, dtype)} of the tensors a checkpoint folder holds, read from its
+    metadata only."""
+    metadata = dist_checkpointing.load_tensors_metadata(str(source))
+    return {key: (list(t.global_shape), t.dtype) for key, t in metadata.items()}
 
 
 def _step_of(name: str) -> int:

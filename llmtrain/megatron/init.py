@@ -10,38 +10,12 @@ curves comparable and lets a run be resumed under another layout.
 from __future__ import annotations
 
 import math
-import re
 import zlib
 
 import torch
 from megatron.core import parallel_state as ps
 
-_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"local_experts\.(\d+)\.")
-
-
-def global_names(chunk: torch.nn.Module) -> dict[str, str]:
-    """Map each local parameter name to its name in the whole (unsplit) model."""
-    layers = chunk.decoder.layers
-    num_local_experts = None
-    names = {}
-    for name, _ in chunk.named_parameters():
-        gname = name
-        match = _LAYER.search(name)
-        if match:
-            layer = layers[int(match.group(1))]
-            gname = gname.replace(match.group(0), f"decoder.layers.{layer.layer_number - 1}.", 1)
-        match = _EXPERT.search(gname)
-        if match:
-            if num_local_experts is None:
-                num_local_experts = (chunk.config.num_moe_experts
-                                     // ps.get_expert_model_parallel_world_size())
-            expert = ps.get_expert_model_parallel_rank() * num_local_experts + int(match.group(1))
-            gname = gname.replace(match.group(0), f"local_experts.{expert}.", 1)
-        if gname == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
-            gname = "embedding.word_embeddings.weight"
-        names[name] = gname
-    return names
+from llmtrain.megatron.weights import global_names, is_gated, shard
 
 
 def _kind(name: str) -> str:
@@ -53,19 +27,6 @@ def _kind(name: str) -> str:
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return "scaled_normal"
     return "normal"
-
-
-def _shard(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
-    """This TP rank's slice of a full tensor, as Megatron lays it out."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim = param.partition_dim
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if gated and dim == 0:
-        # Gated MLP input: each rank holds [its slice of the gate; its slice of the up projection].
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
-    return full.chunk(tp, dim=dim)[rank]
 
 
 @torch.no_grad()
@@ -93,5 +54,4 @@ def initialize(chunks: list[torch.nn.Module], seed: int) -> None:
             generator.manual_seed(zlib.crc32(f"{seed}:{gname}".encode()))
             full = torch.empty(shape, dtype=torch.float32, device=param.device)
             full.normal_(0.0, scaled_std if kind == "scaled_normal" else std, generator=generator)
-            gated = config.gated_linear_unit and gname.endswith("linear_fc1.weight")
-            param.copy_(_shard(full, param, gated))
+            param.copy_(shard(full, param, is_gated(chunk, gname)))

@@ -12,20 +12,18 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
+from llmtrain.megatron.specs import add_embedding_layernorm, gpt_layer_spec
 
 ACTIVATIONS = {
     "swiglu": (F.silu, True),
     "gelu": (F.gelu, False),
     "gelu_tanh": (partial(F.gelu, approximate="tanh"), False),
+    "relu": (F.relu, False),
 }
 
 
@@ -56,6 +54,8 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         gated_linear_unit=gated,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
+        window_size=tuple(m.window_size) if m.window_size else None,
+        rotary_interleaved=m.rotary_interleaved,
         attention_dropout=m.attention_dropout,
         hidden_dropout=m.hidden_dropout,
         init_method_std=m.init_method_std,
@@ -102,7 +102,9 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         # Fused kernels exist only on the GPU.
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=cuda,
-        bias_activation_fusion=cuda and (m.add_bias_linear or m.activation == "swiglu"),
+        # Megatron fuses (bias +) SwiGLU exactly; its fused bias-GELU is the tanh approximation
+        # whatever GELU is configured (and refuses GPT-2's tanh GELU), so GELU runs unfused.
+        bias_activation_fusion=cuda and m.activation == "swiglu",
         masked_softmax_fusion=cuda,
         apply_rope_fusion=cuda and layout.use_transformer_engine,
         persist_layer_norm=cuda,
@@ -113,11 +115,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
 
 def layer_spec(cfg: Config, layout: Layout):
     """Transformer Engine's fused layers on a GPU that has it, Megatron's local layers otherwise."""
-    m = cfg.model
-    if layout.use_transformer_engine:
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts))
-    return get_gpt_layer_local_spec(num_experts=m.num_moe_experts, normalization=m.normalization)
+    return gpt_layer_spec(cfg.model, layout.use_transformer_engine)
 
 
 def build_model(cfg: Config, layout: Layout) -> list[GPTModel]:
@@ -138,13 +136,17 @@ def build_model(cfg: Config, layout: Layout) -> list[GPTModel]:
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
-                position_embedding_type=cfg.model.position_embedding_type,
+                # ALiBi lives in the attention (layer spec), not in the embedding.
+                position_embedding_type=("none" if cfg.model.position_embedding_type == "alibi"
+                                         else cfg.model.position_embedding_type),
                 rotary_percent=cfg.model.rotary_percent,
                 rotary_base=cfg.model.rotary_base,
                 rope_scaling=cfg.model.rope_scaling,
                 rope_scaling_factor=cfg.model.rope_scaling_factor,
                 vp_stage=stage,
             )
+        if cfg.model.embedding_layernorm and model.pre_process:
+            add_embedding_layernorm(model.embedding, config, layout.use_transformer_engine)
         if layout.device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

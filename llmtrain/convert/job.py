@@ -1,0 +1,26 @@
+"""A conversion as every worker process sees it: sent, pickled, to each of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from llmtrain.config.schema import ModelConfig
+from llmtrain.convert.legacy import LegacyCheckpoint
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to convert, into what, and what to check."""
+
+    direction: str
+    input: str
+    # None: verify only, write nothing.
+    output: Optional[str]
+    model: ModelConfig
+    dtype: str  # format of the weights written
+    check_dtype: Optional[str]  # None: no check
+    sequences: list = field(default_factory=list)  # token ids of the prompts
+    max_shard_bytes: int = 5 * 10**9
+    legacy: Optional[LegacyCheckpoint] = None
+    iteration: int = 0  # mcore_to_hf: the step read

@@ -1,0 +1,125 @@
+"""Layer specs for architectures Megatron-Core's GPT specs do not describe, built from its parts.
+
+- ALiBi (Bloom): the core attention is `AlibiDotProductAttention` (llmtrain.megatron.alibi).
+- Parallel attention and MLP (Falcon): `ParallelAttentionMLPLayer`, x + attn(ln(x)) + mlp(ln'(x)),
+  with one shared norm (Falcon 7B) or a norm of its own for the MLP (Falcon 40B/180B). Its norms are
+  separate modules, not fused into the following linear layer as Transformer Engine's spec does, so
+  that one norm can feed both branches; checkpoints have the same names on CPU and GPU.
+- Embedding LayerNorm (Bloom): a norm applied to the embedding's output.
+
+Every spec is assembled from a backend (Megatron's local layers on CPU, Transformer Engine's on a
+GPU that has it), so the same architecture trains on both and their checkpoints agree.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.utils import make_viewless_tensor
+
+from llmtrain.config.schema import ModelConfig
+from llmtrain.megatron.alibi import AlibiDotProductAttention
+
+
+class ParallelAttentionMLPLayer(TransformerLayer):
+    """Falcon's block: attention and MLP read the (normalised) layer input side by side, and
+    their sum joins the residual once."""
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, attention_bias=None, inference_context=None,
+                packed_seq_params=None, sequence_len_offset=None, **unused):
+        attention_input = self.input_layernorm(hidden_states)
+        mlp_input = (attention_input if isinstance(self.pre_mlp_layernorm, IdentityOp)
+                     else self.pre_mlp_layernorm(hidden_states))
+        attention_output, attention_out_bias = self.self_attention(
+            attention_input, attention_mask=attention_mask, inference_context=inference_context,
+            rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
+        mlp_output, mlp_bias = self.mlp(mlp_input)
+        biases = [b for b in (attention_out_bias, mlp_bias) if b is not None]
+        bias = sum(biases[1:], biases[0]) if biases else None
+        with self.bias_dropout_add_exec_handler():
+            output = self.mlp_bda(self.training, self.config.bias_dropout_fusion)(
+                (mlp_output + attention_output, bias), hidden_states, self.hidden_dropout)
+        return make_viewless_tensor(inp=output, requires_grad=output.requires_grad,
+                                    keep_graph=True), None
+
+
+def _backend(use_te: bool):
+    if use_te:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    return LocalSpecProvider()
+
+
+def _parallel_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
+    backend = _backend(use_te)
+    norm = backend.layer_norm(rms_norm=m.normalization == "RMSNorm")
+    core_attention = (AlibiDotProductAttention if m.position_embedding_type == "alibi"
+                      else backend.core_attention())
+    return ModuleSpec(
+        module=ParallelAttentionMLPLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=backend.column_parallel_linear(),
+                    core_attention=core_attention,
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm if m.parallel_mlp_layernorm else IdentityOp,
+            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
+                linear_fc1=backend.column_parallel_linear(),
+                linear_fc2=backend.row_parallel_linear())),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def gpt_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
+    """The transformer layer of model `m`, on Transformer Engine's layers or Megatron's own."""
+    if m.parallel_attention_mlp:
+        return _parallel_layer_spec(m, use_te)
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts))
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
+                                        normalization=m.normalization)
+    if m.position_embedding_type == "alibi":
+        spec.submodules.self_attention.submodules.core_attention = AlibiDotProductAttention
+    return spec
+
+
+def _normalize_output(module, args, output):
+    return module.layernorm(output)
+
+
+def add_embedding_layernorm(embedding: torch.nn.Module, config, use_te: bool) -> None:
+    """Bloom normalises the word embeddings before the first layer: the norm becomes part of
+    the embedding module (checkpoint name `embedding.layernorm.*`) and runs on its output."""
+    norm = _backend(use_te).layer_norm(rms_norm=config.normalization == "RMSNorm")
+    embedding.layernorm = norm(config=config, hidden_size=config.hidden_size,
+                               eps=config.layernorm_epsilon)
+    embedding.register_forward_hook(_normalize_output)

@@ -1,0 +1,124 @@
+"""Whole (unsharded) tensors in and out of this rank's model chunks, under any TP/PP layout.
+
+A parameter's whole tensor is what it would be in a one-process model; its global name is the one
+`global_names` gives (layer numbers counted over the whole model, a tied output layer named as the
+word embedding). Initialisation and checkpoint conversion work on whole tensors and leave
+the slicing to `shard` and the gathering to `whole_tensors`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+
+
+def global_names(chunk: torch.nn.Module) -> dict[str, str]:
+    """Map each local parameter name to its name in the whole (unsplit) model."""
+    layers = chunk.decoder.layers
+    num_local_experts = None
+    names = {}
+    for name, _ in chunk.named_parameters():
+        gname = name
+        match = _LAYER.search(name)
+        if match:
+            layer = layers[int(match.group(1))]
+            gname = gname.replace(match.group(0), f"decoder.layers.{layer.layer_number - 1}.", 1)
+        match = _EXPERT.search(gname)
+        if match:
+            if num_local_experts is None:
+                num_local_experts = (chunk.config.num_moe_experts
+                                     // ps.get_expert_model_parallel_world_size())
+            expert = ps.get_expert_model_parallel_rank() * num_local_experts + int(match.group(1))
+            gname = gname.replace(match.group(0), f"local_experts.{expert}.", 1)
+        if gname == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+            gname = "embedding.word_embeddings.weight"
+        names[name] = gname
+    return names
+
+
+def is_gated(chunk: torch.nn.Module, global_name: str) -> bool:
+    """The first MLP projection of a gated unit (SwiGLU) holds [gate; up]."""
+    return chunk.config.gated_linear_unit and ".linear_fc1." in global_name
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
+    """This TP rank's slice of a whole tensor, as Megatron lays it out."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if gated and dim == 0:
+        # Gated MLP input: each rank holds [its slice of the gate; its slice of the up projection].
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def _unshard(param: torch.Tensor, gated: bool) -> torch.Tensor:
+    """The whole tensor from every TP rank's slice (a collective of the TP group)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return param.detach()
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, param.detach().contiguous(), group=group)
+    dim = param.partition_dim
+    if gated and dim == 0:
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def load_whole_tensors(chunks: list[torch.nn.Module],
+                       whole: Callable[[str, torch.Size], torch.Tensor]) -> None:
+    """Fill every parameter from `whole(global_name, whole_shape)`, one tensor at a time."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    for chunk in chunks:
+        names = global_names(chunk)
+        for name, param in chunk.named_parameters():
+            shape = list(param.shape)
+            if getattr(param, "tensor_model_parallel", False):
+                shape[param.partition_dim] *= tp
+            full = whole(names[name], torch.Size(shape))
+            param.copy_(shard(full, param, is_gated(chunk, names[name])))
+
+
+@torch.no_grad()
+def whole_tensors(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global name, whole tensor) of every parameter of this rank's chunks, gathered over its
+    TP group; a tied output layer, a copy of the word embedding, is left out. Every rank of a TP
+    group must iterate to the end (the gathers are collective)."""
+    for chunk in chunks:
+        names = global_names(chunk)
+        for name, param in chunk.named_parameters():
+            if name != names[name] and name.startswith("output_layer."):
+                continue
+            yield names[name], _unshard(param, is_gated(chunk, names[name]))
+
+
+def is_first_of_tensor_group() -> bool:
+    """The rank that writes what its TP group gathered (first TP, DP and CP rank of its stage)."""
+    return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+
+
+def pipeline_rank() -> int:
+    return ps.get_pipeline_model_parallel_rank()
+
+
+def tensor_rank() -> int:
+    return ps.get_tensor_model_parallel_rank()
+
+
+def gather_to_first(obj) -> list | None:
+    """Every rank's `obj`, as a list on global rank 0 (None elsewhere)."""
+    box = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, box, dst=0)
+    return box

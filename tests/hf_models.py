@@ -1,0 +1,96 @@
+"""Tiny random Hugging Face models of every supported family, built with transformers' own
+classes and saved as transformers saves them (the tests download nothing)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+VOCAB = 256
+
+
+def _config(kind: str):
+    from transformers import (
+        BloomConfig,
+        FalconConfig,
+        GlmConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
+
+    small = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 max_position_embeddings=128)
+    llama = dict(small, vocab_size=VOCAB, intermediate_size=160, num_key_value_heads=2)
+    return {
+        # Llama 3.1-style RoPE scaling, grouped-query attention, separate output layer.
+        "llama": lambda: LlamaConfig(**llama, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        # Q/K/V biases and tied embeddings (the small Qwen2/2.5 sizes).
+        "qwen2": lambda: Qwen2Config(**llama, tie_word_embeddings=True),
+        # A sliding window shorter than the check's prompts.
+        "mistral": lambda: MistralConfig(**llama, sliding_window=8),
+        "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4,
+                                   n_positions=128),
+        "bloom": lambda: BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=4, n_head=4),
+        # Falcon 7B's layout: parallel attention and MLP, one shared norm, one KV head.
+        "falcon": lambda: FalconConfig(vocab_size=VOCAB, **small, multi_query=True,
+                                       parallel_attn=True, bias=False),
+        # Falcon 40B's layout: a norm each for attention and MLP, grouped-query attention.
+        "falcon40b": lambda: FalconConfig(vocab_size=VOCAB, **dict(small, num_attention_heads=8),
+                                          num_kv_heads=2, new_decoder_architecture=True),
+        # GLM-4: RoPE on interleaved pairs of half the channels, Q/K/V biases, fused gate/up.
+        "glm": lambda: GlmConfig(**llama, head_dim=16, partial_rotary_factor=0.5,
+                                 pad_token_id=None),
+    }[kind]()
+
+
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm")
+
+
+def tiny_hf(kind: str, folder: Path, dtype: torch.dtype = torch.float32,
+            tokenizer: bool = False, seed: int = 0) -> Path:
+    """A random model of `kind` saved under `folder`; norms and biases are perturbed too, so
+    that a mapping mistake on them shows. With `tokenizer`, the embedded corpus' BPE tokenizer
+    is saved beside it (the model's vocabulary is then the tokenizer's)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(kind)
+    if tokenizer:
+        from tokenizers import Tokenizer
+
+        from llmtrain.data.corpus import corpus_tokenizer_path
+
+        corpus = Tokenizer.from_file(str(corpus_tokenizer_path()))
+        config.vocab_size = corpus.get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or ".ln" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.to(dtype).save_pretrained(str(folder))
+    if tokenizer:
+        shutil.copy(corpus_tokenizer_path(), Path(folder) / "tokenizer.json")
+    return Path(folder)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder (single file or sharded)."""
+    from safetensors.torch import load_file
+
+    result = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        result.update(load_file(str(file)))
+    return result
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name

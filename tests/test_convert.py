@@ -1,0 +1,180 @@
+"""Conversion of every supported family, as a user runs it: Hugging Face -> Megatron-Core with the
+layer-by-layer check, back to Hugging Face bitwise, and bad input refused with what to do.
+
+The conversions call `llmtrain.convert.convert` (the command's own code, in this process: one
+process per conversion costs the import of torch, Megatron and transformers each time); the
+bad-input cases run the real command. Multi-process layouts are in test_convert_layouts.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_llmtrain
+from hf_models import FAMILIES, assert_identical, tensors, tiny_hf
+from llmtrain.convert import convert
+from llmtrain.convert.run import CheckFailed
+
+QUIET = dict(say=lambda *_: None)
+
+
+def _check_passed_tightly(report: dict, num_layers: int = 4) -> None:
+    check = report["check"]
+    assert check["passed"] and check["dtype"] == "fp32"
+    names = [row["name"] for row in check["rows"]]
+    assert names == ["embedding", *(f"layer {i}" for i in range(num_layers)), "logits"]
+    for row in check["rows"]:
+        # fp32 on both sides, same weights: only summation order may differ.
+        assert row["max_abs_diff"] <= 1e-5 * row["max_abs_reference"], row
+        assert row["cosine"] > 0.999999, row
+    assert check["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_family_converts_verified_and_round_trips_bitwise(kind, tmp_path):
+    hf = tiny_hf(kind, tmp_path / "hf", tokenizer=kind == "llama")
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+
+    report = convert(f"input={hf}", f"output={mcore}", **QUIET)
+    _check_passed_tightly(report)
+    assert report["family"] == kind.removesuffix("40b")
+    # A Megatron-Core distributed checkpoint, training's layout, with the HF side files.
+    assert (mcore / "latest_checkpointed_iteration.txt").read_text() == "0"
+    assert (mcore / "iter_0000000" / "metadata.json").exists()
+    assert json.loads((mcore / "config.json").read_text()) == json.loads(
+        (hf / "config.json").read_text())
+    saved = json.loads((mcore / "conversion_report.json").read_text())
+    assert saved["check"]["passed"] and len(saved["check"]["rows"]) == 6
+
+    report = convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}", **QUIET)
+    _check_passed_tightly(report)
+    assert_identical(tensors(hf), tensors(back))
+    assert (back / "config.json").read_text() == (hf / "config.json").read_text()
+
+
+def test_prompts_are_tokenized_with_the_checkpoint_tokenizer(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf", tokenizer=True)
+    report = convert(f"input={hf}", "check_only=true", "prompts=[The capital of France is]",
+                     **QUIET)
+    from transformers import AutoTokenizer
+
+    expected = AutoTokenizer.from_pretrained(str(hf))("The capital of France is")["input_ids"]
+    assert report["check"]["sequences"] == [expected]
+    assert report["check"]["tokens"] == f"the tokenizer in {hf.resolve()}"
+    assert not (tmp_path / "mcore").exists() and report["output"] is None
+
+
+def test_bf16_checkpoint_is_stored_in_bf16_and_checked_in_fp32(tmp_path):
+    hf = tiny_hf("qwen2", tmp_path / "hf", dtype=torch.bfloat16)
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+    report = convert(f"input={hf}", f"output={mcore}", **QUIET)
+    assert report["dtype"] == "bf16"
+    _check_passed_tightly(report)
+    from llmtrain.megatron.checkpoint import stored_tensors
+
+    stored = stored_tensors(mcore / "iter_0000000")
+    assert {dtype for _, dtype in stored.values()} == {torch.bfloat16}, stored
+    convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}", "check=false", **QUIET)
+    assert_identical(tensors(hf), tensors(back))
+
+
+def test_output_in_another_format_and_sharded(tmp_path):
+    hf = tiny_hf("gpt2", tmp_path / "hf")
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+    report = convert(f"input={hf}", f"output={mcore}", "dtype=bf16", **QUIET)
+    # Rounded to bf16 on the way: judged with bf16's tolerance (computed in fp32).
+    assert report["check"]["tolerance"]["dtype"] == "bf16" and report["check"]["passed"]
+    assert report["check"]["dtype"] == "fp32"
+    # 0.1 MB files: the index lists every tensor, transformers loads it.
+    report = convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}",
+                     "max_shard_size_gb=0.0001", **QUIET)
+    assert report["check"]["passed"]
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    original = tensors(hf)
+    written = tensors(back)
+    assert sorted(written) == sorted(index["weight_map"]) == sorted(
+        n for n in original if not n.endswith(".attn.bias"))
+    for name, tensor in written.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_check_fails_beyond_the_tolerance(tmp_path):
+    """bf16 rounds at other points in the two implementations: with fp32's tolerance the check
+    must fail, and say so."""
+    hf = tiny_hf("llama", tmp_path / "hf")
+    with pytest.raises(CheckFailed, match="beyond the tolerances"):
+        convert(f"input={hf}", "check_only=true", "check_dtype=bf16", "max_rel_diff=1e-6",
+                **QUIET)
+
+
+# Bad input, through the real command: exit code 2 and a message that says what to do.
+
+def _refused(*args: str) -> str:
+    process = run_llmtrain(*args, module="llmtrain.convert", check=False)
+    assert process.returncode == 2, process.stdout + process.stderr
+    return process.stderr
+
+
+def test_missing_files_are_listed_by_name(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(hf)).save_pretrained(str(hf), max_shard_size="200KB")
+    (hf / "model.safetensors").unlink(missing_ok=True)
+    shards = sorted(hf.glob("model-*.safetensors"))
+    shards[1].unlink()
+    (hf / "config.json").unlink()
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert f"lacks: config.json, {shards[1].name}" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                             ffn_dim=32, num_attention_heads=2)).save_pretrained(tmp_path / "opt")
+    error = _refused(f"input={tmp_path / 'opt'}", f"output={tmp_path / 'out'}")
+    assert "architecture OPTForCausalLM (model_type opt) is not supported" in error
+    for supported in ("LlamaForCausalLM (llama)", "Qwen2ForCausalLM (qwen2)",
+                      "MistralForCausalLM (mistral)", "GPT2LMHeadModel (gpt2)",
+                      "BloomForCausalLM (bloom)", "FalconForCausalLM (falcon)"):
+        assert supported in error
+
+
+def test_tensor_parallel_size_that_does_not_divide_the_heads_fails_before_reading(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    # Weights that cannot be read: the layout must be refused before anything touches them.
+    (hf / "model.safetensors").write_bytes(b"not a safetensors file")
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}", "tensor_model_parallel_size=3")
+    assert ("model hf has 4 attention heads, which tensor parallel size 3 does not divide: "
+            "choose a TP that divides it") in error
+
+
+def test_model_that_disagrees_with_the_config_names_each_field(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}", "model=llama3_2_1b")
+    assert f"model=llama3_2_1b disagrees with {hf}/config.json on 11 field(s):" in error
+    fields = [line.strip() for line in error.splitlines() if line.startswith("    ")]
+    assert fields == [f"{name}: {ours} (model=llama3_2_1b) vs {theirs}" for name, ours, theirs in (
+        ("num_layers", 16, 4), ("hidden_size", 2048, 64), ("ffn_hidden_size", 8192, 160),
+        ("num_attention_heads", 32, 4), ("num_query_groups", 8, 2), ("kv_channels", 64, 16),
+        ("vocab_size", 128256, 256), ("max_position_embeddings", 131072, 128),
+        ("layernorm_epsilon", 1e-05, 1e-06), ("rope_scaling_factor", 32.0, 8.0),
+        ("share_embeddings_and_output_weights", True, False))]
+
+
+def test_output_that_holds_files_is_not_overwritten(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert "exists and is not empty: choose a new folder" in error
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

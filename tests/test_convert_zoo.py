@@ -1,0 +1,144 @@
+"""The model zoo (conf/model/) holds the published architectures: each entry has exactly the
+parameter count its publisher states, validates, and is what its Hugging Face config says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_config
+from llmtrain.cli import CONF_DIR
+from llmtrain.config.plan import count_parameters
+from llmtrain.config.schema import ModelConfig
+from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.convert import families
+from llmtrain.convert.plan import differences
+
+# Parameters as published (model cards, the safetensors index of the Hub checkpoints), counted
+# over the real vocabulary (Megatron's padding excluded).
+PUBLISHED = {
+    "gpt2": 124_439_808, "gpt2_345m": 354_823_168, "gpt2_large": 774_030_080,
+    "gpt2_xl": 1_557_611_200,
+    "llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320, "llama2_70b": 68_976_648_192,
+    "llama3_8b": 8_030_261_248, "llama3_1_8b": 8_030_261_248, "llama3_70b": 70_553_706_496,
+    "llama3_1_70b": 70_553_706_496, "llama3_2_1b": 1_235_814_400, "llama3_2_3b": 3_212_749_824,
+    "mistral_7b": 7_241_732_096, "mistral_7b_v0_3": 7_248_023_552,
+    "qwen2_0_5b": 494_032_768, "qwen2_1_5b": 1_543_714_304, "qwen2_7b": 7_615_616_512,
+    "qwen2_5_0_5b": 494_032_768, "qwen2_5_1_5b": 1_543_714_304, "qwen2_5_3b": 3_085_938_688,
+    "qwen2_5_7b": 7_615_616_512, "qwen2_5_14b": 14_770_033_664, "qwen2_5_32b": 32_763_876_352,
+    "qwen2_5_72b": 72_706_203_648,
+    "bloom_560m": 559_214_592, "bloom_1b7": 1_722_408_960, "bloom_7b1": 7_069_016_064,
+    "bloom_176b": 176_247_271_424,
+    "falcon_7b": 6_921_720_704, "falcon_40b": 41_303_293_952,
+}
+# Entries added with conversion (the others came with training and its tests).
+CONVERSION_ZOO = (
+    "gpt2", "gpt2_large", "gpt2_xl", "llama2_7b", "llama2_13b", "llama2_70b", "llama3_1_70b",
+    "llama3_2_3b", "mistral_7b", "mistral_7b_v0_3", "qwen2_0_5b", "qwen2_1_5b", "qwen2_5_0_5b",
+    "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
+    "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b")
+ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+# Families with a Hugging Face mapping (MoE models convert later).
+DENSE = [name for name in ZOO if name not in ("tiny", "tiny_moe", "mixtral_8x7b",
+                                              "qwen1_5_moe_a2_7b")]
+CPU = Machine(gpus=0, has_transformer_engine=False)
+
+
+def _model(name: str) -> ModelConfig:
+    return compose_config(f"model={name}").model
+
+
+def test_every_published_dense_model_is_in_the_zoo():
+    assert sorted(PUBLISHED) == DENSE
+    assert set(CONVERSION_ZOO) <= set(ZOO)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count_is_the_published_one(name):
+    m = _model(name)
+    assert m.name == name
+    assert count_parameters(m, m.vocab_size).total == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_entry_validates_for_a_cpu_run(name):
+    validate(compose_config(f"model={name}"), CPU)
+
+
+# Heads that TP=2 does not divide.
+NOT_TP2 = {"falcon_7b": 71, "gpt2_xl": 25}
+
+
+@pytest.mark.parametrize("name", CONVERSION_ZOO)
+def test_entry_under_tp2_pp2(name):
+    cfg = compose_config(f"model={name}", "parallel=tp2pp2")
+    if name not in NOT_TP2:
+        validate(cfg, CPU)
+        return
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert error.value.problems == [
+        f"model {name} has {NOT_TP2[name]} attention heads, which tensor parallel size 2 does not "
+        f"divide: choose a TP that divides it"]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_hugging_face_config_expresses_the_entry_exactly(name):
+    m = _model(name)
+    family = families.by_name(m.family)
+    hf_config = family.hf_config(m)
+    assert hf_config.model_type == family.model_type
+    assert differences(m, ModelConfig(name=name, **family.model_fields(hf_config))) == []
+
+
+# config.json of Hub checkpoints, as published (the fields that describe the architecture).
+HUB_CONFIGS = {
+    "llama3_2_1b": ("LlamaConfig", {
+        "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "num_attention_heads": 32, "num_hidden_layers": 16,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": True, "vocab_size": 128256}),
+    "llama2_7b": ("LlamaConfig", {
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+        "max_position_embeddings": 4096, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "tie_word_embeddings": False, "vocab_size": 32000}),
+    "mistral_7b": ("MistralConfig", {
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "sliding_window": 4096, "tie_word_embeddings": False, "vocab_size": 32000}),
+    "qwen2_5_0_5b": ("Qwen2Config", {
+        "hidden_act": "silu", "hidden_size": 896, "intermediate_size": 4864,
+        "max_position_embeddings": 32768, "max_window_layers": 24, "num_attention_heads": 14,
+        "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+        "use_sliding_window": False, "vocab_size": 151936}),
+    "bloom_560m": ("BloomConfig", {
+        "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
+        "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
+    "falcon_7b": ("FalconConfig", {
+        "alibi": False, "bias": False, "hidden_size": 4544, "layer_norm_epsilon": 1e-05,
+        "multi_query": True, "new_decoder_architecture": False, "num_attention_heads": 71,
+        "num_hidden_layers": 32, "parallel_attn": True, "vocab_size": 65024}),
+    "falcon_40b": ("FalconConfig", {
+        "alibi": False, "bias": False, "hidden_size": 8192, "layer_norm_epsilon": 1e-05,
+        "new_decoder_architecture": True, "num_attention_heads": 128, "num_hidden_layers": 60,
+        "num_kv_heads": 8, "parallel_attn": True, "vocab_size": 65024}),
+    "gpt2": ("GPT2Config", {
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05, "n_embd": 768,
+        "n_head": 12, "n_layer": 12, "n_positions": 1024, "vocab_size": 50257}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
+    import transformers
+
+    class_name, fields = HUB_CONFIGS[name]
+    hf_config = getattr(transformers, class_name)(**fields)
+    family = families.for_hf_config(hf_config)
+    assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
