@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.data.tokenizer import load_tokenizer
+from llmtrain.errors import RunStopped
+from llmtrain.launch import REQUEUE_EXIT_CODE
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.data import batches, build_datasets
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
+from llmtrain.megatron.nonfinite import NonFiniteGuard
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from llmtrain.megatron.step import eval_step, schedule_name, train_step
 from llmtrain.metrics import RunLog
+from llmtrain.preemption import Watcher
 from llmtrain.runtime import quiet_libraries, sync_device
 
 
@@ -33,11 +39,18 @@ def train(cfg: Config, layout: Layout) -> dict:
     parallel.initialize(layout, cfg.seed)
     try:
         return _train(cfg, layout)
+    except RunStopped as stopped:  # raised by every rank together: say why once, exit with status
+        if parallel.rank() == 0:
+            print(f"llmtrain: {stopped}", file=sys.stderr, flush=True)
+        parallel.barrier()  # no rank exits (and gets its peers killed) before rank 0 has said it
+        raise SystemExit(stopped.exit_code) from None
     finally:
         parallel.shutdown()
 
 
 def _train(cfg: Config, layout: Layout) -> dict:
+    # From here on SIGTERM/SIGUSR1 only set a flag: the run stops at a step boundary and saves.
+    watcher = Watcher(cfg.checkpoint.exit_signal_handler, layout.device)
     stage = cfg.stage
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.vocab_size)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -54,16 +67,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     scheduler = build_scheduler(cfg, optimizer)
 
     save_dir = run_path(cfg, cfg.checkpoint.save)
-    load_dir = Path(cfg.checkpoint.load) if cfg.checkpoint.load else save_dir
-    start = 0
-    resumed = checkpoint.latest_iteration(load_dir) if load_dir else None
-    if resumed is not None:
-        common = checkpoint.load(load_dir, resumed, model, optimizer, scheduler,
-                                 weights_only=cfg.checkpoint.finetune)
-        start = 0 if cfg.checkpoint.finetune else common["iteration"]
-        log.message(f"loaded {checkpoint.step_dir(load_dir, resumed)}"
-                    + (" (weights only: a new schedule starts)" if cfg.checkpoint.finetune
-                       else f"; resuming after step {start}"))
+    checkpoints = checkpoint.Checkpoints(cfg, layout, tokenizer, save_dir, log.message)
+    restored = checkpoints.restore(model, optimizer, scheduler)
+    start = restored.iteration
 
     cache = run_path(cfg, "data_cache")
     train_data, valid_data = build_datasets(cfg, layout, tokenizer, str(cache))
@@ -84,10 +90,14 @@ def _train(cfg: Config, layout: Layout) -> dict:
     lrs: list[float] = []
     step_seconds: list[float] = []
     last_saved = start
+    guard = NonFiniteGuard(cfg, model, layout.device, log.message)
+    preempted = None
+    restored.restore_rng()  # after the data loaders drew their seeds: the streams go on exactly
     for iteration in range(start + 1, stage.train_iters + 1):
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         began = time.perf_counter()
-        result = train_step(model, optimizer, scheduler, train_iters, **schedule_args)
+        result = train_step(model, optimizer, scheduler, train_iters, **schedule_args,
+                            guard=partial(guard, iteration))
         sync_device(layout.device)
         seconds = time.perf_counter() - began
         step_seconds.append(seconds)
@@ -103,12 +113,20 @@ def _train(cfg: Config, layout: Layout) -> dict:
             for _ in range(stage.eval_iters):
                 total += eval_step(model, valid_iters, **schedule_args).loss or 0.0
             log.evaluation(iteration, total / stage.eval_iters)
-        if save_dir and cfg.checkpoint.save_interval and (
-                iteration % cfg.checkpoint.save_interval == 0):
-            _save(save_dir, iteration, model, optimizer, scheduler, cfg, log)
+        checkpoints.poll()
+        signal_name = watcher.agreed_signal() if iteration < stage.train_iters else None
+        if save_dir and (signal_name or cfg.checkpoint.save_interval and (
+                iteration % cfg.checkpoint.save_interval == 0)):
+            checkpoints.save(iteration, model, optimizer, scheduler, blocking=bool(signal_name))
             last_saved = iteration
-    if save_dir and cfg.checkpoint.save_on_exit and last_saved != stage.train_iters:
-        _save(save_dir, stage.train_iters, model, optimizer, scheduler, cfg, log)
+        if signal_name:
+            preempted = (iteration, signal_name)
+            break
+    watcher.close()
+    if (save_dir and cfg.checkpoint.save_on_exit and last_saved != stage.train_iters
+            and not preempted):
+        checkpoints.save(stage.train_iters, model, optimizer, scheduler)
+    checkpoints.wait()
 
     summary = {}
     if log.enabled:
@@ -116,16 +134,14 @@ def _train(cfg: Config, layout: Layout) -> dict:
                    losses[0] if losses else None, "steps": stage.train_iters,
                    "start_step": start, "losses": losses, "lrs": lrs, "step_seconds": step_seconds,
                    "tokens_per_step": log.tokens_per_step, "world_size": layout.world_size,
-                   "flops_per_token": log.flops_per_token, "peak_tflops": log.peak, **log.last}
+                   "flops_per_token": log.flops_per_token, "peak_tflops": log.peak, **log.last,
+                   "preempted_after_step": preempted[0] if preempted else None}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     log.close()
+    if preempted:
+        saved = f"saved step {preempted[0]}" if save_dir else "nothing saved (checkpoint.save=null)"
+        raise RunStopped(f"{preempted[1]} received: stopped after step {preempted[0]}, {saved}; "
+                         f"exit status {REQUEUE_EXIT_CODE} asks for a requeue, and the same "
+                         f"command resumes", exit_code=REQUEUE_EXIT_CODE)
     return summary
-
-
-def _save(save_dir: Path, iteration: int, model, optimizer, scheduler, cfg: Config,
-          log: RunLog) -> None:
-    began = time.perf_counter()
-    target = checkpoint.save(save_dir, iteration, model, optimizer, scheduler,
-                             {"consumed_samples": iteration * cfg.stage.global_batch_size})
-    log.message(f"saved {target} in {time.perf_counter() - began:.1f} s")

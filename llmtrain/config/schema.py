@@ -229,6 +229,10 @@ class OptimConfig:
     lr_warmup_tokens: Optional[int] = None
     lr_decay_tokens: Optional[int] = None
     lr_wsd_decay_tokens: Optional[int] = None
+    # A NaN or infinite loss or gradient (checked before the weight update, on every rank):
+    # stop the run, or skip the step (no update), as Megatron-LM's --check-for-nan-in-loss-and-grad.
+    check_for_nan_in_loss_and_grad: bool = True
+    on_nonfinite: str = "stop"  # stop | skip
 
 
 @dataclass
@@ -244,6 +248,22 @@ class CheckpointConfig:
     # Load weights only and start a new schedule (fine-tuning from a converted model).
     finetune: bool = False
     save_on_exit: bool = True
+    # auto: resume from the latest complete step (`save` first, then `load`), skipping incomplete
+    # ones with a warning; never: start from fresh weights. load_step: exactly this step, or fail.
+    resume: str = "auto"  # auto | never
+    load_step: Optional[int] = None
+    # Retention: keep the last keep_last complete steps (None: all) plus every keep_every-th step.
+    keep_last: Optional[int] = None
+    keep_every: Optional[int] = None
+    # Write in background processes (dist_checkpointing's async save) while training goes on.
+    async_save: bool = False
+    # SHA-256 of every file (integrity.json), checked on load: a damaged file is named.
+    verify_integrity: bool = True
+    # Fields (or whole groups, e.g. `model`, or `tokenizer`) that may differ from the
+    # checkpoint's config on resume, beyond those that always may (docs/reliability.md).
+    allow_config_change: list[str] = field(default_factory=list)
+    # On SIGTERM/SIGUSR1: save at the next step boundary and exit with status 3 (requeue).
+    exit_signal_handler: bool = True
 
 
 @dataclass

@@ -6,10 +6,12 @@ what to change. The result is the `Layout`: the resolved process layout every wo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Optional
 
+from llmtrain.config.changes import unknown_entries
 from llmtrain.config.schema import Config
 from llmtrain.data.chat import FORMATS, TEMPLATES
 
@@ -30,6 +32,8 @@ CHOICES = {
     "parallel.recompute_method": (None, "uniform", "block"),
     "parallel.moe_token_dispatcher_type": (None, "alltoall", "allgather"),
     "device": (None, "cpu", "cuda"),
+    "checkpoint.resume": ("auto", "never"),
+    "optim.on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -323,6 +327,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
             problems.append(f"data.tokenizer.tokenizer_type={tok.tokenizer_type} needs "
                             f"data.tokenizer.{key} (the tokenizer the data was made with)")
 
+    problems += checkpoint_problems(cfg)
+
     if problems:
         raise ConfigError(problems)
     return Layout(
@@ -335,3 +341,27 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         use_transformer_engine=use_te,
         sequence_parallel=sequence_parallel,
     )
+
+
+def checkpoint_problems(cfg: Config) -> list[str]:
+    """Retention, explicit steps and allowed config changes (docs/reliability.md)."""
+    ck, problems = cfg.checkpoint, []
+    for key in ("keep_last", "keep_every", "save_interval"):
+        value = getattr(ck, key)
+        if value is not None and value < (0 if key == "save_interval" else 1):
+            problems.append(f"checkpoint.{key}={value} must be at least "
+                            f"{0 if key == 'save_interval' else 1} (or null)")
+    if ck.keep_every is not None and not ck.keep_last:
+        problems.append("checkpoint.keep_every keeps steps that keep_last would delete: set "
+                        "checkpoint.keep_last too (without it every checkpoint is kept)")
+    if ck.load_step is not None and ck.load_step < 0:
+        problems.append(f"checkpoint.load_step={ck.load_step} must be a step number (>= 0)")
+    if ck.load_step is not None and ck.resume == "never":
+        problems.append("checkpoint.load_step and checkpoint.resume=never contradict each other: "
+                        "drop one")
+    unknown = unknown_entries(list(ck.allow_config_change), dataclasses.asdict(cfg))
+    if unknown:
+        problems.append(f"checkpoint.allow_config_change names {', '.join(unknown)}, which is no "
+                        f"config field or group (write them as on the command line, e.g. "
+                        f"model.hidden_size, or `tokenizer`)")
+    return problems

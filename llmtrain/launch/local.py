@@ -7,6 +7,8 @@ one-process run trains in the calling process unless asked to spawn: no second P
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -40,30 +42,46 @@ def worker(cfg: Config, layout: Layout, entry: Optional[Callable] = None) -> dic
 
 
 class PreemptionNotice:
-    """While the workers run, the preemption signal only records that it came.
+    """While the workers run, the preemption signal and SIGTERM are recorded and passed on.
 
-    Slurm sends it (`--signal=USR1@90`) to every process of the job step, so the workers get it
-    too and stop at their next step boundary (llmtrain.train); this process must survive it to
-    report that the job wants a requeue."""
+    Slurm sends them to every process of the job step, so the workers get them too and stop at
+    their next step boundary, after saving (llmtrain.preemption); passing them on also reaches
+    the workers when only this process was signalled (`kill PID`). This process must survive
+    them to report that the job wants a requeue; torch elastic's own SIGTERM handler, which
+    would tear the workers down after 30 s, is left out."""
+
+    SIGNALS = (PREEMPTION_SIGNAL, signal.SIGTERM)
+    ELASTIC = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 
     def __init__(self):
         self.received = False
-        self._previous = None
+        self._previous = {}
+        self._elastic = None
 
     def _record(self, signum, frame) -> None:
         if not self.received:
             print(f"[llmtrain] {signal.Signals(signum).name}: preemption notice; the workers "
                   f"save and stop, then the job asks to be requeued", flush=True)
         self.received = True
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
 
     def __enter__(self) -> PreemptionNotice:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(PREEMPTION_SIGNAL, self._record)
+            self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+            self._elastic = os.environ.get(self.ELASTIC)
+            os.environ[self.ELASTIC] = "SIGINT,SIGHUP,SIGQUIT"
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(PREEMPTION_SIGNAL, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._previous:
+            if self._elastic is None:
+                os.environ.pop(self.ELASTIC, None)
+            else:
+                os.environ[self.ELASTIC] = self._elastic
 
 
 def rendezvous_id(layout: Layout) -> str:
@@ -114,7 +132,9 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
                       f"{REQUEUE_EXIT_CODE}); running the same command again resumes from the "
                       f"latest checkpoint", flush=True)
                 raise SystemExit(REQUEUE_EXIT_CODE) from None
+            if codes == {2}:  # a refused resume: every worker stopped before training
+                raise SystemExit(2) from None
             rank, failure = error.get_first_failure()
             raise RuntimeError(f"worker rank {rank} failed (exit code {failure.exitcode}); "
-                               f"its traceback is printed above") from None
+                               f"its error is printed above") from None
     return next((r for r in results.values() if r), {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -77,12 +78,16 @@ def run_schedule(model: list, iterators: list, num_microbatches: int, seq_length
 
 
 def train_step(model: list, optimizer, scheduler, iterators: list, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, device: str) -> StepResult:
+               seq_length: int, micro_batch_size: int, device: str,
+               guard: Optional[Callable[[list], bool]] = None) -> StepResult:
+    """`guard(reports)` may veto the update after the backward pass (a NaN loss or gradient)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
                            device, forward_only=False)
+    if guard is not None and not guard(reports):
+        return StepResult(*_reduce_losses(reports), skipped=True)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
