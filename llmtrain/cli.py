@@ -25,7 +25,10 @@ def resolve(dcfg: DictConfig) -> Config:
     if missing:
         raise ConfigError([f"{key} must be set (it is ??? in its config group): add {key}=... "
                            f"to the command" for key in missing])
-    cfg = resolve_token_lengths(OmegaConf.to_object(dcfg))
+    cfg = OmegaConf.to_object(dcfg)
+    if not isinstance(cfg, Config):  # the tools' own configs (convert, generate, ...)
+        return cfg
+    cfg = resolve_token_lengths(cfg)
     if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(["logging.wandb_project needs Weights & Biases: pip install wandb "
                            "(or leave wandb_project unset; TensorBoard logging is always on)"])
