@@ -14,7 +14,10 @@ DEFAULT_GEN_TOKENS = 256
 def model_spec(c: EvaluateConfig, served: Optional[Served]) -> tuple[str, dict]:
     """lm-eval's model name and model_args."""
     if served is None:
-        return "hf", {"pretrained": c.hf, "dtype": "auto"}
+        import torch
+
+        return "hf", {"pretrained": c.hf, "dtype": "auto",
+                      "device": "cuda" if torch.cuda.is_available() else "cpu"}
     gen = c.max_gen_toks or min(DEFAULT_GEN_TOKENS, served.max_length // 4)
     common = {"model": served.model, "max_length": served.max_length, "max_gen_toks": gen,
               "num_concurrent": c.num_concurrent, "seed": c.seed, "max_retries": 1}

@@ -67,8 +67,8 @@ class Choice:
 @dataclass
 class Work:
     """One request: its sequences and the way back to its handler (an asyncio queue on the HTTP
-    thread's loop). Events: ("token", choice, token, logprob, top, text),
-    ("done", choice, Output, text), ("error", message)."""
+    thread's loop). Events: ("token", choice, token, logprob, top, new text),
+    ("done", choice, Output, text: the rest when streaming, else all of it), ("error", message)."""
 
     choices: list[Choice]
     loop: asyncio.AbstractEventLoop
@@ -174,7 +174,8 @@ class Batcher:
 
         def on_finish(row: int, output: Output) -> None:
             work, choice = batch[row]
-            work.post("done", choice.index, output, choice.finish(output, text))
+            rest = choice.finish(output, text)
+            work.post("done", choice.index, output, rest if work.stream else choice.final_text)
 
         began = time.perf_counter()
         requests = len({id(w) for w, _ in batch})
