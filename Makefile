@@ -30,7 +30,9 @@ test-all: $(VENV)/.ready
 
 venv: $(VENV)/.ready
 
-$(VENV)/.ready: requirements.txt
+# The venv's path carries requirements.txt's hash, so a changed file builds a new one; no
+# dependency on the file's date (a fresh clone's files are always newer than the venv).
+$(VENV)/.ready:
 	@test -n "$(PYTHON312)" || { echo "llmtrain needs Python >= 3.12: install python3.12 (or pyenv install 3.12)"; exit 1; }
 	rm -rf $(VENV)
 	$(PYTHON312) -m venv $(VENV)

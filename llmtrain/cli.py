@@ -13,25 +13,29 @@ from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
 from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.launch import launch, target_machine
 
 register()
 # The repository's conf/ folder (an absolute path: Hydra would read "../conf" as a module).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def resolve(dcfg: DictConfig) -> Config:
-    """The typed config, or a plain-words error naming every key left unset (???)."""
+def resolve(dcfg: DictConfig):
+    """The typed config of any llmtrain tool, or a plain-words error naming every key left
+    unset (???)."""
     missing = sorted(OmegaConf.missing_keys(dcfg))
     if missing:
         raise ConfigError([f"{key} must be set (it is ??? in its config group): add {key}=... "
                            f"to the command" for key in missing])
-    cfg = OmegaConf.to_object(dcfg)
-    if not isinstance(cfg, Config):  # the tools' own configs (convert, generate, ...)
-        return cfg
-    cfg = resolve_token_lengths(cfg)
+    return OmegaConf.to_object(dcfg)
+
+
+def resolve_run(dcfg: DictConfig) -> Config:
+    """A training run's typed config, with run lengths given in tokens turned into iterations."""
+    cfg = resolve_token_lengths(resolve(dcfg))
     if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(["logging.wandb_project needs Weights & Biases: pip install wandb "
-                           "(or leave wandb_project unset; TensorBoard logging is always on)"])
+                           "(or leave logging.wandb_project unset)"])
     return cfg
 
 
@@ -45,12 +49,12 @@ def prepare(cfg: Config) -> None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig):
-    from llmtrain.runtime import detect_machine, quiet_libraries
+    from llmtrain.runtime import quiet_libraries
 
     quiet_libraries()
     try:
-        cfg = resolve(dcfg)
-        machine = detect_machine()
+        cfg = resolve_run(dcfg)
+        machine = target_machine(cfg)
         if cfg.dry_run and cfg.device == "cuda" and machine.gpus == 0:
             # Planning a GPU job from a machine without one (a laptop, a login node).
             machine = Machine(gpus=cfg.launcher.nproc_per_node or 8, has_transformer_engine=True)
@@ -66,9 +70,9 @@ def main(dcfg: DictConfig):
     if cfg.dry_run:
         return None
     prepare(cfg)
-    from llmtrain.launch.local import launch
-
     summary = launch(cfg, layout)
+    if summary is None:  # submitted: it runs elsewhere (launcher=slurm)
+        return None
     out = Path(cfg.output_dir)
     print(f"[llmtrain] done: logs and TensorBoard events in {out / cfg.logging.tensorboard_dir}, "
           f"checkpoints in {out / cfg.checkpoint.save if cfg.checkpoint.save else 'nowhere'}, "

@@ -11,9 +11,9 @@ from omegaconf import DictConfig
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job folder that finished (has a summary.json)."""
+    """One row per job folder (hidden ones, such as submitit's .submitit/, are not jobs)."""
     rows = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0] != "."):
         summary_file = job / "summary.json"
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import FAST, ROOT, compose_config, run_llmtrain, summary
-from llmtrain.cli import resolve
+from llmtrain.cli import resolve_run
 from llmtrain.config.schedule import resolve_token_lengths
 
 NO_SAVE = ["checkpoint.save=null"]
@@ -47,7 +47,7 @@ def test_wsd_schedule_has_warmup_stable_and_decay(tmp_path):
 
 
 def test_token_counts_set_the_iterations():
-    cfg = resolve(compose_config("data.seq_length=128", "stage.global_batch_size=8",
+    cfg = resolve_run(compose_config("data.seq_length=128", "stage.global_batch_size=8",
                                  "stage.train_tokens=102400", "optim.lr_warmup_tokens=10240",
                                  typed=False))
     # 1024 tokens per step.

@@ -27,7 +27,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from llmtrain.cli import CONF_DIR, resolve
+from llmtrain.cli import CONF_DIR, resolve_run
 from llmtrain.config.plan import flops_per_token, peak_tflops
 from llmtrain.config.store import register
 from llmtrain.config.validate import validate
@@ -78,7 +78,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         dcfg = compose("config", overrides=args.overrides)
     dcfg.output_dir = "."
-    cfg = resolve(dcfg)
+    cfg = resolve_run(dcfg)
     machine = detect_machine()
     layout = validate(cfg, machine)
     if layout.device != "cuda" or layout.world_size != 1:

@@ -8,7 +8,7 @@ Megatron-LM's arguments where the meaning is the same, so that its users recogni
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -234,11 +234,43 @@ class LoggingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """What `launcher=slurm` asks sbatch for (see docs/launchers.md)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    # Wall-clock limit in Slurm's formats: minutes, HH:MM:SS or D-HH:MM:SS.
+    time: str = "01:00:00"
+    gpus_per_node: int = 8
+    # None: Slurm's default; with `exclusive` the job owns whole nodes.
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    exclusive: bool = True
+    # Any other sbatch option, by its long name: {qos: high, constraint: h100, reservation: x}.
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    # Shell lines run before the job starts (module load ..., source .venv/bin/activate).
+    setup: list[str] = field(default_factory=list)
+    # Run each node inside this container image (Pyxis/enroot: srun --container-image).
+    container_image: Optional[str] = None
+    container_mounts: Optional[str] = None
+    # The interpreter on the nodes; None: this one, or `python` inside container_image.
+    python: Optional[str] = None
+    # Preemption: Slurm sends SIGUSR1 this long before the time limit; the workers save and
+    # the job requeues itself and resumes from its latest checkpoint.
+    signal_delay_s: int = 90
+    requeue: bool = True
+    # Block until the job ends and print its summary (else submit and return).
+    wait: bool = False
+
+
+@dataclass
 class LauncherConfig:
     """How worker processes are started."""
 
     name: str = "local"
     nnodes: int = 1
+    # This node's place among nnodes (set by launcher=env/dlc from RANK, by Slurm itself).
+    node_rank: int = 0
     # None: one per GPU on a GPU machine; on CPU, as many as the parallel layout needs.
     nproc_per_node: Optional[int] = None
     master_addr: str = "127.0.0.1"
@@ -246,6 +278,7 @@ class LauncherConfig:
     master_port: Optional[int] = None
     # Environment applied to every worker (NCCL settings and the like).
     env: dict[str, str] = field(default_factory=dict)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
