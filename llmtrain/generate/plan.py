@@ -125,7 +125,7 @@ def tokenizer_in(folder: Path) -> Optional[TokenizerConfig]:
     return None
 
 
-def _tokenizer(c: InferenceConfig, root: Path, run: Optional[dict]
+def _tokenizer(c: InferenceConfig, root: Path, run: Optional[dict], needed: bool
                ) -> tuple[TokenizerConfig, Optional[str]]:
     if c.tokenizer:
         given = Path(c.tokenizer)
@@ -140,6 +140,8 @@ def _tokenizer(c: InferenceConfig, root: Path, run: Optional[dict]
         return found, str(root)
     if run is not None:
         return TokenizerConfig(**run["data"]["tokenizer"]), None
+    if not needed:
+        return TokenizerConfig(tokenizer_type="null"), None
     raise InferenceError(f"{root} has no tokenizer beside it and is not a training run's "
                          f"checkpoint folder: add tokenizer=<folder or file>")
 
@@ -148,8 +150,9 @@ def _precision(dtype: str) -> PrecisionConfig:
     return PrecisionConfig(name=dtype, bf16=dtype == "bf16", fp16=dtype == "fp16")
 
 
-def prepare(c: InferenceConfig, machine=None) -> Plan:
-    """The plan of an inference job, or an InferenceError / ConfigError saying what is wrong."""
+def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True) -> Plan:
+    """The plan of an inference job, or an InferenceError / ConfigError saying what is wrong.
+    Without `needs_tokenizer` (token ids in and out) a checkpoint without one is fine."""
     from llmtrain.runtime import detect_machine
 
     problems = []
@@ -165,7 +168,7 @@ def prepare(c: InferenceConfig, machine=None) -> Plan:
     root, iteration = _locate(c.load)
     run = _run_config(root)
     model = _model(c, root, run)
-    tokenizer, folder = _tokenizer(c, root, run)
+    tokenizer, folder = _tokenizer(c, root, run, needs_tokenizer)
     machine = machine or detect_machine()
     device = c.device or ("cuda" if machine.gpus else "cpu")
     dtype = c.dtype or ("bf16" if device == "cuda" else "fp32")

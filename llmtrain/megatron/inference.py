@@ -133,137 +133,155 @@ class Engine:
     @torch.inference_mode()
     def _run(self, batch: list[Sequence], on_token: Optional[OnToken],
              on_finish: Optional[OnFinish]) -> list[Output]:
+        """Every rank: prefill, then one position per step until every sequence is finished.
+        Per-sequence bookkeeping is in Python lists; the tensors stay on the device."""
         size = len(batch)
-        lengths = torch.tensor([len(s.prompt) for s in batch], device=self.device)
-        budget = torch.tensor([s.max_new_tokens for s in batch], device=self.device)
-        total = int((lengths + budget).max())
-        tokens = torch.zeros(size, total, dtype=torch.long, device=self.device)
-        for row, s in enumerate(batch):
-            tokens[row, :len(s.prompt)] = torch.tensor(s.prompt, device=self.device)
+        lengths = [len(s.prompt) for s in batch]
+        budget = [s.max_new_tokens for s in batch]
+        total = max(n + b for n, b in zip(lengths, budget))
+        rows = [s.prompt + [0] * (total - len(s.prompt)) for s in batch]
+        tokens = torch.tensor(rows, dtype=torch.long, device=self.device)
         outputs = [Output() for _ in batch]
         if self.is_driver:
             for s, out in zip(batch, outputs):
                 if s.logprobs is not None:
                     out.logprobs, out.top_logprobs = [], []
                 if s.prompt_logprobs:
-                    out.prompt_logprobs = [None]
-                    out.prompt_top_logprobs = [None]
-        generating = budget > 0
+                    out.prompt_logprobs, out.prompt_top_logprobs = [None], [None]
+        generating = [n for n, b in zip(lengths, budget) if b > 0]
         # Prefill up to the shortest prompt that generates (all prompts when none does: right
         # padding cannot change what a causal model computes before it).
-        end = int(lengths[generating].min()) if bool(generating.any()) else int(lengths.max())
-        start = 0
-        done = torch.zeros(size, dtype=torch.bool, device=self.device)
+        start, end = 0, min(generating) if generating else max(lengths)
+        done = [False] * size
         self.wrapper.prep_model_for_inference()  # eval mode, KV cache offsets reset
         inputs = self.wrapper.prep_inference_input(tokens)
-        want_all = any(s.prompt_logprobs for s in batch)
+        all_logits = any(s.prompt_logprobs for s in batch)
         while True:
-            self.context.config.materialize_only_last_token_logits = not (want_all and start == 0)
+            self.context.config.materialize_only_last_token_logits = not (all_logits and
+                                                                          start == 0)
             window = self.wrapper.get_batch_for_context_window(inputs, start, end)
             logits = self.wrapper.run_one_forward_step(window)
             if self.is_driver:
                 logits = logits[:size, :, :self.vocab_size].float()
                 if logits.size(1) > 1:
-                    self._prompt_logprobs(batch, outputs, logits[:, :-1], tokens, lengths, start)
-                chosen, finished = self._step(batch, outputs, logits[:, -1], tokens, lengths,
-                                              budget, end, done, on_token)
+                    self._prompt_logprobs(batch, outputs, logits[:, :-1], tokens, start)
+                chosen, finished = self._step(batch, outputs, logits[:, -1], tokens, end, done,
+                                              on_token)
             else:
                 chosen = torch.empty(size, dtype=torch.long, device=self.device)
-                finished = torch.empty(size, dtype=torch.bool, device=self.device)
-            dist.broadcast(chosen, src=self.driver)
-            dist.broadcast(finished, src=self.driver)
+                finished = None
+            chosen, finished = self._share(chosen, finished)
             if end < total:
                 tokens[:, end] = chosen
-            newly = finished & ~done
-            done |= finished
-            if self.is_driver:
-                for row in newly.nonzero().flatten().tolist():
-                    self._finish(batch[row], outputs[row], tokens[row], int(lengths[row]), end)
-                    if on_finish is not None:
-                        on_finish(row, outputs[row])
-            if bool(done.all()) or end >= total:
+            for row in range(size):
+                if finished[row] and not done[row]:
+                    done[row] = True
+                    if self.is_driver:
+                        count = min(max(end - lengths[row] + 1, 0), budget[row])
+                        outputs[row].tokens = tokens[row, lengths[row]:lengths[row] + count
+                                                     ].tolist()
+                        if on_finish is not None:
+                            on_finish(row, outputs[row])
+            if all(done) or end >= total:
                 break
             start, end = end, end + 1
         self.context.reset()
         return outputs
 
-    @staticmethod
-    def _finish(s: Sequence, out: Output, row: torch.Tensor, length: int, end: int) -> None:
-        count = min(max(end - length + 1, 0), s.max_new_tokens)
-        out.tokens = row[length:length + count].tolist()
+    def _share(self, chosen: torch.Tensor, finished: Optional[list[bool]]
+               ) -> tuple[torch.Tensor, list[bool]]:
+        """The driver's tokens and finished flags of this step, on every rank."""
+        if dist.get_world_size() == 1:
+            return chosen, finished
+        flags = torch.tensor(finished if finished is not None else [False] * len(chosen),
+                             dtype=torch.bool, device=self.device)
+        dist.broadcast(chosen, src=self.driver)
+        dist.broadcast(flags, src=self.driver)
+        return chosen, flags.tolist()
 
-    def _prompt_logprobs(self, batch, outputs, logits, tokens, lengths, start) -> None:
+    def _prompt_logprobs(self, batch, outputs, logits, tokens, start) -> None:
         """Log-probabilities of prompt tokens start+1 .. start+n-1 from all positions' logits but
         the last (which `_step` handles like any later position)."""
         for row, s in enumerate(batch):
             if not s.prompt_logprobs:
                 continue
-            last = min(start + logits.size(1), int(lengths[row]) - 1)  # last target position
+            last = min(start + logits.size(1), len(s.prompt) - 1)  # last target position
             if last <= start:
                 continue
             log_probs = torch.log_softmax(logits[row, :last - start], dim=-1)
             targets = tokens[row, start + 1:last + 1]
             picked = log_probs.gather(1, targets[:, None])[:, 0].tolist()
             outputs[row].prompt_logprobs.extend(picked)
-            top = self._top(log_probs, s.logprobs)
-            outputs[row].prompt_top_logprobs.extend(top or [None] * len(picked))
+            outputs[row].prompt_top_logprobs.extend(
+                self._top(log_probs, s.logprobs) or [None] * len(picked))
 
     @staticmethod
     def _top(log_probs: torch.Tensor, n: Optional[int]) -> Optional[list]:
+        """[(token, log-probability)] x n per row, most likely first (None for n 0 or None)."""
         if not n:
             return None
         values, ids = torch.topk(log_probs, n, dim=-1)
         return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
-    def _step(self, batch, outputs, last, tokens, lengths, budget, end, done, on_token):
+    def _step(self, batch, outputs, last, tokens, end, done, on_token):
         """Driver: the token of position `end` for every row (its own prompt token while it
-        still reads its prompt), its log-probabilities, and which rows are finished after it."""
+        still reads its prompt), log-probabilities where asked, and which rows are finished."""
         size = len(batch)
-        reading = lengths > end
+        reading = [len(s.prompt) > end for s in batch]
         chosen = tokens[:, end].clone() if end < tokens.size(1) else torch.zeros(
             size, dtype=torch.long, device=self.device)
-        active = ~reading & ~done & (budget > 0)
-        rows = active.nonzero().flatten().tolist()
-        if rows:
-            sampled = self._sample([batch[r] for r in rows], last[rows], tokens[rows, :end])
-            chosen[rows] = sampled
-        need = [r for r, s in enumerate(batch) if (r in rows and s.logprobs is not None)
-                or (reading[r] and s.prompt_logprobs)]
-        log_probs = torch.log_softmax(last[need], dim=-1) if need else None
-        finished = done.clone()
-        for i, row in enumerate(need):
-            s, out = batch[row], outputs[row]
-            value = float(log_probs[i, chosen[row]])
-            top = self._top(log_probs[i:i + 1], s.logprobs)
-            top = top[0] if top else None
+        active = [r for r, s in enumerate(batch)
+                  if not reading[r] and not done[r] and s.max_new_tokens > 0]
+        if active:
+            index = torch.tensor(active, device=self.device)
+            chosen[index] = self._sample([batch[r] for r in active], last[index],
+                                         tokens[index, :end])
+        # Log-probabilities: of generated tokens, and of prompt tokens when scoring.
+        need = [r for r in range(size) if (r in active and batch[r].logprobs is not None)
+                or (reading[r] and batch[r].prompt_logprobs)]
+        picked = {}
+        if need:
+            index = torch.tensor(need, device=self.device)
+            log_probs = torch.log_softmax(last[index], dim=-1)
+            values = log_probs.gather(1, chosen[index][:, None])[:, 0].tolist()
+            tops = self._top(log_probs, max(batch[r].logprobs or 0 for r in need))
+            for i, row in enumerate(need):
+                n = batch[row].logprobs or 0
+                picked[row] = (values[i], tops[i][:n] if tops and n else None)
+        for row, (value, top) in picked.items():
+            out = outputs[row]
             if reading[row]:
                 out.prompt_logprobs.append(value)
                 out.prompt_top_logprobs.append(top)
             else:
                 out.logprobs.append(value)
                 out.top_logprobs.append(top)
-        for row in rows:
+        tokens_now = chosen.tolist()
+        finished = list(done)
+        for row in active:
             s = batch[row]
-            token = int(chosen[row])
-            produced = end - int(lengths[row]) + 1
-            logprob = outputs[row].logprobs[-1] if outputs[row].logprobs else None
-            top = outputs[row].top_logprobs[-1] if outputs[row].top_logprobs else None
-            stop = on_token(row, token, logprob, top) if on_token is not None else False
-            if stop or token in s.stop_ids:
+            value, top = picked.get(row, (None, None))
+            stop = on_token is not None and on_token(row, tokens_now[row], value, top)
+            if stop or tokens_now[row] in s.stop_ids:
                 outputs[row].finish_reason = "stop"
-            if stop or token in s.stop_ids or produced >= s.max_new_tokens:
+            if stop or tokens_now[row] in s.stop_ids or \
+                    end - len(s.prompt) + 1 >= s.max_new_tokens:
                 finished[row] = True
-        # Rows that only score their prompt are finished once its last token is scored.
-        return chosen, finished | ((budget == 0) & (lengths <= end + 1))
+        for row, s in enumerate(batch):
+            # Sequences that only score their prompt are finished once its last token is.
+            if s.max_new_tokens == 0 and len(s.prompt) <= end + 1:
+                finished[row] = True
+        return chosen, finished
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor,
                 seen: torch.Tensor) -> torch.Tensor:
         """Next tokens of some rows from their last logits [rows, vocab]; `seen` holds each row's
         tokens so far (for the repetition penalty)."""
-        logits = logits.clone()
-        for i, s in enumerate(batch):
-            penalty = s.sampling.repetition_penalty
-            if penalty != 1.0:
+        penalized = [i for i, s in enumerate(batch) if s.sampling.repetition_penalty != 1.0]
+        if penalized:
+            logits = logits.clone()
+            for i in penalized:
+                penalty = batch[i].sampling.repetition_penalty
                 previous = logits[i].gather(0, seen[i])
                 logits[i].scatter_(0, seen[i], torch.where(previous > 0, previous / penalty,
                                                            previous * penalty))
@@ -275,15 +293,16 @@ class Engine:
                 groups.setdefault(key if s.sampling.seed is None else (key, i), []).append(i)
         for rows in groups.values():
             p = batch[rows[0]].sampling
+            index = torch.tensor(rows, device=self.device)
             # Megatron's filter takes top-k or top-p: both apply one after the other.
-            filtered = TorchSampling.filter_logits(logits[rows], p.temperature, p.top_k, 0.0,
+            filtered = TorchSampling.filter_logits(logits[index], p.temperature, p.top_k, 0.0,
                                                    vocab_size=self.vocab_size)
             if 0.0 < p.top_p < 1.0:
                 filtered = TorchSampling.filter_logits(filtered, 1.0, 0, float(p.top_p))
             generator = self.generator
-            if p.seed is not None:
+            if p.seed is not None:  # its own stream: the same whatever it is batched with
                 generator = torch.Generator(self.device)
-                generator.manual_seed(p.seed + len(seen[rows[0]]))
-            chosen[rows] = torch.multinomial(filtered.softmax(dim=-1), 1,
-                                             generator=generator).flatten()
+                generator.manual_seed(p.seed + seen.size(1))
+            chosen[index] = torch.multinomial(filtered.softmax(dim=-1), 1,
+                                              generator=generator).flatten()
         return chosen

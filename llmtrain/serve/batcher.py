@@ -78,7 +78,10 @@ class Work:
     arrived: float = field(default_factory=time.perf_counter)
 
     def post(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the HTTP loop is gone (shutting down): nobody is listening
+            self.cancelled = True
 
 
 class Metrics:

@@ -138,6 +138,10 @@ class Server:
         room = self.max_sequence_length - len(prompt)
         if new is None:
             new = room
+            if room < 1:
+                raise RequestError(f"the prompt has {len(prompt)} tokens: it leaves no room to "
+                                   f"answer in this model's {self.max_sequence_length}-token "
+                                   f"context", param="messages")
         if new > room or room < 0:
             raise RequestError(f"This model's maximum context length is "
                                f"{self.max_sequence_length} tokens. However, you requested "
