@@ -156,3 +156,23 @@ def test_bad_input_is_refused_with_what_to_do(tiny_llama, tmp_path):
                        module="llmtrain.generate", check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "llmtrain.generate:" in run.stderr and "line 2: not JSON" in run.stderr
+
+
+def test_generation_from_a_training_run_finds_its_model_and_tokenizer(tmp_path):
+    from llmtrain.data.corpus import corpus_tokenizer_path
+    from tokenizers import Tokenizer
+
+    run = tmp_path / "run"
+    run_llmtrain("stage.train_iters=2", "optim.lr_warmup_iters=1", "data.seq_length=32",
+                 "stage.micro_batch_size=2", "stage.global_batch_size=2",
+                 "logging.tensorboard=false", f"hydra.run.dir={run}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Python is\n")
+    out = tmp_path / "out.jsonl"
+    generate(f"load={run / 'checkpoints'}", f"input={prompts}", f"output={out}",
+             "sampling.num_tokens_to_generate=5", "sampling.ignore_eos=true", **QUIET)
+    (record,) = _read(out)
+    corpus = Tokenizer.from_file(str(corpus_tokenizer_path()))  # the run's data.tokenizer
+    assert record["num_prompt_tokens"] == len(corpus.encode("Python is").ids)
+    assert len(record["generated_tokens"]) == 5
+    assert record["generated_text"] == corpus.decode(record["generated_tokens"])

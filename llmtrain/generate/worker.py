@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Callable
 
 from llmtrain.config.schema import Config
@@ -17,6 +18,8 @@ from llmtrain.runtime import quiet_libraries
 def run(plan: Plan, task: Callable, cfg: Config, layout: Layout) -> dict:
     """Entry point of each worker (`launch(..., entry=partial(run, plan, task))`)."""
     quiet_libraries()
+    # torch's checkpoint reader warns about its own argument order and process groups.
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     from llmtrain.megatron import parallel
     from llmtrain.megatron.inference import Engine
 
