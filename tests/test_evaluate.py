@@ -95,7 +95,8 @@ def _indexed_dataset(hf, prefix) -> list[int]:
     from llmtrain.data.indexed import IndexedDatasetWriter
 
     eod = stop_ids(hf)[0]
-    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b):\n    return a + b",
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3,
+             "def add(a, b):\n    return a + b",
              "Megatron-Core trains large language models with tensor parallelism."]
     stream = []
     with IndexedDatasetWriter(prefix, vocab_size=4096) as writer:

@@ -150,6 +150,10 @@ def test_bad_input_is_refused_with_what_to_do(tiny_llama, tmp_path):
     chat.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
     with pytest.raises(InferenceError, match="role 'robot'"):
         generate(f"load={mcore}", f"input={chat}", f"output={tmp_path / 'o.jsonl'}", **QUIET)
+    with pytest.raises(InferenceError, match="hidden size 64, 4096 embedding rows, 4 layers; "
+                                             "model tiny has hidden size 256"):
+        generate(f"load={mcore}", "model=tiny", f"input={chat}",
+                 f"output={tmp_path / 'o.jsonl'}", **QUIET)
     assert not (tmp_path / "o.jsonl").exists()
     # The command: exit code 2 and the message, no traceback.
     run = run_llmtrain(f"load={mcore}", f"input={bad}", "output=o.jsonl", "sampling.top_p=2",

@@ -109,6 +109,25 @@ def _model(c: InferenceConfig, root: Path, run: Optional[dict]) -> ModelConfig:
                          f"(one of conf/model/)")
 
 
+def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> None:
+    """The checkpoint must hold this model: its embedding and layer count, from the metadata."""
+    from llmtrain.megatron import checkpoint
+
+    step = checkpoint.step_dir(root, iteration)
+    stored = checkpoint.stored_tensors(step)
+    embedding = stored.get("embedding.word_embeddings.weight", ([0, 0], None))[0]
+    layers = {shape[0] for name, (shape, _) in stored.items()
+              if name.startswith("decoder.layers.") and name.endswith(".weight")
+              and len(shape) == 3}
+    found = f"hidden size {embedding[1]}, {embedding[0]} embedding rows" + (
+        f", {layers.pop()} layers" if len(layers) == 1 else "")
+    if (embedding[1] != model.hidden_size or embedding[0] < model.vocab_size
+            or (layers and model.num_layers not in layers)):
+        raise InferenceError(f"{step} holds a model of {found}; model {model.name} has hidden "
+                             f"size {model.hidden_size}, vocabulary {model.vocab_size} and "
+                             f"{model.num_layers} layers: give the model= it was trained as")
+
+
 def tokenizer_in(folder: Path) -> Optional[TokenizerConfig]:
     """The tokenizer files of a folder (or a tokenizer file) as a tokenizer config."""
     if folder.is_file():
@@ -168,6 +187,7 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True) -> P
     root, iteration = _locate(c.load)
     run = _run_config(root)
     model = _model(c, root, run)
+    _check_shapes(model, root, iteration)
     tokenizer, folder = _tokenizer(c, root, run, needs_tokenizer)
     machine = machine or detect_machine()
     device = c.device or ("cuda" if machine.gpus else "cpu")

@@ -31,8 +31,8 @@ from megatron.core.inference.sampling.torch_sampling import TorchSampling
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
-from llmtrain.megatron import checkpoint
 from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence
+from llmtrain.megatron import checkpoint
 from llmtrain.megatron.model import build_model, params_dtype
 
 _STOP = "stop"  # what the driver sends followers when it is done
@@ -52,7 +52,8 @@ def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.
 
 def _driver_rank() -> int:
     """The global rank of the last pipeline stage's first TP rank (inference runs with DP 1)."""
-    mine = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    mine = (ps.is_pipeline_last_stage(ignore_virtual=True)
+            and ps.get_tensor_model_parallel_rank() == 0)
     flags = [None] * dist.get_world_size()
     dist.all_gather_object(flags, mine)
     return flags.index(True)

@@ -6,7 +6,7 @@ answers those prompts and exits; with --chat it holds a conversation through
 /v1/chat/completions, printing the reply as it streams.
 
     python -m llmtrain.serve.client localhost:5000
-    python -m llmtrain.serve.client localhost:5000 --prompt "Hello" --tokens-to-generate 32 --top-k 1
+    python -m llmtrain.serve.client localhost:5000 --prompt "Hello" --tokens-to-generate 32
     python -m llmtrain.serve.client localhost:5000 --chat --temperature 0.7
 """
 
