@@ -180,3 +180,14 @@ def test_generation_from_a_training_run_finds_its_model_and_tokenizer(tmp_path):
     assert record["num_prompt_tokens"] == len(corpus.encode("Python is").ids)
     assert len(record["generated_tokens"]) == 5
     assert record["generated_text"] == corpus.decode(record["generated_tokens"])
+
+
+@pytest.mark.slow
+def test_benchmark_command_runs_and_agrees_with_transformers():
+    """The GPU benchmark's command, on the CPU with the tiny model: both peers run, and in fp32
+    their greedy tokens agree."""
+    run = run_llmtrain("--batch-sizes", "1,2", "--prompt-length", "8", "--new-tokens", "8",
+                       "--repeats", "1", "model=tiny", module="llmtrain.generate.bench")
+    rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(row[-1] == "100%" and float(row[1].replace(",", "")) > 0 for row in rows)
