@@ -54,3 +54,22 @@ def _corpus_built():
     from llmtrain.data.corpus import ensure_corpus
 
     ensure_corpus()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama with the corpus tokenizer and a chat template, as a Hugging Face
+    folder and converted to a Megatron-Core checkpoint: (hf, mcore)."""
+    from hf_models import tiny_hf
+    from llmtrain.convert import convert
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    hf = tiny_hf("llama", root / "hf", tokenizer=True)
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>"}))
+    convert(f"input={hf}", f"output={root / 'mcore'}", say=lambda *_: None)
+    return hf, root / "mcore"

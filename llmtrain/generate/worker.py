@@ -1,0 +1,44 @@
+"""What every process of an inference job does: join the process groups, load the checkpoint into
+an engine, and either drive it (one rank: `task(engine)`, whose result the launcher returns) or
+follow it until the driver is done."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Callable
+
+from llmtrain.config.schema import Config
+from llmtrain.config.validate import Layout
+from llmtrain.generate.plan import Plan
+from llmtrain.runtime import quiet_libraries
+
+
+def run(plan: Plan, task: Callable, cfg: Config, layout: Layout) -> dict:
+    """Entry point of each worker (`launch(..., entry=partial(run, plan, task))`)."""
+    quiet_libraries()
+    # torch's checkpoint reader warns about its own argument order and process groups.
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
+    from llmtrain.megatron import parallel
+    from llmtrain.megatron.inference import Engine
+
+    parallel.initialize(layout, cfg.seed)
+    try:
+        began = time.perf_counter()
+        engine = Engine.load(cfg, layout, plan.root, plan.iteration, plan.max_batch_size,
+                             plan.max_sequence_length)
+        if not engine.is_driver:
+            engine.follow()
+            return {}
+        print(f"[llmtrain] loaded {plan.model.name} step {plan.iteration} from {plan.root} in "
+              f"{time.perf_counter() - began:.1f} s on {layout.world_size} {layout.device} "
+              f"process(es) (TP {layout.tensor_model_parallel_size} x PP "
+              f"{layout.pipeline_model_parallel_size}, {cfg.precision.name})", file=sys.stderr,
+              flush=True)
+        try:
+            return task(engine)
+        finally:
+            engine.stop_followers()
+    finally:
+        parallel.shutdown()

@@ -1,0 +1,309 @@
+"""Text generation on Megatron-Core's inference machinery, with a KV cache, under any TP x PP.
+
+The model runs through Megatron-Core's `GPTInferenceWrapper` (prefill and decode windows, logits
+gathered over TP, activations passed between pipeline stages) with a `StaticInferenceContext`
+(the KV cache, allocated once for `max_batch_size` x `max_sequence_length`). The loop around it is
+the one Megatron's static `TextGenerationController` runs (prefill up to the shortest prompt, then
+one position at a time, longer prompts fed their own tokens until they start generating), written
+here because that controller samples a whole batch with one set of parameters, over the padded
+vocabulary, without a repetition penalty, and needs CUDA events; and Megatron's dynamic engine
+needs flash-attention kernels (GPU only). Here every sequence of a batch has its own sampling
+parameters, length and stop tokens, and the logits are cut to the real vocabulary first.
+
+One rank, the driver (last pipeline stage, first TP rank: the one that holds the whole logits),
+samples and broadcasts each step's tokens and finished flags to every rank; the other ranks
+follow (`Engine.follow`). Batches reach them the same way, so the driver alone talks to users.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
+    GPTInferenceWrapper,
+)
+from megatron.core.inference.sampling.torch_sampling import TorchSampling
+
+from llmtrain.config.schema import Config
+from llmtrain.config.validate import Layout
+from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence
+from llmtrain.megatron import checkpoint
+from llmtrain.megatron.model import build_model, params_dtype
+
+_STOP = "stop"  # what the driver sends followers when it is done
+
+
+def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.nn.Module:
+    """The training builder's model with its weights from a checkpoint, every tensor in the
+    precision's format (as Megatron-LM's inference and transformers run a bf16 model), in eval
+    mode. Inference has no interleaved pipeline: one chunk per rank."""
+    if layout.virtual_pipeline_model_parallel_size:
+        raise ValueError("generation runs without virtual pipeline stages")
+    chunks = [chunk.to(params_dtype(cfg)) for chunk in build_model(cfg, layout)]
+    checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+    chunks[0].eval()
+    return chunks[0]
+
+
+def _driver_rank() -> int:
+    """The global rank of the last pipeline stage's first TP rank (inference runs with DP 1)."""
+    mine = (ps.is_pipeline_last_stage(ignore_virtual=True)
+            and ps.get_tensor_model_parallel_rank() == 0)
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, mine)
+    return flags.index(True)
+
+
+class Engine:
+    """Batches of sequences through the model, collectively on every rank of the model."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, max_batch_size: int,
+                 max_sequence_length: int, device: str, seed: int = 1234):
+        if dist.get_world_size() != (ps.get_tensor_model_parallel_world_size()
+                                     * ps.get_pipeline_model_parallel_world_size()):
+            raise ValueError("generation runs with data parallel size 1 (world size = TP x PP)")
+        self.vocab_size = vocab_size
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" \
+            else torch.device("cpu")
+        self.context = StaticInferenceContext(max_batch_size, max_sequence_length)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.wrapper = GPTInferenceWrapper(model, self.context)
+        self.driver = _driver_rank()
+        self.is_driver = dist.get_rank() == self.driver
+        self.generator = torch.Generator(self.device)
+        self.generator.manual_seed(seed)
+
+    @classmethod
+    def load(cls, cfg: Config, layout: Layout, root: str, iteration: int, max_batch_size: int,
+             max_sequence_length: int) -> "Engine":
+        """The engine of a checkpoint (on every rank, after parallel.initialize)."""
+        model = load_model(cfg, layout, root, iteration)
+        return cls(model, cfg.model.vocab_size, max_batch_size, max_sequence_length,
+                   layout.device, cfg.seed)
+
+    # Driver and followers -------------------------------------------------------------------
+
+    def generate(self, batch: list[Sequence], on_token: Optional[OnToken] = None,
+                 on_finish: Optional[OnFinish] = None) -> list[Output]:
+        """Driver: run one batch (at most max_batch_size sequences) on every rank."""
+        self._check(batch)
+        self._broadcast_object(batch)
+        return self._run(batch, on_token, on_finish)
+
+    def follow(self) -> None:
+        """Other ranks: run every batch the driver sends, until it stops."""
+        while True:
+            batch = self._broadcast_object(None)
+            if batch == _STOP:
+                return
+            self._run(batch, None, None)
+
+    def stop_followers(self) -> None:
+        """Driver: release the ranks waiting in `follow`."""
+        self._broadcast_object(_STOP)
+
+    def _broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.driver)
+        return box[0]
+
+    def _check(self, batch: list[Sequence]) -> None:
+        if not 0 < len(batch) <= self.max_batch_size:
+            raise ValueError(f"a batch holds 1 to {self.max_batch_size} sequences, not "
+                             f"{len(batch)}")
+        for s in batch:
+            if not s.prompt:
+                raise ValueError("a prompt needs at least one token")
+            if len(s.prompt) + s.max_new_tokens > self.max_sequence_length:
+                raise ValueError(f"{len(s.prompt)} prompt tokens + {s.max_new_tokens} to "
+                                 f"generate exceed the {self.max_sequence_length} tokens of the "
+                                 f"KV cache (max_sequence_length)")
+            if max(s.prompt) >= self.vocab_size or min(s.prompt) < 0:
+                raise ValueError(f"prompt token ids must lie in 0..{self.vocab_size - 1}")
+
+    # The generation loop ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self, batch: list[Sequence], on_token: Optional[OnToken],
+             on_finish: Optional[OnFinish]) -> list[Output]:
+        """Every rank: prefill, then one position per step until every sequence is finished.
+        Per-sequence bookkeeping is in Python lists; the tensors stay on the device."""
+        size = len(batch)
+        lengths = [len(s.prompt) for s in batch]
+        budget = [s.max_new_tokens for s in batch]
+        total = max(n + b for n, b in zip(lengths, budget))
+        rows = [s.prompt + [0] * (total - len(s.prompt)) for s in batch]
+        tokens = torch.tensor(rows, dtype=torch.long, device=self.device)
+        outputs = [Output() for _ in batch]
+        if self.is_driver:
+            for s, out in zip(batch, outputs):
+                if s.logprobs is not None:
+                    out.logprobs, out.top_logprobs = [], []
+                if s.prompt_logprobs:
+                    out.prompt_logprobs, out.prompt_top_logprobs = [None], [None]
+        generating = [n for n, b in zip(lengths, budget) if b > 0]
+        # Prefill up to the shortest prompt that generates (all prompts when none does: right
+        # padding cannot change what a causal model computes before it).
+        start, end = 0, min(generating) if generating else max(lengths)
+        done = [False] * size
+        self.wrapper.prep_model_for_inference()  # eval mode, KV cache offsets reset
+        inputs = self.wrapper.prep_inference_input(tokens)
+        all_logits = any(s.prompt_logprobs for s in batch)
+        while True:
+            self.context.config.materialize_only_last_token_logits = not (all_logits and
+                                                                          start == 0)
+            window = self.wrapper.get_batch_for_context_window(inputs, start, end)
+            logits = self.wrapper.run_one_forward_step(window)
+            if self.is_driver:
+                logits = logits[:size, :, :self.vocab_size].float()
+                if logits.size(1) > 1:
+                    self._prompt_logprobs(batch, outputs, logits[:, :-1], tokens, start)
+                chosen, finished = self._step(batch, outputs, logits[:, -1], tokens, end, done,
+                                              on_token)
+            else:
+                chosen = torch.empty(size, dtype=torch.long, device=self.device)
+                finished = None
+            chosen, finished = self._share(chosen, finished)
+            if end < total:
+                tokens[:, end] = chosen
+            for row in range(size):
+                if finished[row] and not done[row]:
+                    done[row] = True
+                    if self.is_driver:
+                        count = min(max(end - lengths[row] + 1, 0), budget[row])
+                        outputs[row].tokens = tokens[row, lengths[row]:lengths[row] + count
+                                                     ].tolist()
+                        if on_finish is not None:
+                            on_finish(row, outputs[row])
+            if all(done) or end >= total:
+                break
+            start, end = end, end + 1
+        self.context.reset()
+        return outputs
+
+    def _share(self, chosen: torch.Tensor, finished: Optional[list[bool]]
+               ) -> tuple[torch.Tensor, list[bool]]:
+        """The driver's tokens and finished flags of this step, on every rank."""
+        if dist.get_world_size() == 1:
+            return chosen, finished
+        flags = torch.tensor(finished if finished is not None else [False] * len(chosen),
+                             dtype=torch.bool, device=self.device)
+        dist.broadcast(chosen, src=self.driver)
+        dist.broadcast(flags, src=self.driver)
+        return chosen, flags.tolist()
+
+    def _prompt_logprobs(self, batch, outputs, logits, tokens, start) -> None:
+        """Log-probabilities of prompt tokens start+1 .. start+n-1 from all positions' logits but
+        the last (which `_step` handles like any later position)."""
+        for row, s in enumerate(batch):
+            if not s.prompt_logprobs:
+                continue
+            last = min(start + logits.size(1), len(s.prompt) - 1)  # last target position
+            if last <= start:
+                continue
+            log_probs = torch.log_softmax(logits[row, :last - start], dim=-1)
+            targets = tokens[row, start + 1:last + 1]
+            picked = log_probs.gather(1, targets[:, None])[:, 0].tolist()
+            outputs[row].prompt_logprobs.extend(picked)
+            outputs[row].prompt_top_logprobs.extend(
+                self._top(log_probs, s.logprobs) or [None] * len(picked))
+
+    @staticmethod
+    def _top(log_probs: torch.Tensor, n: Optional[int]) -> Optional[list]:
+        """[(token, log-probability)] x n per row, most likely first (None for n 0 or None)."""
+        if not n:
+            return None
+        values, ids = torch.topk(log_probs, n, dim=-1)
+        return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+    def _step(self, batch, outputs, last, tokens, end, done, on_token):
+        """Driver: the token of position `end` for every row (its own prompt token while it
+        still reads its prompt), log-probabilities where asked, and which rows are finished."""
+        size = len(batch)
+        reading = [len(s.prompt) > end for s in batch]
+        chosen = tokens[:, end].clone() if end < tokens.size(1) else torch.zeros(
+            size, dtype=torch.long, device=self.device)
+        active = [r for r, s in enumerate(batch)
+                  if not reading[r] and not done[r] and s.max_new_tokens > 0]
+        if active:
+            index = torch.tensor(active, device=self.device)
+            chosen[index] = self._sample([batch[r] for r in active], last[index],
+                                         tokens[index, :end])
+        # Log-probabilities: of generated tokens, and of prompt tokens when scoring.
+        need = [r for r in range(size) if (r in active and batch[r].logprobs is not None)
+                or (reading[r] and batch[r].prompt_logprobs)]
+        picked = {}
+        if need:
+            index = torch.tensor(need, device=self.device)
+            log_probs = torch.log_softmax(last[index], dim=-1)
+            values = log_probs.gather(1, chosen[index][:, None])[:, 0].tolist()
+            tops = self._top(log_probs, max(batch[r].logprobs or 0 for r in need))
+            for i, row in enumerate(need):
+                n = batch[row].logprobs or 0
+                picked[row] = (values[i], tops[i][:n] if tops and n else None)
+        for row, (value, top) in picked.items():
+            out = outputs[row]
+            if reading[row]:
+                out.prompt_logprobs.append(value)
+                out.prompt_top_logprobs.append(top)
+            else:
+                out.logprobs.append(value)
+                out.top_logprobs.append(top)
+        tokens_now = chosen.tolist()
+        finished = list(done)
+        for row in active:
+            s = batch[row]
+            value, top = picked.get(row, (None, None))
+            stop = on_token is not None and on_token(row, tokens_now[row], value, top)
+            if stop or tokens_now[row] in s.stop_ids:
+                outputs[row].finish_reason = "stop"
+            if stop or tokens_now[row] in s.stop_ids or \
+                    end - len(s.prompt) + 1 >= s.max_new_tokens:
+                finished[row] = True
+        for row, s in enumerate(batch):
+            # Sequences that only score their prompt are finished once its last token is.
+            if s.max_new_tokens == 0 and len(s.prompt) <= end + 1:
+                finished[row] = True
+        return chosen, finished
+
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor,
+                seen: torch.Tensor) -> torch.Tensor:
+        """Next tokens of some rows from their last logits [rows, vocab]; `seen` holds each row's
+        tokens so far (for the repetition penalty)."""
+        penalized = [i for i, s in enumerate(batch) if s.sampling.repetition_penalty != 1.0]
+        if penalized:
+            logits = logits.clone()
+            for i in penalized:
+                penalty = batch[i].sampling.repetition_penalty
+                previous = logits[i].gather(0, seen[i])
+                logits[i].scatter_(0, seen[i], torch.where(previous > 0, previous / penalty,
+                                                           previous * penalty))
+        chosen = torch.argmax(logits, dim=-1)
+        groups: dict = {}
+        for i, s in enumerate(batch):
+            if not s.sampling.greedy:
+                key = (s.sampling.temperature, s.sampling.top_k, s.sampling.top_p)
+                groups.setdefault(key if s.sampling.seed is None else (key, i), []).append(i)
+        for rows in groups.values():
+            p = batch[rows[0]].sampling
+            index = torch.tensor(rows, device=self.device)
+            # Megatron's filter takes top-k or top-p: both apply one after the other.
+            filtered = TorchSampling.filter_logits(logits[index], p.temperature, p.top_k, 0.0,
+                                                   vocab_size=self.vocab_size)
+            if 0.0 < p.top_p < 1.0:
+                filtered = TorchSampling.filter_logits(filtered, 1.0, 0, float(p.top_p))
+            generator = self.generator
+            if p.seed is not None:  # its own stream: the same whatever it is batched with
+                generator = torch.Generator(self.device)
+                generator.manual_seed(p.seed + seen.size(1))
+            chosen[index] = torch.multinomial(filtered.softmax(dim=-1), 1,
+                                              generator=generator).flatten()
+        return chosen

@@ -1,0 +1,293 @@
+"""The HTTP side of the server (FastAPI on uvicorn, in its own thread): parse and check each
+request, queue it for the batcher, answer when its sequences are done or stream them token by
+token (server-sent events, as OpenAI's API does). A malformed request is answered with a 4xx that
+says what is wrong; nothing it does stops the server.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (OpenAI); PUT /api
+(Megatron-LM); GET /tokenizer_info, POST /tokenize, POST /detokenize (as vLLM has them: what
+lm-evaluation-harness's remote tokenizer uses); GET /health; GET /metrics (requests, batches and
+their sizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmtrain.serve import megatron_api
+from llmtrain.serve.batcher import Batcher, Choice, Work
+from llmtrain.serve.openai_api import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    Server,
+    envelope,
+    new_id,
+    usage,
+)
+
+
+def _openai_error(status: int, message: str, param=None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": None}}, status_code=status)
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    """Pydantic's errors as one line per field; a value that fits none of a field's types names
+    them all at once."""
+    fields: dict = {}
+    for e in error.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        fields.setdefault(loc[0] if loc else "", []).append((loc[1:], e.get("msg", "")))
+    parts = []
+    for name, errors in fields.items():
+        branches = list(dict.fromkeys(loc[0] for loc, _ in errors if loc))
+        if len(errors) > 1 and len(branches) == len(errors):
+            parts.append(f"{name}: expected one of: {', '.join(branches)}")
+        elif name == "":
+            parts.append(errors[0][1])
+        else:
+            parts += [f"{'.'.join([name, *loc])}: {msg}" for loc, msg in errors]
+    return "; ".join(parts) or "malformed request"
+
+
+def _submit(batcher: Batcher, choices: list[Choice], stream: bool) -> Work:
+    work = Work(choices, asyncio.get_running_loop(), asyncio.Queue(), stream)
+    batcher.submit(work)
+    return work
+
+
+async def _results(work: Work) -> dict:
+    """{choice index: (Output, text)} once every choice is done."""
+    done = {}
+    try:
+        while len(done) < len(work.choices):
+            event = await work.events.get()
+            if event[0] == "error":
+                raise RuntimeError(event[1])
+            if event[0] == "done":
+                done[event[1]] = (event[2], event[3])
+    finally:
+        work.cancelled = len(done) < len(work.choices)  # a client gone: stop its sequences
+    return done
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastAPI:
+    """The FastAPI application of a batcher."""
+    app = FastAPI(title="llmtrain", docs_url=None, redoc_url=None)
+    text = server.text
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        message = _validation_message(error)
+        if request.url.path == "/api":
+            return JSONResponse({"message": message}, status_code=400)
+        return _openai_error(400, message)
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, error: RequestError):
+        if request.url.path == "/api":
+            return JSONResponse({"message": str(error)}, status_code=error.status)
+        return _openai_error(error.status, str(error), error.param)
+
+    @app.exception_handler(RuntimeError)
+    async def _failed(request: Request, error: RuntimeError):
+        return _openai_error(500, f"generation failed: {error}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return batcher.metrics.as_dict()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": server.name, "object": "model", "created": int(time.time()),
+            "owned_by": "llmtrain", "max_model_len": server.max_sequence_length}]}
+
+    def _note(r) -> None:
+        if log_requests:
+            print(f"[serve] {r.model_dump_json(exclude_unset=True)[:2000]}", file=sys.stderr,
+                  flush=True)
+
+    @app.post("/v1/completions")
+    async def completions(r: CompletionRequest):
+        _note(r)
+        choices, prompts = server.completion_choices(r)
+        texts = [server.prompt_text(r, i, p) for i, p in enumerate(prompts)]
+        work = _submit(batcher, choices, r.stream)
+        request_id = new_id("cmpl")
+        prompt_tokens = sum(len(p) for p in prompts)
+        if r.stream:
+            return StreamingResponse(_stream_completion(work, r, texts, request_id,
+                                                        prompt_tokens),
+                                     media_type="text/event-stream")
+        done = await _results(work)
+        out = [server.completion_choice(r, c, *done[c.index], texts[c.index // r.n])
+               for c in choices]
+        made = sum(len(done[c.index][0].tokens) for c in choices)
+        return envelope("text_completion", server.name, request_id, choices=out,
+                        usage=usage(prompt_tokens, made))
+
+    async def _stream_completion(work: Work, r: CompletionRequest, texts: list[str],
+                                 request_id: str, prompt_tokens: int) -> AsyncIterator[str]:
+        def chunk(index, delta, logprobs=None, finish=None):
+            return _sse(envelope("text_completion", server.name, request_id, choices=[{
+                "index": index, "text": delta, "logprobs": logprobs,
+                "finish_reason": finish}]))
+
+        made, finished = 0, 0
+        try:
+            if r.echo:
+                for c in work.choices:
+                    yield chunk(c.index, texts[c.index // r.n])
+            while finished < len(work.choices):
+                event = await work.events.get()
+                if event[0] == "error":
+                    yield _sse({"error": {"message": event[1], "type": "server_error"}})
+                    return
+                if event[0] == "token":
+                    _, index, token, logprob, top, delta = event
+                    made += 1
+                    if delta or r.logprobs is not None:
+                        yield chunk(index, delta, server.token_logprobs(token, logprob, top)
+                                    if r.logprobs is not None else None)
+                else:
+                    _, index, output, rest = event
+                    finished += 1
+                    yield chunk(index, rest, None, output.finish_reason)
+            if r.include_usage:
+                yield _sse(envelope("text_completion", server.name, request_id, choices=[],
+                                    usage=usage(prompt_tokens, made)))
+            yield "data: [DONE]\n\n"
+        finally:
+            work.cancelled = finished < len(work.choices)
+
+    @app.post("/v1/chat/completions")
+    async def chat(r: ChatRequest):
+        _note(r)
+        choices, prompt = server.chat_choices(r)
+        work = _submit(batcher, choices, r.stream)
+        request_id = new_id("chatcmpl")
+        if r.stream:
+            return StreamingResponse(_stream_chat(work, r, request_id, len(prompt)),
+                                     media_type="text/event-stream")
+        done = await _results(work)
+        out = [server.chat_choice(r, c, *done[c.index]) for c in choices]
+        made = sum(len(done[c.index][0].tokens) for c in choices)
+        return envelope("chat.completion", server.name, request_id, choices=out,
+                        usage=usage(len(prompt), made))
+
+    async def _stream_chat(work: Work, r: ChatRequest, request_id: str, prompt_tokens: int
+                           ) -> AsyncIterator[str]:
+        def chunk(index, delta, logprobs=None, finish=None):
+            return _sse(envelope("chat.completion.chunk", server.name, request_id, choices=[{
+                "index": index, "delta": delta, "logprobs": logprobs,
+                "finish_reason": finish}]))
+
+        made, finished = 0, 0
+        try:
+            for c in work.choices:
+                yield chunk(c.index, {"role": "assistant", "content": ""})
+            while finished < len(work.choices):
+                event = await work.events.get()
+                if event[0] == "error":
+                    yield _sse({"error": {"message": event[1], "type": "server_error"}})
+                    return
+                if event[0] == "token":
+                    _, index, token, logprob, top, delta = event
+                    made += 1
+                    if delta or r.logprobs:
+                        yield chunk(index, {"content": delta},
+                                    server.chat_logprobs(r, [token], [logprob], [top]))
+                else:
+                    _, index, output, rest = event
+                    finished += 1
+                    if rest:
+                        yield chunk(index, {"content": rest})
+                    yield chunk(index, {}, None, output.finish_reason)
+            if r.include_usage:
+                yield _sse(envelope("chat.completion.chunk", server.name, request_id,
+                                    choices=[], usage=usage(prompt_tokens, made)))
+            yield "data: [DONE]\n\n"
+        finally:
+            work.cancelled = finished < len(work.choices)
+
+    @app.put("/api")
+    async def megatron(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestError("the request body is not JSON") from None
+        choices, options = megatron_api.parse(body, server)
+        if not options["no_log"]:
+            print(f"[serve] /api request from {request.client.host if request.client else '?'}"
+                  f": {len(choices)} prompt(s)", file=sys.stderr, flush=True)
+        done = await _results(_submit(batcher, choices, False))
+        return megatron_api.response(body["prompts"], choices, done, server,
+                                     options["logprobs"])
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        eod = text.piece(text.tokenizer.eod)
+        return {"tokenizer_class": f"llmtrain ({text.tokenizer.kind})",
+                "eos_token": text.special("eos_token") or eod,
+                "bos_token": text.special("bos_token"), "pad_token": text.special("pad_token"),
+                "chat_template": text.chat_template,
+                "model_max_length": server.max_sequence_length}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json(request)
+        if isinstance(body.get("prompt"), str):
+            tokens = text.encode(body["prompt"])
+            if body.get("add_special_tokens") and text.bos is not None:
+                tokens = [text.bos] + tokens
+        elif "messages" in body:
+            from llmtrain.generate.plan import InferenceError
+
+            try:
+                tokens = text.chat(body["messages"])
+            except InferenceError as error:
+                raise RequestError(str(error), param="messages") from None
+        else:
+            raise RequestError("tokenize takes {\"prompt\": text} or {\"messages\": [...]}")
+        return {"tokens": tokens, "count": len(tokens),
+                "max_model_len": server.max_sequence_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and 0 <= t < text.vocab_size for t in tokens):
+            raise RequestError(f"detokenize takes {{\"tokens\": [ids in 0.."
+                               f"{text.vocab_size - 1}]}}", param="tokens")
+        return {"prompt": text.decode(tokens)}
+
+    return app
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
