@@ -197,18 +197,22 @@ def _read_mcore(root: Path) -> tuple[Path, int]:
 def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
     from llmtrain.megatron import checkpoint
 
+    from llmtrain.generate.plan import run_config, run_tokenizer_folder
+
     root, iteration = _read_mcore(Path(c.input))
+    run = run_config(root)  # a training run's checkpoints: its model and tokenizer
     if (root / hf_files.CONFIG).exists():
         _, family, m = _model_of(c, root)
-    elif c.model:
-        m = c.model
+    elif c.model or run is not None:
+        m = c.model or ModelConfig(**run["model"])
         family = families.by_name(m.family)
         # The Hugging Face config written must describe the same model.
         _disagreement(m, ModelConfig(name=m.name, **family.model_fields(family.hf_config(m))),
                       f"what a {family.architecture} config can express")
     else:
-        raise ConversionError(f"{root} has no {hf_files.CONFIG} saying which model it holds: add "
-                              f"model=<name> (one of conf/model/)")
+        raise ConversionError(f"{root} has no {hf_files.CONFIG} and no training run config "
+                              f"beside it saying which model it holds: add model=<name> (one of "
+                              f"conf/model/)")
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size)
     stored = checkpoint.stored_tensors(checkpoint.step_dir(root, iteration))
@@ -219,6 +223,8 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                               f"(its word embedding is {embedding[0] if embedding else 'missing'})"
                               f": choose the model= it was trained as")
     source = _dtype_name(embedding[1]) or "fp32"
+    if not c.tokenizer and run is not None and run_tokenizer_folder(run):
+        c = dataclasses.replace(c, tokenizer=str(run_tokenizer_folder(run)))
     tokenizer = root if hf_files.has_tokenizer(root) else (Path(c.tokenizer) if c.tokenizer
                                                              else None)
     sequences, tokens_from = tokenize(tokenizer, c.prompts, m.vocab_size, cfg.data.seq_length,

@@ -77,10 +77,20 @@ def _locate(load: str) -> tuple[Path, int]:
     return path, iteration
 
 
-def _run_config(root: Path) -> Optional[dict]:
+def run_config(root: Path) -> Optional[dict]:
     """The resolved config of the training run whose checkpoints `root` holds."""
     path = root.parent / ".hydra" / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def run_tokenizer_folder(run: dict) -> Optional[Path]:
+    """The folder of a training run's tokenizer (which also holds its chat template and
+    generation_config.json), when it was given as a folder or a file in one."""
+    model = run["data"]["tokenizer"].get("tokenizer_model")
+    source = Path(model) if model else None
+    if source is not None and source.is_file():
+        source = source.parent
+    return source if source is not None and source.is_dir() else None
 
 
 def _model(c: InferenceConfig, root: Path, run: Optional[dict]) -> ModelConfig:
@@ -158,7 +168,8 @@ def _tokenizer(c: InferenceConfig, root: Path, run: Optional[dict], needed: bool
     if found is not None:
         return found, str(root)
     if run is not None:
-        return TokenizerConfig(**run["data"]["tokenizer"]), None
+        folder = run_tokenizer_folder(run)
+        return TokenizerConfig(**run["data"]["tokenizer"]), str(folder) if folder else None
     if not needed:
         return TokenizerConfig(tokenizer_type="null"), None
     raise InferenceError(f"{root} has no tokenizer beside it and is not a training run's "
@@ -185,7 +196,7 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True) -> P
     if problems:
         raise InferenceError("the configuration has problem(s):\n  - " + "\n  - ".join(problems))
     root, iteration = _locate(c.load)
-    run = _run_config(root)
+    run = run_config(root)
     model = _model(c, root, run)
     _check_shapes(model, root, iteration)
     tokenizer, folder = _tokenizer(c, root, run, needs_tokenizer)
