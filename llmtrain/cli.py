@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain.config.aliases import AliasError, rewrite
 from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
@@ -90,3 +91,17 @@ def main(dcfg: DictConfig):
           f"checkpoints in {out / cfg.checkpoint.save if cfg.checkpoint.save else 'nowhere'}, "
           f"summary in {out / 'summary.json'}", flush=True)
     return summary.get("final_loss")
+
+
+def run() -> None:
+    """`python -m llmtrain`: ms-swift's argument names (learning_rate=, tp=, ...) become
+    llmtrain's overrides (docs/migrate_ms_swift.md), then Hydra composes."""
+    try:
+        args, notes = rewrite(sys.argv[1:])
+    except AliasError as error:
+        print(f"llmtrain: {error}", file=sys.stderr)
+        sys.exit(2)
+    for note in notes:
+        print(f"[llmtrain] ms-swift argument {note}", file=sys.stderr, flush=True)
+    sys.argv[1:] = args
+    main()
