@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain.config import overrides
 from llmtrain.config.aliases import AliasError, rewrite
 from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
@@ -103,5 +104,9 @@ def run() -> None:
         sys.exit(2)
     for note in notes:
         print(f"[llmtrain] ms-swift argument {note}", file=sys.stderr, flush=True)
+    wrong = overrides.problems(args)
+    if wrong:
+        print(f"llmtrain: {ConfigError(wrong)}", file=sys.stderr)
+        sys.exit(2)
     sys.argv[1:] = args
     main()

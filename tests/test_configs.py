@@ -39,7 +39,7 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
         problems.append(SHAPE_PROBLEMS[choice["model"], choice["parallel"]])
     if choice["model"] == "gpt2_345m" and choice["data"] in ("mock", "indexed"):
         problems.append("data.seq_length=4096 exceeds the 1024 learned positions of model "
-                        "gpt2_345m")
+                        "gpt2_345m: set data.seq_length=1024 or less")
     if choice["precision"] == "fp8":
         problems.append(FP8_ON_CPU)
     if choice["data"] == "indexed":
@@ -138,7 +138,7 @@ def test_validation_reports_every_problem_at_once():
         "parallel.sequence_parallel=true needs Transformer Engine's layers (a GPU with "
         "llmtrain[gpu] installed); leave it unset to choose automatically",
         "stage.global_batch_size=6 is not divisible by micro_batch_size 4 x data parallel size "
-        "1 = 4",
+        "1 = 4: choose a multiple of 4",
     ])
 
 

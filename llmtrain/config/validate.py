@@ -138,7 +138,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                         f"tensor parallel size {tp} does not divide: choose a TP that divides it")
     if m.num_attention_heads % groups:
         problems.append(f"model.num_query_groups={groups} must divide "
-                        f"model.num_attention_heads={m.num_attention_heads}")
+                        f"model.num_attention_heads={m.num_attention_heads}: fix the model "
+                        f"config (conf/model/{m.name}.yaml or model.num_query_groups=...)")
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         problems.append(f"model.hidden_size={m.hidden_size} is not a multiple of "
                         f"num_attention_heads={m.num_attention_heads}: set model.kv_channels")
@@ -149,7 +150,7 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         problems.append("model.parallel_mlp_layernorm=true needs model.parallel_attention_mlp=true")
     if m.ffn_hidden_size % tp:
         problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
-                        f"tensor parallel size {tp}")
+                        f"tensor parallel size {tp}: choose a TP that divides it")
     stages = pp * (vpp or 1)
     if m.num_layers % stages:
         what = f"PP {pp} x VPP {vpp}" if vpp else f"pipeline parallel size {pp}"
@@ -165,14 +166,16 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                         f"model (model.num_moe_experts is not set)")
     if m.num_moe_experts is not None and m.num_moe_experts % ep:
         problems.append(f"model.num_moe_experts={m.num_moe_experts} is not divisible by "
-                        f"expert_model_parallel_size={ep}")
+                        f"expert_model_parallel_size={ep}: choose an expert parallel size that "
+                        f"divides it")
     if cp > 1 and data.seq_length % (2 * cp):
         problems.append(f"data.seq_length={data.seq_length} must be divisible by 2 x context "
                         f"parallel size = {2 * cp}")
     if (m.position_embedding_type == "learned_absolute"
             and data.seq_length > m.max_position_embeddings):
         problems.append(f"data.seq_length={data.seq_length} exceeds the {m.max_position_embeddings} "
-                        f"learned positions of model {m.name}")
+                        f"learned positions of model {m.name}: set data.seq_length="
+                        f"{m.max_position_embeddings} or less")
 
     # Precision against the machine.
     if prec.bf16 and prec.fp16:
@@ -229,7 +232,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         problems.append("parallel.overlap_grad_reduce/overlap_param_gather need CUDA streams; "
                         "turn them off on CPU")
     if device == "cuda" and machine.gpus == 0:
-        problems.append("device=cuda was asked for but this machine has no GPU")
+        problems.append("device=cuda was asked for but this machine has no GPU: leave device "
+                        "unset (or add dry_run=true to plan a GPU job from here)")
 
     # Processes: world size = nodes x processes per node = TP x PP x CP x DP.
     nnodes = max(cfg.launcher.nnodes, 1)
@@ -259,7 +263,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                             f"TP {tp} x PP {pp} x CP {cp} x DP {dp}: world size must equal "
                             f"TP x PP x CP x DP")
     if ep > 1 and (dp * cp) % ep:
-        problems.append(f"expert parallel size {ep} must divide DP x CP = {dp * cp}")
+        problems.append(f"expert parallel size {ep} must divide DP x CP = {dp * cp}: choose "
+                        f"parallel.expert_model_parallel_size to divide it")
 
     # Batch and schedule.
     mbs, gbs = stage.micro_batch_size, stage.global_batch_size
@@ -268,19 +273,22 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         problems.append("stage.micro_batch_size and stage.global_batch_size must be at least 1")
     elif gbs % (mbs * dp):
         problems.append(f"stage.global_batch_size={gbs} is not divisible by micro_batch_size "
-                        f"{mbs} x data parallel size {dp} = {mbs * dp}")
+                        f"{mbs} x data parallel size {dp} = {mbs * dp}: choose a multiple of "
+                        f"{mbs * dp}")
     else:
         num_microbatches = gbs // (mbs * dp)
         if vpp and num_microbatches % pp:
             problems.append(f"the interleaved pipeline schedule needs the number of micro-batches "
-                            f"({num_microbatches}) to be a multiple of PP {pp}")
+                            f"({num_microbatches}) to be a multiple of PP {pp}: choose a global "
+                            f"batch of a multiple of {mbs * dp * pp}")
     if stage.train_iters is None or stage.train_iters < 1:
         problems.append(f"stage.train_iters={stage.train_iters} must be at least 1 (or set "
                         f"stage.train_tokens)")
     if data.seq_length < 1:
         problems.append(f"data.seq_length={data.seq_length} must be at least 1")
     if optim.min_lr > optim.lr:
-        problems.append(f"optim.min_lr={optim.min_lr} is above optim.lr={optim.lr}")
+        problems.append(f"optim.min_lr={optim.min_lr} is above optim.lr={optim.lr}: lower "
+                        f"optim.min_lr (stage=sft sets optim.lr=1e-5, min_lr=1e-6)")
     decay_iters = optim.lr_decay_iters or stage.train_iters or 0
     if optim.lr_warmup_iters >= max(decay_iters, 1) and optim.lr_decay_style != "constant":
         problems.append(f"optim.lr_warmup_iters={optim.lr_warmup_iters} must be below the "

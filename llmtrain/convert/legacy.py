@@ -68,7 +68,8 @@ def _step_folder(root: Path) -> Path:
     folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
     if not folder.is_dir():
         raise ConversionError(f"{TRACKER} names step {text}, but {folder.name}/ is missing "
-                              f"from {root}")
+                              f"from {root}: copy that step too, or write the step that is "
+                              f"there into {TRACKER}")
     return folder
 
 
@@ -82,7 +83,8 @@ def find(root: Path) -> LegacyCheckpoint:
             ranks[(int(match.group(1)), int(match.group(2) or 0))] = path
     if not ranks:
         raise ConversionError(f"{folder} has no mp_rank_XX folders: it is not a Megatron-LM "
-                              f"torch-format checkpoint")
+                              f"torch-format checkpoint (for a Megatron-Core checkpoint use "
+                              f"direction=mcore_to_hf)")
     tp = max(t for t, _ in ranks) + 1
     pp = max(p for _, p in ranks) + 1
     files, missing = {}, []
@@ -96,7 +98,7 @@ def find(root: Path) -> LegacyCheckpoint:
                 files[(t, p)] = str(file)
     if missing:
         raise ConversionError(f"the checkpoint at {root} lacks {len(missing)} file(s): "
-                              + ", ".join(missing))
+                              + ", ".join(missing) + ": copy every rank's file of the step")
     return LegacyCheckpoint(str(folder), folder.name, tp, pp, files)
 
 

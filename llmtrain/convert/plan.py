@@ -190,7 +190,8 @@ def _read_mcore(root: Path) -> tuple[Path, int]:
     step = checkpoint.step_dir(root, iteration)
     if not (step / "metadata.json").exists():
         raise ConversionError(f"{checkpoint.TRACKER} names step {iteration}, but "
-                              f"{step.name}/metadata.json is missing from {root}")
+                              f"{step.name}/metadata.json is missing from {root}: point "
+                              f"input= at one of its complete iter_NNNNNNN/ folders")
     return root, iteration
 
 
@@ -253,7 +254,8 @@ def _plan_megatron_to_mcore(c: ConvertConfig) -> Plan:
         if padded != args.padded_vocab_size:
             raise ConversionError(f"model={c.model.name} has vocab_size {c.model.vocab_size}, "
                                   f"padded to {padded} at TP {tp}, but the checkpoint's "
-                                  f"embedding has {args.padded_vocab_size} rows")
+                                  f"embedding has {args.padded_vocab_size} rows: give the model= it "
+                                  f"was trained as, or leave model= out")
         _disagreement(c.model, dataclasses.replace(found, vocab_size=c.model.vocab_size,
                                                    family=c.model.family),
                       f"the training arguments in {found_ckpt.file(0, 0)}")
@@ -279,6 +281,6 @@ def prepare(c: ConvertConfig) -> Plan:
     """The conversion's plan, or a ConversionError / ConfigError saying what is wrong."""
     _check_options(c)
     if not Path(c.input).exists():
-        raise ConversionError(f"input={c.input} does not exist")
+        raise ConversionError(f"input={c.input} does not exist: check the path")
     return {"hf_to_mcore": _plan_hf_to_mcore, "mcore_to_hf": _plan_mcore_to_hf,
             "megatron_to_mcore": _plan_megatron_to_mcore}[c.direction](c)

@@ -103,7 +103,8 @@ def to_messages(record: dict, fmt: str, where: str, system: Optional[str] = None
     if own_system:
         messages.insert(0, {"role": "system", "content": _text(own_system, where, "'system'")})
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: the conversation has no assistant turn: nothing to train on")
+        raise DataError(f"{where}: the conversation has no assistant turn: nothing to train on; "
+                        f"add the reply, or remove the record")
     return messages
 
 

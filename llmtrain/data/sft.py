@@ -126,7 +126,8 @@ def write_tokenized(entries: Sequence[str], prefix: str | Path, tokenizer_cfg: T
             summary.bad_lines += bad
             meter.update(len(lengths), flat.size)
         if summary.samples == 0:
-            raise DataError(f"{', '.join(entries)}: no conversations found")
+            raise DataError(f"{', '.join(entries)}: no conversations found: check that the files "
+                            f"hold records of the alpaca, sharegpt or messages format")
         tokens.close()
         masks.close()
     except BaseException:
@@ -215,7 +216,8 @@ class TokenizedSFT:
         for prefix in prefixes:
             if not is_tokenized(prefix):
                 raise DataError(f"{prefix}: no tokenized SFT set ({meta_path(prefix)} is "
-                                f"missing: an interrupted write, or not written yet)")
+                                f"missing: an interrupted write, or not written yet): tokenize it "
+                            f"again with `python -m llmtrain.data tokenize --sft`")
             tokens = indexed.IndexedDatasetReader(tokens_prefix(prefix))
             masks = indexed.IndexedDatasetReader(mask_prefix(prefix))
             if not np.array_equal(tokens.sequence_lengths, masks.sequence_lengths):

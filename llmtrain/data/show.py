@@ -49,7 +49,8 @@ def _record(path: str, index: int) -> tuple[str, dict]:
         if index < seen + len(records):
             return records[index - seen]
         seen += len(records)
-    raise DataError(f"{path} has {seen} record(s); --index {index} is beyond them")
+    raise DataError(f"{path} has {seen} record(s); --index {index} is beyond them: choose "
+                        f"--index below {seen}")
 
 
 def inspect(target: str, index: int, tokenizer_cfg: Optional[TokenizerConfig],
@@ -61,7 +62,8 @@ def inspect(target: str, index: int, tokenizer_cfg: Optional[TokenizerConfig],
         cfg = tokenizer_cfg or TokenizerConfig(**meta["tokenizer"]["config"])
         data = sft.TokenizedSFT([target])
         if not 0 <= index < len(data):
-            raise DataError(f"{target} has {len(data)} samples; --index {index} is beyond them")
+            raise DataError(f"{target} has {len(data)} samples; --index {index} is beyond them: "
+                            f"choose --index below {len(data)}")
         ids, mask = data[index]
         head = (f"sample {index} of {target} ({meta['chat_template']} template): {len(ids)} "
                 f"tokens, {int(mask.sum())} with loss")
@@ -70,13 +72,15 @@ def inspect(target: str, index: int, tokenizer_cfg: Optional[TokenizerConfig],
     if indexed.exists(target):
         reader = indexed.IndexedDatasetReader(target)
         if not 0 <= index < len(reader):
-            raise DataError(f"{target} has {len(reader)} documents; --index {index} is beyond them")
+            raise DataError(f"{target} has {len(reader)} documents; --index {index} is beyond "
+                            f"them: choose --index below {len(reader)}")
         ids = reader[index]
         return (f"document {index} of {target}: {len(ids)} tokens\n"
                 + render(ids, None, tokenizer, tokens))
     if not Path(target).is_file():
         raise DataError(f"{target}: neither a file nor a dataset prefix (no {target}.idx or "
-                        f"{sft.meta_path(target)})")
+                        f"{sft.meta_path(target)}): give a file, or a prefix written by `python -m "
+                    f"llmtrain.data tokenize`")
     where, record = _record(target, index)
     if sft_cfg is not None:
         template = chat.load_template(sft_cfg.chat_template, tokenizer)

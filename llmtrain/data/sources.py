@@ -127,7 +127,8 @@ def _load_json_array(path: str) -> list:
                         f"fix the file") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: holds one JSON {type(data).__name__}, not an array of "
-                        f"documents or one document per line")
+                        f"documents or one document per line: write one JSON object per "
+                        f"line (JSON lines) or an array of objects")
     return data
 
 
@@ -179,7 +180,7 @@ def chunks(paths: Sequence[str | os.PathLike], chunk_bytes: int = 1 << 22,
     those, and a missing one is reported before anything is read)."""
     for path in map(str, paths):
         if not Path(path).is_file():
-            raise DataError(f"{path}: no such file")
+            raise DataError(f"{path}: no such file: check the path")
         kind = input_format(path)
         if kind == "parquet":
             yield from _parquet_chunks(path, records_per_chunk, columns)

@@ -152,10 +152,11 @@ def load_tokenizer(cfg: TokenizerConfig, vocab_size: Optional[int] = None) -> To
         return Tokenizer("sentencepiece", backend, backend.get_piece_size() + extra, eod,
                          pad=backend.pad_id(), bos=backend.bos_id(), identity=_file_hash(model),
                          source=model, extra_vocab_size=extra)
-    raise ValueError(f"unknown tokenizer_type {kind!r}")
+    raise ValueError(f"unknown tokenizer_type {kind!r}: choose one of corpus, huggingface, "
+                     f"gpt2bpe, sentencepiece, null")
 
 
 def _required(value: Optional[str], key: str) -> str:
     if not value:
-        raise ValueError(f"{key} is not set")
+        raise ValueError(f"{key} is not set: give the tokenizer's files ({key}=...)")
     return value

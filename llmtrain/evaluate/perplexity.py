@@ -72,7 +72,8 @@ def run(served: Served, c: PerplexityConfig) -> dict:
             scored += [v for values in _score(served, batch) for v in values]
             count += len(batch)
         if not scored:
-            raise InferenceError(f"{prefix} has fewer than 2 tokens: nothing to score")
+            raise InferenceError(f"{prefix} has fewer than 2 tokens: nothing to score; give a "
+                                 f"held-out set with more text")
         nll = -sum(scored) / len(scored)
         results[prefix] = {"perplexity": math.exp(nll), "nll_per_token": nll,
                            "tokens": len(scored), "windows": count, "seq_length": length}

@@ -61,7 +61,8 @@ def _locate(load: str) -> tuple[Path, int]:
 
     path = Path(load)
     if not path.exists():
-        raise InferenceError(f"load={load} does not exist")
+        raise InferenceError(f"load={load} does not exist: check the path (a checkpoint "
+                             f"folder or one of its iter_NNNNNNN/)")
     match = _STEP.fullmatch(path.name)
     if match and (path / "metadata.json").exists():
         return path.parent, int(match.group(1))
@@ -73,7 +74,8 @@ def _locate(load: str) -> tuple[Path, int]:
     step = checkpoint.step_dir(path, iteration)
     if not (step / "metadata.json").exists():
         raise InferenceError(f"{checkpoint.TRACKER} in {path} names step {iteration}, but "
-                             f"{step.name}/ is missing or incomplete")
+                             f"{step.name}/ is missing or incomplete: point load= at one of "
+                             f"its complete iter_NNNNNNN/ folders")
     return path, iteration
 
 
@@ -209,7 +211,8 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True) -> P
             "learned_absolute":
         raise InferenceError(f"inference_max_seq_length={seq} exceeds the "
                              f"{model.max_position_embeddings} learned positions of model "
-                             f"{model.name}")
+                             f"{model.name}: set inference_max_seq_length="
+                             f"{model.max_position_embeddings} or less")
     tp, pp = c.tensor_model_parallel_size, c.pipeline_model_parallel_size
     cfg = Config(name=f"inference_{model.name}", seed=c.seed, device=device, model=model,
                  parallel=ParallelConfig(name=f"tp{tp}pp{pp}", tensor_model_parallel_size=tp,

@@ -52,7 +52,8 @@ def read(path: str, fmt: str = "auto") -> list[dict]:
             raise InferenceError(f"{path} has {len(problems)} malformed line(s):\n  - "
                                  + "\n  - ".join(problems[:20]))
     if not records:
-        raise InferenceError(f"{path} holds no prompts")
+        raise InferenceError(f"{path} holds no prompts: write one prompt per line, or JSON "
+                             f"lines with \"prompt\" or \"messages\"")
     return records
 
 

@@ -711,7 +711,8 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
         missing, unexpected = unwrap(chunk).load_state_dict(loaded.pop(key), strict=False)
         wrong = [k for k in missing if _REBUILT not in k] + list(unexpected)
         if wrong:
-            raise RuntimeError(f"{source} does not match this model: {', '.join(wrong[:5])}")
+            raise RuntimeError(f"{source} does not match this model: {', '.join(wrong[:5])}; give "
+                           f"the model= it was written for")
     if not weights_only:
         optimizer.load_state_dict(loaded.pop("optimizer"))
         scheduler.load_state_dict(loaded.pop("scheduler"))
