@@ -292,7 +292,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     decay_iters = optim.lr_decay_iters or stage.train_iters or 0
     if optim.lr_warmup_iters >= max(decay_iters, 1) and optim.lr_decay_style != "constant":
         problems.append(f"optim.lr_warmup_iters={optim.lr_warmup_iters} must be below the "
-                        f"decay length ({decay_iters} iterations)")
+                        f"decay length ({decay_iters} iterations): lower optim.lr_warmup_iters "
+                        f"or lengthen the run")
     if optim.lr_decay_style == "WSD" and not optim.lr_wsd_decay_iters:
         problems.append("optim.lr_decay_style=WSD needs optim.lr_wsd_decay_iters "
                         "(the length of the final decay)")
