@@ -156,6 +156,8 @@ MEGATRON_LM: list[Row] = [
     Row("--train-iters", "stage.train_iters=10000"),
     Row("--train-samples", "stage.train_tokens=10000000000",
         "llmtrain counts tokens: samples x data.seq_length"),
+    Row("--exit-interval", "stage.exit_interval=1000",
+        "stops with a checkpoint; the same command resumes"),
     Row("--eval-interval", "stage.eval_interval=1000"),
     Row("--eval-iters", "stage.eval_iters=10"),
     Row("--seq-length", "data.seq_length=4096"),
