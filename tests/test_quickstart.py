@@ -85,7 +85,8 @@ def test_readme_quickstart_runs_as_written(tmp_path):
                                  capture_output=True, text=True, timeout=600)
         out = process.stdout + process.stderr
         seconds.append(time.monotonic() - started)
-        assert process.returncode == 0, f"quickstart block {number + 1} failed:\n{block}\n{out[-5000:]}"
+        assert process.returncode == 0, \
+            f"quickstart block {number + 1} failed:\n{block}\n{out[-5000:]}"
         try:
             _check(number, tmp_path, out, process.stdout)
         except Exception as error:

@@ -52,8 +52,9 @@ def problems(args: list[str]) -> list[str]:
                 break  # dicts and free-form values take any key
             fields = typing.get_type_hints(node)
             if part not in fields:
-                found.append(f"{path}.{part} is not a setting: {_suggestion(path, part, list(fields))}"
-                             f"the fields of {path} are: {', '.join(fields)}")
+                hint = _suggestion(path, part, list(fields))
+                found.append(f"{path}.{part} is not a setting: {hint}the fields of {path} are: "
+                             f"{', '.join(fields)}")
                 break
             node, path = _resolve(fields[part]), f"{path}.{part}"
         else:

@@ -306,7 +306,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                         f"(train,valid,test) with a positive sum, e.g. 969,30,1")
     elif stage.eval_interval and fractions[1] == 0:
         problems.append(f"the valid split has no samples: data.split={data.split} gives it no "
-                        f"share; give it one (e.g. \"data.split='98,2,0'\") or set stage.eval_interval=0")
+                        f"share; give it one (e.g. \"data.split='98,2,0'\") or set "
+                        f"stage.eval_interval=0")
     if stage.exit_interval is not None and stage.exit_interval < 1:
         problems.append(f"stage.exit_interval={stage.exit_interval} must be at least 1 (or null: "
                         f"run to the end)")

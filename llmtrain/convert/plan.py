@@ -254,8 +254,8 @@ def _plan_megatron_to_mcore(c: ConvertConfig) -> Plan:
         if padded != args.padded_vocab_size:
             raise ConversionError(f"model={c.model.name} has vocab_size {c.model.vocab_size}, "
                                   f"padded to {padded} at TP {tp}, but the checkpoint's "
-                                  f"embedding has {args.padded_vocab_size} rows: give the model= it "
-                                  f"was trained as, or leave model= out")
+                                  f"embedding has {args.padded_vocab_size} rows: give the "
+                                  f"model= it was trained as, or leave model= out")
         _disagreement(c.model, dataclasses.replace(found, vocab_size=c.model.vocab_size,
                                                    family=c.model.family),
                       f"the training arguments in {found_ckpt.file(0, 0)}")
