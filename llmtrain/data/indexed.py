@@ -146,8 +146,7 @@ class IndexedDatasetReader:
         self.prefix = Path(prefix)
         if not exists(prefix):
             raise FileNotFoundError(f"no indexed dataset at {prefix} (expected {prefix}.bin "
-                                    f"and {prefix}.idx): give the prefix that `python -m "
-                                    f"llmtrain.data tokenize` wrote")
+                                    f"and {prefix}.idx)")
         with open(f"{prefix}.idx", "rb") as f:
             header = f.read(len(INDEX_HEADER))
             if header != INDEX_HEADER:
