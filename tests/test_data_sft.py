@@ -320,7 +320,7 @@ def test_sft_config_problems_are_reported_before_anything_runs():
                                 "data.split='100,0,0'", "stage.epochs=0"), gpu)
     assert sorted(error.value.problems) == sorted([
         "the valid split has no samples: data.split=100,0,0 gives it no share; give it one "
-        "(e.g. 98,2,0) or set stage.eval_interval=0",
+        "(e.g. \"data.split='98,2,0'\") or set stage.eval_interval=0",
         "stage.epochs=0 must be at least 1 (or null: run stage.train_iters steps)",
         "data.sft.packing=true on GPUs needs stage.micro_batch_size=1 (packed sequences are one "
         "row of several samples); raise global_batch_size instead",
