@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -60,7 +61,10 @@ def _max_token_id(prefix: str, cache_dir: str) -> int:
         return json.loads(memo.read_text())["max_token_id"]
     value = IndexedDatasetReader(prefix).max_token_id()
     memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps({"prefix": prefix, "max_token_id": value}))
+    # Every rank may compute it at once: write aside and rename, so no rank reads half a file.
+    scratch = memo.with_suffix(f".{os.getpid()}.tmp")
+    scratch.write_text(json.dumps({"prefix": prefix, "max_token_id": value}))
+    os.replace(scratch, memo)
     return value
 
 
