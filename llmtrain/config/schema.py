@@ -207,7 +207,8 @@ class AlignmentConfig:
     # reward model (reward_load, a stage=rm checkpoint).
     reward: str = "rule"  # rule | model
     reward_load: Optional[str] = None
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0})
+    reward_weights: dict[str, float] = field(default_factory=lambda: {
+        "exact_match": 1.0, "format": 0.0, "digits": 0.0})
     # The answer is the last match of answer_pattern in a reply (exact_match); format gives 1
     # when the whole reply matches format_pattern.
     answer_pattern: str = "-?[0-9]+"

@@ -6,7 +6,6 @@ from __future__ import annotations
 from llmtrain.config.schema import Config
 from llmtrain.rlhf.losses import LOSS_TYPES
 from llmtrain.rlhf.records import STAGE_DATA
-from llmtrain.rlhf.rewards import RULES
 
 
 def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
@@ -50,10 +49,6 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
         if a.reward == "model" and not a.reward_load:
             problems.append("stage.alignment.reward=model needs stage.alignment.reward_load: a "
                             "checkpoint written by stage=rm")
-        unknown = sorted(set(a.reward_weights) - set(RULES))
-        if a.reward == "rule" and unknown:
-            problems.append(f"stage.alignment.reward_weights names {', '.join(unknown)}: the "
-                            f"rules are {', '.join(RULES)}")
         if a.group_size < 1 or stage.global_batch_size % a.group_size:
             problems.append(f"stage.global_batch_size={stage.global_batch_size} (replies per "
                             f"step) must be a multiple of stage.alignment.group_size="
