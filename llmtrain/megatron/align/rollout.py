@@ -27,6 +27,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from llmtrain.data import chat
+from llmtrain.data.sources import DataError
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
@@ -88,7 +89,7 @@ class RolloutTask(Task):
         room = cfg.data.seq_length - a.max_new_tokens
         self.prompts = [p for p in prompts if len(p.ids) <= room]
         if not self.prompts:
-            raise ValueError(f"no prompt fits in data.seq_length={cfg.data.seq_length} with "
+            raise DataError(f"no prompt fits in data.seq_length={cfg.data.seq_length} with "
                              f"max_new_tokens={a.max_new_tokens}: raise data.seq_length")
         left_out = len(prompts) - len(self.prompts)
         self.say(f"prompt data: {len(prompts)} prompts"
