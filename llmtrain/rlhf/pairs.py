@@ -45,8 +45,9 @@ def load_pairs(cfg: Config, tokenizer: Tokenizer) -> tuple[list[tuple[Encoded, E
 
 class PairDataset:
     """Items: tokens, labels, loss_mask, position_ids of shape [2, seq_length] (chosen, rejected),
-    `last` (index of each sequence's last token), `index` (the pair's number), and on CPU the
-    causal attention mask."""
+    `last` (where a reward model scores each sequence: the position that predicts the reply's
+    last token, the template's end token), `index` (the pair's number), and on CPU the causal
+    attention mask."""
 
     def __init__(self, pairs: list[tuple[Encoded, Encoded]], seq_length: int, num_samples: int,
                  seed: int, pad_id: int, attention_mask: bool):
@@ -82,7 +83,7 @@ class PairDataset:
             out["tokens"][row, :n] = ids[:-1]
             out["labels"][row, :n] = ids[1:]
             out["loss_mask"][row, :n] = mask[1:]
-            out["last"][row] = n - 1
+            out["last"][row] = np.flatnonzero(mask[1:])[-1]
         if self.attention_mask:  # True = masked; right padding needs no more than causality
             out["attention_mask"] = ~np.tril(np.ones((1, s, s), dtype=bool))
         return out

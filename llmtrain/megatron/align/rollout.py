@@ -75,6 +75,7 @@ class RolloutTask(Task):
         self.prompts_per_step = cfg.stage.global_batch_size // self.align.group_size
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.critic = self.critic_checkpoints = None
+        self._order = (-1, None)  # (epoch, prompt order)
 
     def build_model(self) -> list:
         return build_model(self.cfg, self.layout)
@@ -118,15 +119,14 @@ class RolloutTask(Task):
         self.critic = wrap_ddp(critic_cfg, chunks)
         self.critic_optimizer = build_optimizer(critic_cfg, self.critic)
         self.critic_scheduler = build_scheduler(critic_cfg, self.critic_optimizer)
-        if save_dir is not None:
-            self.critic_checkpoints = checkpoint.Checkpoints(
-                critic_cfg, self.layout, self.tokenizer, save_dir / "critic",
-                lambda text: self.say(f"critic: {text}"))
-            restored = self.critic_checkpoints.restore(self.critic, self.critic_optimizer,
-                                                       self.critic_scheduler)
-            if start and restored.iteration != start:
-                self.say(f"warning: the critic resumes from step {restored.iteration}, the "
-                         f"actor from step {start}")
+        self.critic_checkpoints = checkpoint.Checkpoints(
+            critic_cfg, self.layout, self.tokenizer, save_dir / "critic" if save_dir else None,
+            lambda text: self.say(f"critic: {text}"))
+        restored = self.critic_checkpoints.restore(self.critic, self.critic_optimizer,
+                                                   self.critic_scheduler)
+        if start and restored.iteration != start:
+            self.say(f"warning: the critic resumes from step {restored.iteration}, the actor "
+                     f"from step {start}")
 
     def batches(self, start: int) -> list:
         return [None]  # rollouts are made in `step`, from the step's own prompts
@@ -147,8 +147,10 @@ class RolloutTask(Task):
         for position in range((iteration - 1) * self.prompts_per_step,
                               iteration * self.prompts_per_step):
             epoch, k = divmod(position, count)
-            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(count)
-            chosen.append(self.prompts[int(order[k])])
+            if self._order[0] != epoch:
+                self._order = (epoch, np.random.default_rng([self.cfg.seed, epoch]
+                                                            ).permutation(count))
+            chosen.append(self.prompts[int(self._order[1][k])])
         return chosen
 
     def _generate(self, iteration: int, model: list) -> list[tuple]:
@@ -184,16 +186,14 @@ class RolloutTask(Task):
         tokens = torch.full((n, s), pad, dtype=torch.long)
         labels = torch.full((n, s), pad, dtype=torch.long)
         mask = torch.zeros((n, s))
-        whole = torch.full((n, s), pad, dtype=torch.long)  # unshifted, for the reward model
-        last = torch.zeros(n, dtype=torch.long)
+        last = torch.zeros(n, dtype=torch.long)  # where the reward model scores: the last label
         scores = torch.zeros(n)
         for row, (prompt, reply) in enumerate(rollouts):
             full = torch.tensor(prompt.ids + reply)
             length = len(full) - 1
             tokens[row, :length], labels[row, :length] = full[:-1], full[1:]
             mask[row, len(prompt.ids) - 1:length] = 1.0
-            whole[row, :len(full)] = full
-            last[row] = len(full) - 1
+            last[row] = length - 1
             if self.scorer is None:
                 text = self.tokenizer.decode([t for t in reply if t not in self.stop_ids])
                 scores[row] = reward(text, prompt.answer, self.align.reward_weights,
@@ -203,7 +203,7 @@ class RolloutTask(Task):
         causal = ~torch.tril(torch.ones((1, 1, s, s), dtype=torch.bool)) if device == "cpu" \
             else None
         micro = [{"tokens": tokens[i:i + mbs], "labels": labels[i:i + mbs],
-                  "mask": mask[i:i + mbs], "whole": whole[i:i + mbs], "last": last[i:i + mbs],
+                  "mask": mask[i:i + mbs], "last": last[i:i + mbs],
                   "position_ids": position_ids, "attention_mask": causal}
                  for i in range(0, n, mbs)]
         if self.scorer is not None:
@@ -214,9 +214,9 @@ class RolloutTask(Task):
     # Forward steps.
 
     @staticmethod
-    def _inputs(batch: dict, device: str, key: str = "tokens") -> tuple:
+    def _inputs(batch: dict, device: str) -> tuple:
         mask = batch["attention_mask"]
-        return (batch[key].to(device), batch["position_ids"].to(device),
+        return (batch["tokens"].to(device), batch["position_ids"].to(device),
                 None if mask is None else mask.to(device))
 
     def _collect(self, model: list, micro: list[dict], forward, key: str) -> list:
@@ -241,7 +241,7 @@ class RolloutTask(Task):
 
     def _score_forward(self, device, iterator, model):
         batch = next(iterator)
-        values = model(*self._inputs(batch, device, "whole"), output_processor=head(model).output)
+        values = model(*self._inputs(batch, device), output_processor=head(model).output)
         last = batch["last"].to(device)
         return values, lambda v: (v.sum(), torch.tensor(1), {
             "lm loss": torch.zeros(2), "score": v.gather(1, last[:, None])[:, 0].detach()})
