@@ -100,7 +100,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     metrics: dict[str, list[float]] = {}
     last_saved = start
     guard = NonFiniteGuard(cfg, model, layout.device, log.message)
-    preempted = None
+    preempted, exiting = None, False
     restored.restore_rng()  # after the data loaders drew their seeds: the streams go on exactly
     for iteration in range(start + 1, stage.train_iters + 1):
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -130,18 +130,25 @@ def _train(cfg: Config, layout: Layout) -> dict:
             log.evaluation(iteration, total / stage.eval_iters)
         checkpoints.poll()
         signal_name = watcher.agreed_signal() if iteration < stage.train_iters else None
-        if save_dir and (signal_name or cfg.checkpoint.save_interval and (
+        exiting = bool(stage.exit_interval and iteration % stage.exit_interval == 0
+                       and iteration < stage.train_iters)
+        if save_dir and (signal_name or exiting or cfg.checkpoint.save_interval and (
                 iteration % cfg.checkpoint.save_interval == 0)):
-            checkpoints.save(iteration, model, optimizer, scheduler, blocking=bool(signal_name))
+            checkpoints.save(iteration, model, optimizer, scheduler,
+                             blocking=bool(signal_name or exiting))
             if task:
-                task.save(iteration, blocking=bool(signal_name))
+                task.save(iteration, blocking=bool(signal_name or exiting))
             last_saved = iteration
         if signal_name:
             preempted = (iteration, signal_name)
             break
+        if exiting:
+            log.message(f"stopped after step {iteration} (stage.exit_interval="
+                        f"{stage.exit_interval}); the same command resumes")
+            break
     watcher.close()
-    if (save_dir and cfg.checkpoint.save_on_exit and last_saved != stage.train_iters
-            and not preempted):
+    if (save_dir and cfg.checkpoint.save_on_exit and last_saved < stage.train_iters
+            and not preempted and not exiting):
         checkpoints.save(stage.train_iters, model, optimizer, scheduler)
         if task:
             task.save(stage.train_iters, blocking=False)

@@ -31,3 +31,16 @@ def test_eight_process_layout_matches_one_process(layout, reference, tmp_path):
     result = summary(tmp_path)
     assert result["world_size"] == 8
     assert result["losses"] == pytest.approx(reference, rel=1e-5)
+
+
+def test_resume_from_tp4pp2_at_tp2pp2(reference, tmp_path):
+    """The headline run's layout change: saved by eight processes at TP 4 x PP 2, resumed by
+    eight at TP 2 x PP 2 x DP 2, with the losses of one process."""
+    saved = tmp_path / "tp4pp2"
+    run_llmtrain(*FAST, "stage.train_iters=3", "stage.global_batch_size=16",
+                 "stage.exit_interval=2", "parallel=tp4pp2", f"hydra.run.dir={saved}", timeout=1800)
+    out = run_llmtrain(*FAST, *STEPS, "parallel=tp2pp2", "parallel.data_parallel_size=2",
+                       f"checkpoint.load={saved}/checkpoints", f"hydra.run.dir={tmp_path / 'b'}",
+                       timeout=1800).stdout
+    assert "resuming after step 2" in out
+    assert summary(tmp_path / "b")["losses"] == pytest.approx(reference[2:], rel=1e-5)

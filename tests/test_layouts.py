@@ -42,3 +42,15 @@ def test_layout_matches_one_process(layout, reference, tmp_path):
     assert len(losses) == len(reference) == 6
     assert losses == pytest.approx(reference, rel=1e-5)
     assert losses[-1] < losses[0]
+
+
+def test_resume_under_another_layout_continues_the_run(reference, tmp_path):
+    """A checkpoint saved at TP 2 resumes at PP 2: Megatron-Core reshards it on load, and the
+    resumed steps give the losses the uninterrupted one-process run had."""
+    saved = tmp_path / "tp2"
+    run_llmtrain(*FAST, "stage.train_iters=6", "stage.exit_interval=3", "parallel=tp2pp1",
+                 f"hydra.run.dir={saved}")
+    out = run_llmtrain(*FAST, *STEPS, "parallel=tp1pp2", f"checkpoint.load={saved}/checkpoints",
+                       f"hydra.run.dir={tmp_path / 'pp2'}").stdout
+    assert "resuming after step 3" in out
+    assert summary(tmp_path / "pp2")["losses"] == pytest.approx(reference[3:], rel=1e-5)

@@ -16,10 +16,11 @@ from typing import Any
 # Keys, or groups of keys (a prefix up to a dot), that may differ without being named.
 CHANGEABLE = (
     "name", "output_dir", "dry_run", "device", "parallel", "launcher", "logging", "checkpoint",
-    "stage.train_iters", "stage.train_tokens", "stage.eval_interval", "stage.eval_iters",
-    "stage.micro_batch_size", "optim.lr", "optim.min_lr", "optim.lr_warmup_iters",
-    "optim.lr_warmup_tokens", "optim.lr_decay_style", "optim.lr_decay_iters",
-    "optim.lr_decay_tokens", "optim.lr_wsd_decay_iters", "optim.lr_wsd_decay_tokens",
+    "stage.train_iters", "stage.train_tokens", "stage.exit_interval", "stage.eval_interval",
+    "stage.eval_iters", "stage.micro_batch_size", "optim.lr", "optim.min_lr",
+    "optim.lr_warmup_iters", "optim.lr_warmup_tokens", "optim.lr_decay_style",
+    "optim.lr_decay_iters", "optim.lr_decay_tokens", "optim.lr_wsd_decay_iters",
+    "optim.lr_wsd_decay_tokens",
     "optim.lr_wsd_decay_style", "optim.weight_decay", "optim.clip_grad",
     "optim.check_for_nan_in_loss_and_grad", "optim.on_nonfinite", "model.hidden_dropout",
     "model.attention_dropout", "model.init_method_std", "precision.gradient_accumulation_fusion",

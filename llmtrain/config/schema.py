@@ -249,6 +249,9 @@ class StageConfig:
     # Passes over the training set; when set, train_iters is derived from the dataset's size
     # when the run starts (data.kind=sft).
     epochs: Optional[int] = None
+    # Stop (with a checkpoint) after a step divisible by this, as Megatron-LM's --exit-interval:
+    # the same command later resumes the schedule where it stopped.
+    exit_interval: Optional[int] = None
     # Evaluation on the validation split every eval_interval steps (0: never).
     eval_interval: int = 0
     eval_iters: int = 4

@@ -300,6 +300,9 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     elif stage.eval_interval and fractions[1] == 0:
         problems.append(f"the valid split has no samples: data.split={data.split} gives it no "
                         f"share; give it one (e.g. 98,2,0) or set stage.eval_interval=0")
+    if stage.exit_interval is not None and stage.exit_interval < 1:
+        problems.append(f"stage.exit_interval={stage.exit_interval} must be at least 1 (or null: "
+                        f"run to the end)")
     if stage.epochs is not None and stage.epochs < 1:
         problems.append(f"stage.epochs={stage.epochs} must be at least 1 (or null: run "
                         f"stage.train_iters steps)")
