@@ -116,15 +116,15 @@ class PreferenceTask(Task):
         self.say(f"reference log-probabilities of {pairs} pairs computed")
 
     def _attach_reference(self, micro_batches: list[dict]) -> None:
-        if not ps.is_pipeline_last_stage(ignore_virtual=True):
-            return
-        if self.precomputed is not None:
+        """The reference's log-probabilities into the micro-batches of the last pipeline stage
+        (every stage runs the reference's schedule: its activations pass through them)."""
+        if self.precomputed is None:
+            for batch, logp in zip(micro_batches, self._reference_logprobs(micro_batches)):
+                batch["reference"] = logp
+        elif ps.is_pipeline_last_stage(ignore_virtual=True):
             for batch in micro_batches:
                 both = torch.stack([self.precomputed[int(n)] for n in batch["index"]])
                 batch["reference"] = both.transpose(0, 1).reshape(-1, both.size(-1))
-        else:
-            for batch, logp in zip(micro_batches, self._reference_logprobs(micro_batches)):
-                batch["reference"] = logp
 
     # Steps.
 
