@@ -60,7 +60,9 @@ class RunLog:
         self.last: dict[str, float] = {}
 
     def step(self, iteration: int, loss: Optional[float], lr: float, grad_norm: Optional[float],
-             seconds: float, loss_scale: Optional[float] = None, skipped: bool = False) -> None:
+             seconds: float, loss_scale: Optional[float] = None, skipped: bool = False,
+             metrics: Optional[dict[str, float]] = None) -> None:
+        """`metrics`: the stage's own measures (reward, KL, accuracy, ...), as train/<name>."""
         if not self.enabled:
             return
         tokens_per_s = self.tokens_per_step / seconds
@@ -74,6 +76,7 @@ class RunLog:
             "throughput/step_seconds": seconds,
             "memory/peak_gib": peak_memory_gib(self.layout.device),
             "train/loss_scale": loss_scale,
+            **{f"train/{key}": value for key, value in (metrics or {}).items()},
         }
         self.last = {k: v for k, v in scalars.items() if v is not None}
         self._write(self.last, iteration)
@@ -83,6 +86,7 @@ class RunLog:
         mfu = f" | MFU {100 * tflops / self.peak:.1f}%" if self.peak else ""
         grad = f" | grad norm {grad_norm:.3f}" if grad_norm is not None else ""
         scale = f" | loss scale {loss_scale:.0f}" if loss_scale is not None else ""
+        scale += "".join(f" | {key} {value:.4f}" for key, value in (metrics or {}).items())
         print(f"step {iteration:>6}/{self.cfg.stage.train_iters} | loss {loss:.4f} | "
               f"lr {lr:.3e}{grad}{scale} | {tokens_per_s:,.0f} tok/s | "
               f"{tflops:.1f} TFLOP/s/{'GPU' if self.layout.device == 'cuda' else 'proc'}{mfu}"

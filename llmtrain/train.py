@@ -15,6 +15,7 @@ from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import RunStopped
 from llmtrain.launch import REQUEUE_EXIT_CODE
 from llmtrain.megatron import checkpoint, parallel
+from llmtrain.megatron.align import task_for
 from llmtrain.megatron.data import batches, build_datasets
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
@@ -60,7 +61,10 @@ def _train(cfg: Config, layout: Layout) -> dict:
     log = RunLog(cfg, layout, parallel.is_logging_rank(),
                  run_path(cfg, cfg.logging.tensorboard_dir) if cfg.logging.tensorboard else None)
 
-    chunks = build_model(cfg, layout)
+    # Alignment stages (rm, dpo, grpo, ppo) bring their model, batches and step; None: language
+    # modelling (pretrain, sft).
+    task = task_for(cfg, layout, tokenizer, log.message)
+    chunks = task.build_model() if task else build_model(cfg, layout)
     initialize_weights(chunks, cfg.seed)
     model = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
@@ -71,15 +75,19 @@ def _train(cfg: Config, layout: Layout) -> dict:
     restored = checkpoints.restore(model, optimizer, scheduler)
     start = restored.iteration
 
-    cache = run_path(cfg, "data_cache")
-    train_data, valid_data = build_datasets(cfg, layout, tokenizer, str(cache))
-    dp_rank = parallel.data_parallel_rank()
-    # One iterator per virtual pipeline chunk, each yielding the same micro-batches.
-    train_iters = [batches(train_data, cfg, layout, dp_rank, start * stage.global_batch_size)
-                   for _ in model]
-    evals_done = start // stage.eval_interval if stage.eval_interval else 0
-    valid_start = evals_done * stage.eval_iters * stage.global_batch_size
-    valid_iters = [batches(valid_data, cfg, layout, dp_rank, valid_start) for _ in model]
+    if task:
+        task.setup(model, start, save_dir)
+        train_iters, valid_iters = task.batches(start), [None]
+    else:
+        cache = run_path(cfg, "data_cache")
+        train_data, valid_data = build_datasets(cfg, layout, tokenizer, str(cache))
+        dp_rank = parallel.data_parallel_rank()
+        # One iterator per virtual pipeline chunk, each yielding the same micro-batches.
+        train_iters = [batches(train_data, cfg, layout, dp_rank, start * stage.global_batch_size)
+                       for _ in model]
+        evals_done = start // stage.eval_interval if stage.eval_interval else 0
+        valid_start = evals_done * stage.eval_iters * stage.global_batch_size
+        valid_iters = [batches(valid_data, cfg, layout, dp_rank, valid_start) for _ in model]
     schedule_args = dict(num_microbatches=layout.num_microbatches, seq_length=cfg.data.seq_length,
                          micro_batch_size=stage.micro_batch_size, device=layout.device)
 
@@ -89,6 +97,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     losses: list[float] = []
     lrs: list[float] = []
     step_seconds: list[float] = []
+    metrics: dict[str, list[float]] = {}
     last_saved = start
     guard = NonFiniteGuard(cfg, model, layout.device, log.message)
     preempted, exiting = None, False
@@ -96,8 +105,12 @@ def _train(cfg: Config, layout: Layout) -> dict:
     for iteration in range(start + 1, stage.train_iters + 1):
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         began = time.perf_counter()
-        result = train_step(model, optimizer, scheduler, train_iters, **schedule_args,
-                            guard=partial(guard, iteration))
+        if task:
+            result = task.step(iteration, model, optimizer, scheduler, train_iters,
+                               partial(guard, iteration))
+        else:
+            result = train_step(model, optimizer, scheduler, train_iters, **schedule_args,
+                                guard=partial(guard, iteration))
         sync_device(layout.device)
         seconds = time.perf_counter() - began
         step_seconds.append(seconds)
@@ -105,8 +118,10 @@ def _train(cfg: Config, layout: Layout) -> dict:
         if result.loss is not None:
             losses.append(result.loss)
         scale = optimizer.get_loss_scale().item() if cfg.precision.fp16 else None
+        for key, value in result.metrics.items():
+            metrics.setdefault(key, []).append(value)
         log.step(iteration, result.loss, lr, result.grad_norm,
-                 seconds, scale, result.skipped)
+                 seconds, scale, result.skipped, result.metrics)
         if stage.eval_interval and valid_iters[0] is not None and (
                 iteration % stage.eval_interval == 0 or iteration == stage.train_iters):
             total = 0.0
@@ -121,6 +136,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
                 iteration % cfg.checkpoint.save_interval == 0)):
             checkpoints.save(iteration, model, optimizer, scheduler,
                              blocking=bool(signal_name or exiting))
+            if task:
+                task.save(iteration, blocking=bool(signal_name or exiting))
             last_saved = iteration
         if signal_name:
             preempted = (iteration, signal_name)
@@ -133,7 +150,11 @@ def _train(cfg: Config, layout: Layout) -> dict:
     if (save_dir and cfg.checkpoint.save_on_exit and last_saved < stage.train_iters
             and not preempted and not exiting):
         checkpoints.save(stage.train_iters, model, optimizer, scheduler)
+        if task:
+            task.save(stage.train_iters, blocking=False)
     checkpoints.wait()
+    if task:
+        task.wait()
 
     summary = {}
     if log.enabled:
@@ -142,6 +163,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
                    "start_step": start, "losses": losses, "lrs": lrs, "step_seconds": step_seconds,
                    "tokens_per_step": log.tokens_per_step, "world_size": layout.world_size,
                    "flops_per_token": log.flops_per_token, "peak_tflops": log.peak, **log.last,
+                   "metrics": metrics,
                    "preempted_after_step": preempted[0] if preempted else None}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -56,9 +56,12 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
 # that set the other groups themselves: both are checked one by one (test_every_launcher_composes,
 # test_every_experiment_is_valid_where_it_is_meant_to_run) instead of multiplying the product.
 # The sft stage sets the schedule, not what a layout validates to: it is checked against every
-# data option (test_sft_stage_with_every_data_option) instead of doubling the product.
+# data option (test_sft_stage_with_every_data_option) instead of doubling the product. So are the
+# alignment stages and their data options (test_alignment_stage_with_every_data_option).
+ALIGNMENT_STAGES = {"rm": "preference", "dpo": "preference", "grpo": "prompts", "ppo": "prompts"}
+ALIGNMENT_DATA = sorted(set(ALIGNMENT_STAGES.values()))
 PRODUCT = {**OPTIONS, "model": [m for m in OPTIONS["model"] if m not in CONVERSION_ZOO],
-           "stage": ["pretrain"]}
+           "stage": ["pretrain"], "data": [d for d in OPTIONS["data"] if d not in ALIGNMENT_DATA]}
 COMBO_GROUPS = [g for g in GROUPS if g not in ("launcher", "experiment")]
 COMBOS = [dict(zip(COMBO_GROUPS, values))
           for values in itertools.product(*(PRODUCT[g] for g in COMBO_GROUPS))]
@@ -73,6 +76,14 @@ def _problems(choice: dict[str, str]) -> list[str]:
     return []
 
 
+def wrong_stage_for(data: str, stage: str) -> list[str]:
+    """The problem of alignment data read by a stage that does not take it."""
+    if data not in ALIGNMENT_DATA or ALIGNMENT_STAGES.get(stage) == data:
+        return []
+    users = "rm or dpo" if data == "preference" else "grpo or ppo"
+    return [f"data.kind={data} is read by stage={users}, not stage={stage}"]
+
+
 @pytest.mark.parametrize("data", OPTIONS["data"])
 def test_sft_stage_with_every_data_option(data):
     expected = [] if data == "sft" else [
@@ -81,7 +92,54 @@ def test_sft_stage_with_every_data_option(data):
     if data == "indexed":
         expected += expected_problems({"model": "tiny", "parallel": "tp1pp1",
                                        "precision": "fp32", "data": data})
+    expected += wrong_stage_for(data, "sft")
     assert sorted(_problems({"stage": "sft", "data": data})) == sorted(expected)
+
+
+@pytest.mark.parametrize("data", OPTIONS["data"])
+@pytest.mark.parametrize("stage", sorted(ALIGNMENT_STAGES))
+def test_alignment_stage_with_every_data_option(stage, data):
+    wanted = ALIGNMENT_STAGES[stage]
+    expected = wrong_stage_for(data, stage)
+    if data != wanted:
+        expected.append(f"stage={stage} reads {wanted} data: use data={wanted} (not "
+                        f"data.kind={data})")
+    if data == "indexed":
+        expected += expected_problems({"model": "tiny", "parallel": "tp1pp1",
+                                       "precision": "fp32", "data": data})
+    assert sorted(_problems({"stage": stage, "data": data})) == sorted(expected)
+
+
+@pytest.mark.parametrize("data", ALIGNMENT_DATA)
+def test_alignment_data_needs_an_alignment_stage(data):
+    assert _problems({"stage": "pretrain", "data": data}) == wrong_stage_for(data, "pretrain")
+
+
+def test_alignment_settings_are_checked_together():
+    cfg = compose_config("stage=grpo", "data=prompts", "parallel=tp1pp1",
+                         "launcher.nproc_per_node=2", "stage.global_batch_size=30",
+                         "stage.micro_batch_size=3", "stage.alignment.group_size=8",
+                         "stage.alignment.reward=model", "stage.alignment.max_new_tokens=500",
+                         "stage.eval_interval=5")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert sorted(error.value.problems) == sorted([
+        "stage=grpo generates with the inference engine, which runs with data parallel size 1 "
+        "(world size = TP x PP); this layout has DP 2",
+        "stage.alignment.reward=model needs stage.alignment.reward_load: a checkpoint written by "
+        "stage=rm",
+        "stage.global_batch_size=30 (replies per step) must be a multiple of "
+        "stage.alignment.group_size=8 (replies per prompt)",
+        "stage.alignment.max_new_tokens=500 must lie in 1..127 (below data.seq_length, which "
+        "also holds the prompt)",
+        "stage=grpo has no evaluation pass yet: set stage.eval_interval=0",
+    ])
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config("stage=dpo", "data=preference", "stage.alignment.beta=0",
+                                "stage.alignment.loss_type=hinge"), CPU)
+    assert sorted(error.value.problems) == [
+        "stage.alignment.beta=0.0 must be above 0",
+        "stage.alignment.loss_type=hinge is not one of: sigmoid, ipo"]
 
 
 def test_every_group_has_options():

@@ -169,7 +169,9 @@ class DataConfig:
     name: str = "corpus"
     # corpus: the embedded default corpus (built and cached on first use);
     # indexed: Megatron mmap datasets given by data_path; mock: random tokens;
-    # sft: conversations (json/jsonl/parquet files, pre-tokenized prefixes, `self-cognition`).
+    # sft: conversations (json/jsonl/parquet files, pre-tokenized prefixes, `self-cognition`);
+    # preference: prompt/chosen/rejected records (rm, dpo); prompts: prompt/answer records
+    # (grpo, ppo); both also take the generated set `arithmetic`.
     kind: str = "corpus"
     # Megatron's --data-path: prefixes, optionally weighted ("0.7 /a/b_text_document 0.3 /c/d").
     data_path: list[str] = field(default_factory=list)
@@ -187,8 +189,56 @@ class DataConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    """Reward model, DPO, GRPO and PPO settings (stage=rm|dpo|grpo|ppo; docs/rlhf.md)."""
+
+    # Frozen reference policy (dpo, grpo, ppo): a checkpoint folder; None: checkpoint.load, or
+    # the seed's initial weights when that is unset too.
+    reference_load: Optional[str] = None
+    # dpo: reference log-probabilities once for the whole training set before the first step
+    # (precomputed; the reference is then freed), or every step (on_the_fly).
+    reference_logprobs: str = "on_the_fly"  # on_the_fly | precomputed
+    # dpo: loss sigmoid (DPO) or ipo (IPO), strength beta; length_normalized uses each reply's
+    # mean token log-probability instead of the sum.
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    beta: float = 0.1
+    length_normalized: bool = False
+    # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits) or a
+    # reward model (reward_load, a stage=rm checkpoint).
+    reward: str = "rule"  # rule | model
+    reward_load: Optional[str] = None
+    reward_weights: dict[str, float] = field(default_factory=lambda: {
+        "exact_match": 1.0, "format": 0.0, "digits": 0.0})
+    # The answer is the last match of answer_pattern in a reply (exact_match); format gives 1
+    # when the whole reply matches format_pattern.
+    answer_pattern: str = "-?[0-9]+"
+    format_pattern: str = "-?[0-9]+"
+    # Rollouts: replies per prompt (grpo's group; ppo usually 1), their length and sampling.
+    group_size: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    # Sequences the inference engine generates at once (None: the whole rollout batch).
+    generation_batch_size: Optional[int] = None
+    # Optimizer passes over each rollout batch, clipped surrogate range, KL to the reference
+    # (grpo: a loss term; ppo: a per-token reward penalty).
+    ppo_epochs: int = 1
+    clip_range: float = 0.2
+    kl_coef: float = 0.05
+    # ppo: critic (value model) initialisation (None: reward_load, else the seed), learning
+    # rate (None: optim.lr), value clipping, and GAE's discount and lambda.
+    critic_load: Optional[str] = None
+    critic_lr: Optional[float] = None
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+@dataclass
 class StageConfig:
-    """What is trained and for how long: pretrain or sft (rlhf comes later)."""
+    """What is trained and for how long: pretrain, sft, or an alignment stage (rm, dpo, grpo,
+    ppo: docs/rlhf.md)."""
 
     name: str = "pretrain"
     micro_batch_size: int = 4
@@ -205,6 +255,7 @@ class StageConfig:
     # Evaluation on the validation split every eval_interval steps (0: never).
     eval_interval: int = 0
     eval_iters: int = 4
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Optional
 from llmtrain.config.changes import unknown_entries
 from llmtrain.config.schema import Config
 from llmtrain.data.chat import FORMATS, TEMPLATES
+from llmtrain.rlhf.checks import alignment_problems
 
 CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
@@ -21,7 +22,8 @@ CHOICES = {
     "model.position_embedding_type": ("rope", "learned_absolute", "alibi", "none"),
     "precision.fp8": (None, "e4m3", "hybrid"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
-    "data.kind": ("corpus", "indexed", "mock", "sft"),
+    "data.kind": ("corpus", "indexed", "mock", "sft", "preference", "prompts"),
+    "stage.name": ("pretrain", "sft", "rm", "dpo", "grpo", "ppo"),
     "data.sft.format": FORMATS,
     "data.sft.chat_template": TEMPLATES,
     "data.tokenizer.tokenizer_type": ("corpus", "huggingface", "gpt2bpe", "sentencepiece", "null"),
@@ -341,6 +343,7 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                             f"data.tokenizer.{key} (the tokenizer the data was made with)")
 
     problems += checkpoint_problems(cfg)
+    problems += alignment_problems(cfg, dp)
 
     if problems:
         raise ConfigError(problems)

@@ -681,6 +681,9 @@ def has_training_state(source: str | os.PathLike) -> bool:
 # layers (CPU runs, conversions) and rebuilt by TE at its first step, so a weights-only load may
 # go without it.
 _REBUILT = "_extra_state"
+# Scalar heads that alignment stages put on a language model (reward model, critic): loading a
+# language model's weights into such a model leaves them as initialised.
+HEADS = "scalar_head."
 
 
 def load(root: str | os.PathLike, iteration: int, model: list, optimizer, scheduler,
@@ -692,7 +695,7 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
     if weights_only:
         loaded, _, absent = dist_checkpointing.load(state, str(source),
                                                     strict=StrictHandling.RETURN_UNEXPECTED)
-        lacking = sorted(k for k in absent if _REBUILT not in k)
+        lacking = sorted(k for k in absent if _REBUILT not in k and HEADS not in k)
         if lacking:
             raise RuntimeError(f"{source} lacks {len(lacking)} tensor(s) of this model, e.g. "
                                f"{', '.join(lacking[:5])}: was it written for another model= ?")
@@ -709,7 +712,8 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
         loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_keys(model), model):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded.pop(key), strict=False)
-        wrong = [k for k in missing if _REBUILT not in k] + list(unexpected)
+        wrong = [k for k in missing if _REBUILT not in k
+                 and not (weights_only and k.startswith(HEADS))] + list(unexpected)
         if wrong:
             raise RuntimeError(f"{source} does not match this model: {', '.join(wrong[:5])}; give "
                            f"the model= it was written for")

@@ -20,7 +20,9 @@ from llmtrain.megatron.weights import global_names, is_gated, shard
 
 def _kind(name: str) -> str:
     leaf = name.rsplit(".", 1)[-1]
-    if leaf.endswith("bias"):
+    # A scalar head (reward model, critic) starts at 0: it scores every sequence alike, so a
+    # fresh critic adds no noise to the first advantages.
+    if leaf.endswith("bias") or name.startswith("scalar_head."):
         return "zeros"
     if "norm" in name:
         return "ones"

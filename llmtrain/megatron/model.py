@@ -118,8 +118,9 @@ def layer_spec(cfg: Config, layout: Layout):
     return gpt_layer_spec(cfg.model, layout.use_transformer_engine)
 
 
-def build_model(cfg: Config, layout: Layout) -> list[GPTModel]:
-    """This rank's model chunks (one per virtual pipeline stage), on the run's device."""
+def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), on the run's device
+    (`model_class`: GPTModel or a subclass, e.g. with a reward head)."""
     config = transformer_config(cfg, layout)
     spec = layer_spec(cfg, layout)
     vpp = layout.virtual_pipeline_model_parallel_size
@@ -128,7 +129,7 @@ def build_model(cfg: Config, layout: Layout) -> list[GPTModel]:
         stage = vp_stage if vpp else None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*GPTModel IS DEPRECATED.*")
-            model = GPTModel(
+            model = model_class(
                 config=config,
                 transformer_layer_spec=spec,
                 vocab_size=layout.padded_vocab_size,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
@@ -20,6 +20,14 @@ class StepResult:
     tokens: int  # loss tokens in the global batch (0 off the last stage)
     grad_norm: float | None = None
     skipped: bool = False
+    # Means of the stage's own measures ("metric/<name>" reports: accuracy, reward, KL, ...).
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# A forward step: (device, data iterator, model chunk) -> (output, loss function), as the
+# schedules call it; alignment stages bring their own (llmtrain.megatron.align).
+ForwardStep = Callable
+METRIC = "metric/"
 
 
 def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -49,14 +57,18 @@ def _forward(device: str, data_iterator, model):
     return output, partial(_loss, loss_mask)
 
 
-def _reduce_losses(reports: list[dict]) -> tuple[float | None, int]:
-    """Sum micro-batch reports on the last stage and across data-parallel ranks."""
+def _reduce_losses(reports: list[dict]) -> tuple[float | None, int, dict[str, float]]:
+    """Sum micro-batch reports ([sum, count] of the loss and of every "metric/<name>") on the
+    last stage and across data-parallel ranks."""
     if not ps.is_pipeline_last_stage(ignore_virtual=True) or not reports:
-        return None, 0
-    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
+        return None, 0, {}
+    keys = ["lm loss"] + sorted(k for k in reports[0] if k.startswith(METRIC))
+    total = torch.stack([torch.stack([r[k] for r in reports]).sum(dim=0) for k in keys])
     torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
-    loss_sum, tokens = total.tolist()
-    return loss_sum / max(tokens, 1.0), int(tokens)
+    sums = total.tolist()
+    loss_sum, tokens = sums[0]
+    metrics = {k[len(METRIC):]: s / max(n, 1.0) for k, (s, n) in zip(keys[1:], sums[1:])}
+    return loss_sum / max(tokens, 1.0), int(tokens), metrics
 
 
 def schedule_name() -> str:
@@ -65,9 +77,10 @@ def schedule_name() -> str:
 
 
 def run_schedule(model: list, iterators: list, num_microbatches: int, seq_length: int,
-                 micro_batch_size: int, device: str, forward_only: bool) -> list[dict]:
+                 micro_batch_size: int, device: str, forward_only: bool,
+                 forward: Optional[ForwardStep] = None) -> list[dict]:
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward, device),
+        forward_step_func=partial(forward or _forward, device),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model,
         num_microbatches=num_microbatches,
@@ -79,32 +92,42 @@ def run_schedule(model: list, iterators: list, num_microbatches: int, seq_length
 
 def train_step(model: list, optimizer, scheduler, iterators: list, num_microbatches: int,
                seq_length: int, micro_batch_size: int, device: str,
-               guard: Optional[Callable[[list], bool]] = None) -> StepResult:
+               guard: Optional[Callable[[list], bool]] = None,
+               forward: Optional[ForwardStep] = None) -> StepResult:
     """`guard(reports)` may veto the update after the backward pass (a NaN loss or gradient)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
-                           device, forward_only=False)
+                           device, forward_only=False, forward=forward)
+    loss, tokens, metrics = _reduce_losses(reports)
     if guard is not None and not guard(reports):
-        return StepResult(*_reduce_losses(reports), skipped=True)
+        return StepResult(loss, tokens, skipped=True, metrics=metrics)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    loss, tokens = _reduce_losses(reports)
     return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm),
-                      skipped=not updated)
+                      skipped=not updated, metrics=metrics)
+
+
+def eval_step(model: list, iterators: list, num_microbatches: int, seq_length: int,
+              micro_batch_size: int, device: str) -> StepResult:
+    loss, tokens, metrics = _reduce_losses(forward_only(
+        model, iterators, num_microbatches, seq_length, micro_batch_size, device))
+    return StepResult(loss, tokens, metrics=metrics)
 
 
 @torch.no_grad()
-def eval_step(model: list, iterators: list, num_microbatches: int, seq_length: int,
-              micro_batch_size: int, device: str) -> StepResult:
+def forward_only(model: list, iterators: list, num_microbatches: int, seq_length: int,
+                 micro_batch_size: int, device: str, forward: Optional[ForwardStep] = None
+                 ) -> list[dict]:
+    """The micro-batch reports of a pass without gradients, in eval mode (no dropout): on the
+    last pipeline stage, whatever the loss functions returned; elsewhere []."""
     for chunk in model:
         chunk.eval()
     try:
-        reports = run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
-                               device, forward_only=True)
+        return run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
+                            device, forward_only=True, forward=forward)
     finally:
         for chunk in model:
             chunk.train()
-    return StepResult(*_reduce_losses(reports))

@@ -1,0 +1,97 @@
+"""Model roles of the alignment stages: language models with a scalar head (reward models,
+critics), and frozen roles (reference policy, reward model) loaded from checkpoints.
+
+A scalar head reads the final hidden state (after the last norm) through Megatron's
+`output_processor` hook of GPTModel, in place of the output layer, which a head model does not
+have (so its embedding is never tied to one). It is replicated on the tensor-parallel ranks,
+initialised like any other weight (llmtrain.megatron.init), and saved under `scalar_head.`;
+a language-model checkpoint loads into a head model weights-only, leaving the head as
+initialised (checkpoint.HEADS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.transformer.module import Float16Module
+
+from llmtrain.config.schema import Config
+from llmtrain.config.validate import Layout
+from llmtrain.megatron import checkpoint
+from llmtrain.megatron.init import initialize as initialize_weights
+from llmtrain.megatron.model import build_model
+
+
+class ScalarHead(torch.nn.Module):
+    """hidden [s, b, h] -> one score per position, [b, s] in fp32."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size,
+                                                     dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+
+    def output(self, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+        """GPTModel's output_processor: called on the last pipeline stage."""
+        if self.sequence_parallel:  # every TP rank scores the whole sequence itself
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False)
+        scores = torch.nn.functional.linear(hidden_states, self.weight, self.bias)
+        return scores.squeeze(-1).transpose(0, 1).float()
+
+
+class ScalarGPTModel(GPTModel):
+    """GPTModel whose last stage ends in a scalar head instead of the output layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.post_process:
+            self.output_layer = None
+            self.scalar_head = ScalarHead(self.config)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # LanguageModule marks the output layer's vocabulary padding, which is not here.
+        post_process, self.post_process = self.post_process, False
+        try:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self.post_process = post_process
+
+
+def build_scalar_model(cfg: Config, layout: Layout) -> list:
+    """Chunks of a GPT backbone with a scalar head on its last stage (never tied: there is no
+    output layer)."""
+    untied = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, share_embeddings_and_output_weights=False))
+    return build_model(untied, layout, ScalarGPTModel)
+
+
+def head(chunk) -> ScalarHead:
+    return checkpoint.unwrap(chunk).scalar_head
+
+
+def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool,
+                say) -> list:
+    """A role that is not trained: the seed's initial weights, or the latest step of `source`;
+    in the precision's format, gradients off, in eval mode."""
+    chunks = build_scalar_model(cfg, layout) if scalar else build_model(cfg, layout)
+    initialize_weights(chunks, cfg.seed)
+    if source:
+        step = checkpoint.latest_iteration(source)
+        if step is None:
+            raise FileNotFoundError(f"{source} holds no complete checkpoint step")
+        checkpoint.load(source, step, chunks, None, None, weights_only=True)
+        say(f"loaded {checkpoint.step_dir(source, step)} (frozen {'scorer' if scalar else 'reference'})")
+    wrapped = []
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        if chunk.config.fp16 or chunk.config.bf16:
+            chunk = Float16Module(chunk.config, chunk)
+        chunk.eval()
+        wrapped.append(chunk)
+    return wrapped

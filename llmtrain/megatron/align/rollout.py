@@ -1,0 +1,327 @@
+"""stage=grpo and stage=ppo: sample replies with the inference engine, score them, and train the
+policy on them with a clipped surrogate.
+
+One step: the prompts of the step (global_batch_size / group_size of them, in a per-epoch
+shuffled order: a resumed run continues with the same prompts) each get group_size replies from
+Megatron-Core's inference machinery (llmtrain.megatron.inference.Engine, run on the trained
+model itself, so no weights are copied); rewards come from rules (llmtrain.rlhf.rewards) or a
+frozen reward model. The policy's and the reference's log-probabilities (and for PPO the
+critic's values) are computed once, then the policy (and the critic) take ppo_epochs optimizer
+steps on the batch through the training loop's own step (llmtrain.megatron.step).
+
+Roles: actor = the trained model (its checkpoints are the run's), reference and reward model
+frozen, critic (PPO) a value-head model trained beside the actor with its own optimizer and
+checkpoints (<save>/critic). All are colocated: every rank holds its TP x PP share of each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from llmtrain.data import chat
+from llmtrain.data.sources import DataError
+from llmtrain.generate.sequence import Sampling, Sequence
+from llmtrain.megatron import checkpoint
+from llmtrain.megatron.align import Task
+from llmtrain.megatron.align.heads import build_scalar_model, head, load_frozen
+from llmtrain.megatron.inference import Engine
+from llmtrain.megatron.init import initialize as initialize_weights
+from llmtrain.megatron.model import build_model
+from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from llmtrain.megatron.step import StepResult, forward_only, train_step
+from llmtrain.rlhf import advantages, losses
+from llmtrain.rlhf.pairs import pad_id
+from llmtrain.rlhf.records import encode_prompts
+from llmtrain.rlhf.rewards import reward
+
+
+def _stat(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(values.detach().float() * mask).sum(), mask.sum().float()])
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over a vocabulary split across tensor-parallel ranks."""
+    group = ps.get_tensor_model_parallel_group()
+    top = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    exp = (logits - top).exp()
+    total = exp.sum(dim=-1, keepdim=True)
+    dist.all_reduce(total, group=group)
+    expected = (exp * logits).sum(dim=-1) / total.squeeze(-1)
+    dist.all_reduce(expected, group=group)
+    return top.squeeze(-1) + total.log().squeeze(-1) - expected
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) from vocabulary-parallel logits [b, s, v/tp]."""
+    return -vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
+                                         labels.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+class RolloutTask(Task):
+    def __init__(self, cfg, layout, tokenizer, say):
+        super().__init__(cfg, layout, tokenizer, say)
+        self.ppo = cfg.stage.name == "ppo"
+        self.align = cfg.stage.alignment
+        self.prompts_per_step = cfg.stage.global_batch_size // self.align.group_size
+        self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.critic = self.critic_checkpoints = None
+        self._order = (-1, None)  # (epoch, prompt order)
+
+    def build_model(self) -> list:
+        return build_model(self.cfg, self.layout)
+
+    # Roles and data.
+
+    def setup(self, model, start, save_dir) -> None:
+        cfg, a = self.cfg, self.align
+        template = chat.load_template(cfg.data.sft.chat_template, self.tokenizer)
+        prompts, self.stop_ids = encode_prompts([str(e) for e in cfg.data.data_path], template,
+                                                self.tokenizer, cfg.data.sft.system)
+        room = cfg.data.seq_length - a.max_new_tokens
+        self.prompts = [p for p in prompts if len(p.ids) <= room]
+        if not self.prompts:
+            raise DataError(f"no prompt fits in data.seq_length={cfg.data.seq_length} with "
+                             f"max_new_tokens={a.max_new_tokens}: raise data.seq_length")
+        left_out = len(prompts) - len(self.prompts)
+        self.say(f"prompt data: {len(prompts)} prompts"
+                 + (f", {left_out} longer than seq_length - max_new_tokens left out"
+                    if left_out else ""))
+        source = a.reference_load or cfg.checkpoint.load
+        self.reference = load_frozen(cfg, self.layout, source, scalar=False, say=self.say)
+        self.scorer = (load_frozen(cfg, self.layout, a.reward_load, scalar=True, say=self.say)
+                       if a.reward == "model" else None)
+        if self.ppo:
+            self._setup_critic(start, save_dir)
+        self.engine = Engine(checkpoint.unwrap(model[0]), cfg.model.vocab_size,
+                             a.generation_batch_size or cfg.stage.global_batch_size,
+                             cfg.data.seq_length, self.layout.device, cfg.seed)
+
+    def _setup_critic(self, start: int, save_dir) -> None:
+        cfg, a = self.cfg, self.align
+        lr = a.critic_lr or cfg.optim.lr
+        critic_cfg = dataclasses.replace(
+            cfg, optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
+            checkpoint=dataclasses.replace(
+                cfg.checkpoint, load=a.critic_load or a.reward_load or cfg.checkpoint.load,
+                finetune=True, load_step=None))
+        chunks = build_scalar_model(critic_cfg, self.layout)
+        initialize_weights(chunks, cfg.seed)
+        self.critic = wrap_ddp(critic_cfg, chunks)
+        self.critic_optimizer = build_optimizer(critic_cfg, self.critic)
+        self.critic_scheduler = build_scheduler(critic_cfg, self.critic_optimizer)
+        self.critic_checkpoints = checkpoint.Checkpoints(
+            critic_cfg, self.layout, self.tokenizer, save_dir / "critic" if save_dir else None,
+            lambda text: self.say(f"critic: {text}"))
+        restored = self.critic_checkpoints.restore(self.critic, self.critic_optimizer,
+                                                   self.critic_scheduler)
+        if start and restored.iteration != start:
+            self.say(f"warning: the critic resumes from step {restored.iteration}, the actor "
+                     f"from step {start}")
+
+    def batches(self, start: int) -> list:
+        return [None]  # rollouts are made in `step`, from the step's own prompts
+
+    def save(self, iteration: int, blocking: bool) -> None:
+        if self.critic_checkpoints is not None:
+            self.critic_checkpoints.save(iteration, self.critic, self.critic_optimizer,
+                                         self.critic_scheduler, blocking=blocking)
+
+    def wait(self) -> None:
+        if self.critic_checkpoints is not None:
+            self.critic_checkpoints.wait()
+
+    # Rollouts.
+
+    def _step_prompts(self, iteration: int) -> list:
+        count, chosen = len(self.prompts), []
+        for position in range((iteration - 1) * self.prompts_per_step,
+                              iteration * self.prompts_per_step):
+            epoch, k = divmod(position, count)
+            if self._order[0] != epoch:
+                self._order = (epoch, np.random.default_rng([self.cfg.seed, epoch]
+                                                            ).permutation(count))
+            chosen.append(self.prompts[int(self._order[1][k])])
+        return chosen
+
+    def _generate(self, iteration: int, model: list) -> list[tuple]:
+        """(prompt, reply tokens) of every sequence of the step, on every rank."""
+        a = self.align
+        prompts = [p for p in self._step_prompts(iteration) for _ in range(a.group_size)]
+        sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        sequences = [Sequence(p.ids, a.max_new_tokens, sampling, tuple(self.stop_ids))
+                     for p in prompts]
+        self.engine.generator.manual_seed(self.cfg.seed * 100003 + iteration)
+        replies = None
+        if self.engine.is_driver:
+            replies = []
+            size = self.engine.max_batch_size
+            for at in range(0, len(sequences), size):
+                replies += [o.tokens for o in self.engine.generate(sequences[at:at + size])]
+            self.engine.stop_followers()
+        else:
+            self.engine.follow()
+        box = [replies]
+        dist.broadcast_object_list(box, src=self.engine.driver)
+        # Megatron caches rotary tables made under inference mode, which training cannot use.
+        RotaryEmbedding.forward.cache_clear()
+        for chunk in model:
+            chunk.train()
+        return list(zip(prompts, box[0]))
+
+    def _experience(self, rollouts: list[tuple]) -> tuple[list[dict], torch.Tensor]:
+        """Micro-batches of the rollouts (tokens, labels, reply mask) and their scores (of a
+        reward model: on its last pipeline stage)."""
+        s, device = self.cfg.data.seq_length, self.layout.device
+        n, pad = len(rollouts), pad_id(self.tokenizer)
+        tokens = torch.full((n, s), pad, dtype=torch.long)
+        labels = torch.full((n, s), pad, dtype=torch.long)
+        mask = torch.zeros((n, s))
+        last = torch.zeros(n, dtype=torch.long)  # where the reward model scores: the last label
+        scores = torch.zeros(n)
+        for row, (prompt, reply) in enumerate(rollouts):
+            full = torch.tensor(prompt.ids + reply)
+            length = len(full) - 1
+            tokens[row, :length], labels[row, :length] = full[:-1], full[1:]
+            mask[row, len(prompt.ids) - 1:length] = 1.0
+            last[row] = length - 1
+            if self.scorer is None:
+                text = self.tokenizer.decode([t for t in reply if t not in self.stop_ids])
+                scores[row] = reward(text, prompt.answer, self.align.reward_weights,
+                                     self.align.answer_pattern, self.align.format_pattern)
+        mbs = self.cfg.stage.micro_batch_size
+        position_ids = torch.arange(s).expand(mbs, s)
+        causal = ~torch.tril(torch.ones((1, 1, s, s), dtype=torch.bool)) if device == "cpu" \
+            else None
+        micro = [{"tokens": tokens[i:i + mbs], "labels": labels[i:i + mbs],
+                  "mask": mask[i:i + mbs], "last": last[i:i + mbs],
+                  "position_ids": position_ids, "attention_mask": causal}
+                 for i in range(0, n, mbs)]
+        if self.scorer is not None:
+            scored = self._collect(self.scorer, micro, self._score_forward, "score")
+            scores = torch.cat(scored).cpu() if scored else scores
+        return micro, scores
+
+    # Forward steps.
+
+    @staticmethod
+    def _inputs(batch: dict, device: str) -> tuple:
+        mask = batch["attention_mask"]
+        return (batch["tokens"].to(device), batch["position_ids"].to(device),
+                None if mask is None else mask.to(device))
+
+    def _collect(self, model: list, micro: list[dict], forward, key: str) -> list:
+        reports = forward_only(model, [iter(micro)], **self.schedule, forward=forward)
+        return [r[key] for r in reports]
+
+    def _logprob_forward(self, device, iterator, model):
+        batch = next(iterator)
+        logits = model(*self._inputs(batch, device))
+        labels = batch["labels"].to(device)
+
+        def keep(output):
+            logp = token_logprobs(output, labels)
+            return logp.sum(), torch.tensor(1), {"lm loss": torch.zeros(2), "logp": logp}
+        return logits, keep
+
+    def _value_forward(self, device, iterator, model):
+        batch = next(iterator)
+        values = model(*self._inputs(batch, device), output_processor=head(model).output)
+        return values, lambda v: (v.sum(), torch.tensor(1), {"lm loss": torch.zeros(2),
+                                                            "values": v.detach()})
+
+    def _score_forward(self, device, iterator, model):
+        batch = next(iterator)
+        values = model(*self._inputs(batch, device), output_processor=head(model).output)
+        last = batch["last"].to(device)
+        return values, lambda v: (v.sum(), torch.tensor(1), {
+            "lm loss": torch.zeros(2), "score": v.gather(1, last[:, None])[:, 0].detach()})
+
+    def _policy_forward(self, device, iterator, model):
+        batch = next(iterator)
+        logits = model(*self._inputs(batch, device))
+        return logits, partial(self._policy_loss, batch, device)
+
+    def _policy_loss(self, batch: dict, device: str, logits: torch.Tensor):
+        a = self.align
+        mask = batch["mask"].to(device)
+        logp = token_logprobs(logits, batch["labels"].to(device))
+        surrogate, clipped = losses.clipped_policy(logp, batch["old_logp"], batch["advantages"],
+                                                   a.clip_range)
+        kl = losses.kl_estimate(logp, batch["reference_logp"])
+        per_token = surrogate + (a.kl_coef * kl if not self.ppo else 0.0)
+        entropy = vocab_parallel_entropy(logits.detach().float())
+        tokens = mask.sum()
+        return (per_token * mask).sum(), tokens.to(torch.int), {
+            "lm loss": _stat(per_token, mask), "metric/kl": _stat(kl, mask),
+            "metric/entropy": _stat(entropy, mask), "metric/clipfrac": _stat(clipped, mask)}
+
+    def _critic_forward(self, device, iterator, model):
+        batch = next(iterator)
+        values = model(*self._inputs(batch, device), output_processor=head(model).output)
+        return values, partial(self._value_loss, batch, device)
+
+    def _value_loss(self, batch: dict, device: str, values: torch.Tensor):
+        mask = batch["mask"].to(device)
+        loss = losses.clipped_value(values, batch["old_values"], batch["returns"],
+                                    self.align.value_clip)
+        return (loss * mask).sum(), mask.sum().to(torch.int), {"lm loss": _stat(loss, mask)}
+
+    # The step.
+
+    def step(self, iteration, model, optimizer, scheduler, iterators, guard):
+        a = self.align
+        rollouts = self._generate(iteration, model)
+        micro, scores = self._experience(rollouts)
+        # Collected on the last pipeline stage, the one that computes the losses.
+        old = self._collect(model, micro, self._logprob_forward, "logp")
+        ref = self._collect(self.reference, micro, self._logprob_forward, "logp")
+        values = self._collect(self.critic, micro, self._value_forward, "values") \
+            if self.ppo else None
+        if self.last_stage:
+            self._advantages(micro, scores, old, ref, values)
+        result = StepResult(None, 0)
+        for _ in range(a.ppo_epochs):
+            result = train_step(model, optimizer, scheduler, [iter(micro)], **self.schedule,
+                                guard=guard, forward=self._policy_forward)
+            if self.ppo:
+                critic = train_step(self.critic, self.critic_optimizer, self.critic_scheduler,
+                                    [iter(micro)], **self.schedule, forward=self._critic_forward)
+                if critic.loss is not None:
+                    result.metrics["value_loss"] = critic.loss
+        lengths = torch.tensor([float(len(r)) for _, r in rollouts])
+        result.metrics.update(reward=float(scores.mean()), reply_length=float(lengths.mean()))
+        return result
+
+    def _advantages(self, micro, scores, old, ref, values) -> None:
+        """Advantages (and for PPO returns) of every reply token, into the micro-batches."""
+        a = self.align
+        device = old[0].device
+        mask = torch.cat([b["mask"] for b in micro]).to(device)
+        old_logp, ref_logp = torch.cat(old), torch.cat(ref)
+        if values is None:  # GRPO: each reply's group-normalised reward on all its tokens
+            adv = advantages.group_normalized(scores.to(device), a.group_size)[:, None] * mask
+            returns = old_values = None
+        else:  # PPO: the score at the last reply token, a KL penalty on every one, GAE
+            old_values = torch.cat(values).float() * mask
+            rewards = -a.kl_coef * (old_logp - ref_logp) * mask
+            last = mask.size(1) - 1 - mask.flip(1).argmax(dim=1)
+            rewards[torch.arange(mask.size(0)), last] += scores.to(device)
+            adv, returns = advantages.gae(rewards, old_values, mask, a.gamma, a.lam)
+            adv = advantages.whiten(adv, mask)
+        mbs = self.cfg.stage.micro_batch_size
+        for k, batch in enumerate(micro):
+            rows = slice(k * mbs, (k + 1) * mbs)
+            batch.update(old_logp=old_logp[rows], reference_logp=ref_logp[rows],
+                         advantages=adv[rows])
+            if values is not None:
+                batch.update(old_values=old_values[rows], returns=returns[rows])

@@ -1,0 +1,33 @@
+"""Toy alignment data the rlhf tests write: separable preference pairs and arithmetic prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+# Tiny, fast runs of the `tiny` model on CPU.
+TINY = ["data.seq_length=32", "optim.lr=1e-3", "optim.min_lr=1e-3", "optim.lr_decay_style=constant",
+        "checkpoint.save_interval=0"]
+
+
+def separable_pairs(path: Path, count: int = 200, seed: int = 0) -> Path:
+    """Pairs whose chosen reply is always polite and the rejected one always curt: a reward
+    model can tell them apart from the reply alone."""
+    rng = random.Random(seed)
+    topics = ["the weather", "a recipe", "the train", "a book", "the garden", "music"]
+    with open(path, "w") as out:
+        for i in range(count):
+            prompt = f"Tell me about {rng.choice(topics)}, item {i}."
+            out.write(json.dumps({"prompt": prompt, "chosen": "Gladly, thank you.",
+                                  "rejected": "No."}) + "\n")
+    return path
+
+
+def arithmetic_prompts(path: Path, count: int = 64, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as out:
+        for _ in range(count):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            out.write(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n")
+    return path
