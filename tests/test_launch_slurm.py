@@ -234,7 +234,8 @@ def test_cancelled_job_is_not_requeued(cluster, tmp_path):
     log = tmp_path / "slurm" / f"{job}_0_log.out"
     deadline = time.monotonic() + 600
     while "step      1/50" not in (log.read_text() if log.exists() else ""):
-        assert job in cluster.jobs() and time.monotonic() < deadline, "training never started"
+        assert job in cluster.jobs() and time.monotonic() < deadline, (
+            f"training never started; the job's log:\n{log.read_text() if log.exists() else ''}")
         time.sleep(0.2)
     cluster.run("scancel", job)
     cluster.wait_done(job)

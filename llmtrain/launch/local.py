@@ -110,21 +110,35 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=layout.nnodes,
-        max_nodes=layout.nnodes,
-        nproc_per_node=layout.nproc_per_node,
-        run_id=rendezvous_id(layout),
-        rdzv_backend="static",
-        rdzv_endpoint=f"{cfg.launcher.master_addr}:{port}",
-        rdzv_configs={"rank": node_rank},
-        max_restarts=0,
-        monitor_interval=0.2,
-        start_method="spawn",
-    )
+    from torch.distributed import DistNetworkError
+
+    def config(port: int) -> LaunchConfig:
+        return LaunchConfig(
+            min_nodes=layout.nnodes,
+            max_nodes=layout.nnodes,
+            nproc_per_node=layout.nproc_per_node,
+            run_id=rendezvous_id(layout),
+            rdzv_backend="static",
+            rdzv_endpoint=f"{cfg.launcher.master_addr}:{port}",
+            rdzv_configs={"rank": node_rank},
+            max_restarts=0,
+            monitor_interval=0.2,
+            start_method="spawn",
+        )
+
+    # A port we picked ourselves may be taken by another program before the store binds it:
+    # then pick again (a port the user gave, or another node's, is kept and the error shown).
+    retries = 2 if not cfg.launcher.master_port and layout.nnodes == 1 else 0
     with PreemptionNotice() as notice:
         try:
-            results = elastic_launch(config, worker)(cfg, layout, entry)
+            for attempt in range(retries + 1):
+                try:
+                    results = elastic_launch(config(port), worker)(cfg, layout, entry)
+                    break
+                except DistNetworkError as error:
+                    if "EADDRINUSE" not in str(error) or attempt == retries:
+                        raise
+                    port = free_port()
         except ChildFailedError as error:
             codes = {failure.exitcode for failure in error.failures.values()}
             if REQUEUE_EXIT_CODE in codes or notice.received:
