@@ -41,7 +41,7 @@ class Run:
     def __init__(self, *args: str, env: dict | None = None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llmtrain", *args], cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
@@ -64,6 +64,12 @@ class Run:
             self.seen.append(line)
             if re.search(pattern, line):
                 return line
+
+    def crash(self) -> None:
+        """The machine dies: SIGKILL to the run and every process it started (background
+        checkpoint writers included), as when a node is lost."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def finish(self, timeout: float = 600) -> int:
         code = self.process.wait(timeout)
@@ -119,8 +125,7 @@ def test_sigkill_at_a_random_step_then_the_same_command_continues_exactly(refere
     kill_after = random.randint(5, 11)
     with Run(*RUN12, f"hydra.run.dir={tmp_path}") as run:
         run.wait_for(rf"^step +{kill_after}/12 ")
-        run.process.send_signal(signal.SIGKILL)
-        run.process.wait()
+        run.crash()
     out = run_llmtrain(*RUN12, f"hydra.run.dir={tmp_path}").stdout
     start = summary(tmp_path)["start_step"]
     # The latest complete checkpoint at the kill (the save of a multiple of 4 may have been cut).
@@ -133,8 +138,7 @@ def test_a_save_killed_midway_stays_invisible_and_is_skipped_on_resume(reference
     ckpt = tmp_path / "checkpoints"
     with Run(*RUN12, f"hydra.run.dir={tmp_path}", env={"LLMTRAIN_FAULT_SAVE": "stall@8"}) as run:
         run.wait_for("the save of step 8 stalls")
-        run.process.send_signal(signal.SIGKILL)
-        run.process.wait()
+        run.crash()
     # Step 8's data files are written, but it was never committed: invisible.
     assert (ckpt / "iter_0000008.incomplete" / "__0_0.distcp").exists()
     assert checkpoint_steps(tmp_path) == ["iter_0000004", "iter_0000008.incomplete"]
