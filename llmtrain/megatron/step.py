@@ -100,8 +100,9 @@ def train_step(model: list, optimizer, scheduler, iterators: list, num_microbatc
     optimizer.zero_grad()
     reports = run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
                            device, forward_only=False, forward=forward)
+    vetoed = guard is not None and not guard(reports)  # first: it may see (or inject) a NaN
     loss, tokens, metrics = _reduce_losses(reports)
-    if guard is not None and not guard(reports):
+    if vetoed:
         return StepResult(loss, tokens, skipped=True, metrics=metrics)
     updated, grad_norm, _ = optimizer.step()
     if updated:
