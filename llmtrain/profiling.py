@@ -27,7 +27,7 @@ KERNEL_KINDS = (
     ("optimizer", re.compile(r"adam|multi_tensor|l2norm", re.I)),
     ("norms", re.compile(r"norm", re.I)),
     ("cross entropy", re.compile(r"cross_entropy|softmax|logsumexp", re.I)),
-    ("fp8 casts", re.compile(r"cast|transpose|amax|scale", re.I)),
+    ("fp8 casts", re.compile(r"cast_transpose|quantize|amax|fp8|float8", re.I)),
 )
 MEMORY = {"gpu_memcpy": "memory copies", "gpu_memset": "memory copies"}
 
@@ -67,7 +67,7 @@ def gpu_summary(events: list[dict], steps: int) -> Optional[str]:
     for kind, micros in sorted(by_kind.items(), key=lambda item: -item[1]):
         lines.append(f"  {kind:<24}{micros / 1e3 / steps:>10.1f} ms/step {100 * micros / total:>6.1f}%")
     lines.append("  top kernels:")
-    for name, micros in sorted(by_kernel.items(), key=lambda item: -item[1])[:12]:
+    for name, micros in sorted(by_kernel.items(), key=lambda item: -item[1])[:30]:
         lines.append(f"  {micros / 1e3 / steps:>10.1f} ms/step  {name[:110]}")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ CHANGEABLE = (
     "optim.lr_wsd_decay_style", "optim.weight_decay", "optim.clip_grad",
     "optim.check_for_nan_in_loss_and_grad", "optim.on_nonfinite", "model.hidden_dropout",
     "model.attention_dropout", "model.init_method_std", "precision.gradient_accumulation_fusion",
+    "precision.use_te_op_fuser",
     "data.num_workers", "data.data_cache_path",
     # Where the tokenizer's files are: what they hold is compared as tokenizer.identity.
     "data.tokenizer.tokenizer_model", "data.tokenizer.vocab_file", "data.tokenizer.merge_file",

@@ -125,6 +125,9 @@ class PrecisionConfig:
     # Weight gradients accumulated by the GEMM straight into the fp32 gradient buffer
     # (Transformer Engine layers; None: on wherever they run).
     gradient_accumulation_fusion: Optional[bool] = None
+    # The SwiGLU MLP (norm, FC1, activation, FC2) through Transformer Engine's operation fuser,
+    # which fuses the activation into its neighbours (None: on wherever TE runs a SwiGLU MLP).
+    use_te_op_fuser: Optional[bool] = None
 
 
 @dataclass

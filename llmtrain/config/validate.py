@@ -225,6 +225,11 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if prec.gradient_accumulation_fusion and not use_te:
         problems.append("precision.gradient_accumulation_fusion=true needs Transformer Engine's "
                         "layers (a GPU with llmtrain[gpu] installed)")
+    if prec.use_te_op_fuser and not (use_te and m.activation == "swiglu" and not m.num_moe_experts
+                                     and not m.parallel_attention_mlp and not par.cpu_offloading):
+        problems.append("precision.use_te_op_fuser=true needs Transformer Engine's layers (a GPU "
+                        "with llmtrain[gpu] installed) and a dense SwiGLU MLP without "
+                        "parallel.cpu_offloading; leave it unset to choose automatically")
     if par.use_distributed_optimizer and device == "cpu" and not (prec.bf16 or prec.fp16):
         problems.append("parallel.use_distributed_optimizer=true on CPU needs precision=bf16 or "
                         "fp16 (Megatron-Core's fp32 distributed optimizer cannot resume there)")

@@ -97,13 +97,15 @@ def _parallel_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
     )
 
 
-def gpt_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
-    """The transformer layer of model `m`, on Transformer Engine's layers or Megatron's own."""
+def gpt_layer_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool = False) -> ModuleSpec:
+    """The transformer layer of model `m`, on Transformer Engine's layers or Megatron's own
+    (`te_op_fuser`: the dense MLP through Transformer Engine's operation fuser)."""
     if m.parallel_attention_mlp:
         return _parallel_layer_spec(m, use_te)
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts))
+            num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts),
+            use_te_op_fuser=te_op_fuser)
     else:
         spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
                                         normalization=m.normalization)
