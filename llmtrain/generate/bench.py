@@ -29,7 +29,8 @@ from llmtrain.generate.sequence import Sampling, Sequence
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _zoo_model(overrides: list[str]):
+def zoo_model(overrides: list[str]):
+    """The ModelConfig of `model=<name>` (conf/model/)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -46,13 +47,16 @@ def _zoo_model(overrides: list[str]):
     return OmegaConf.to_object(dcfg.model)
 
 
-def _random_hf(model, folder: Path, dtype: torch.dtype) -> Path:
-    """A Hugging Face folder of the zoo model with random weights."""
+def random_hf(model, folder: Path, dtype: torch.dtype, **hf_fields) -> Path:
+    """A Hugging Face folder of the zoo model with random weights; `hf_fields` are set on the
+    Hugging Face config (token ids, say)."""
     from transformers import AutoModelForCausalLM
 
     from llmtrain.convert import families
 
     config = families.by_name(model.family).hf_config(model)
+    for key, value in hf_fields.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(str(folder))
     return folder
@@ -136,8 +140,8 @@ def main() -> None:
         if args.hf:
             hf = Path(args.hf)
         else:
-            model = _zoo_model(args.overrides)
-            hf = _random_hf(model, Path(scratch) / model.name, DTYPES[args.dtype])
+            model = zoo_model(args.overrides)
+            hf = random_hf(model, Path(scratch) / model.name, DTYPES[args.dtype])
         mcore = Path(scratch) / "mcore"
         convert(f"input={hf}", f"output={mcore}", "check=false", f"dtype={args.dtype}",
                 say=lambda *_: None)
