@@ -2,10 +2,12 @@
 it prints from what the commands wrote (summary.json of a run, the answers of generate).
 
     python scripts/gpu_checks.py hf-model model=llama3_2_1b --output hf_llama3_2_1b --dtype bf16
+    python scripts/gpu_checks.py pairs --output pairs.jsonl --count 1000
     python scripts/gpu_checks.py loss outputs/sft_hf_tiny
     python scripts/gpu_checks.py metrics outputs/dpo_hf_tiny margin accuracy kl
     python scripts/gpu_checks.py resume runs/a runs/b runs/c
     python scripts/gpu_checks.py answers answers.jsonl
+    python scripts/gpu_checks.py machine
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +49,15 @@ def hf_model(args) -> None:
           f"tokenizer's vocabulary of {model.vocab_size}")
 
 
+def pairs(args) -> None:
+    """Preference pairs a model can learn within a few steps (the DPO tests' set: a polite
+    chosen reply, a curt rejected one)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from rlhf_helpers import separable_pairs
+
+    separable_pairs(Path(args.output), count=args.count)
+
+
 def _summary(run: str) -> dict:
     return json.loads((Path(run) / "summary.json").read_text())
 
@@ -65,13 +77,18 @@ def loss(args) -> None:
 
 
 def metrics(args) -> None:
-    """First and last value of each named measure of an alignment run, and its loss."""
-    s = _summary(args.run)
-    parts = [f"loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}"]
-    for name in args.names:
-        values = s["metrics"][name]
-        parts.append(f"{name} {values[0]:.4g} -> {values[-1]:.4g}")
-    print(f"{len(s['losses'])} steps: " + ", ".join(parts))
+    """First and last value of each named measure of an alignment run; for runs of 10 steps
+    or more also the means of the first and the last 5 (rollout measures are noisy)."""
+    measures = _summary(args.run)["metrics"]
+    print(", ".join(_ends(name, measures[name]) for name in args.names))
+
+
+def _ends(name: str, values: list[float]) -> str:
+    text = f"{name} {values[0]:.4g} -> {values[-1]:.4g}"
+    if len(values) >= 10:
+        text += f" (5-step means {statistics.fmean(values[:5]):.4g} -> " \
+                f"{statistics.fmean(values[-5:]):.4g})"
+    return text
 
 
 def resume(args) -> None:
@@ -97,6 +114,23 @@ def answers(args) -> None:
         print(f"{asked!r} -> {record['generated_text']!r}")
 
 
+def machine(args) -> None:
+    """The GPUs and the versions that the figures were measured with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    where = f"{gpus} x {torch.cuda.get_device_name()}" if gpus else "no GPU"
+    versions = []
+    for package in ("torch", "transformer_engine", "megatron-core", "transformers"):
+        try:
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            versions.append(f"{package} -")
+    print(f"{where}; {', '.join(versions)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +139,10 @@ def main() -> None:
     make.add_argument("--output", required=True)
     make.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     make.set_defaults(func=hf_model)
+    write = commands.add_parser("pairs", help=pairs.__doc__.split(" (")[0])
+    write.add_argument("--output", required=True)
+    write.add_argument("--count", type=int, default=1000)
+    write.set_defaults(func=pairs)
     for name, function in (("loss", loss), ("metrics", metrics)):
         command = commands.add_parser(name, help=function.__doc__)
         command.add_argument("run", help="a run's folder (with summary.json)")
@@ -118,6 +156,7 @@ def main() -> None:
     show = commands.add_parser("answers", help="each prompt and its generated text")
     show.add_argument("file")
     show.set_defaults(func=answers)
+    commands.add_parser("machine", help=machine.__doc__).set_defaults(func=machine)
     args = parser.parse_args()
     args.func(args)
 

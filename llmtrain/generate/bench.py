@@ -32,6 +32,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def zoo_model(overrides: list[str]):
     """The ModelConfig of `model=<name>` (conf/model/)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
     from omegaconf import OmegaConf
 
     from llmtrain.cli import CONF_DIR
@@ -41,7 +42,12 @@ def zoo_model(overrides: list[str]):
     register()
     register_training()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        dcfg = compose("generate", overrides=overrides)
+        try:
+            dcfg = compose("generate", overrides=overrides)
+        except MissingConfigException as exc:
+            missing = str(exc).splitlines()[0].split(": ", 1)[-1]  # Could not find 'model/x'
+            raise SystemExit(f"llmtrain: {missing}; the models of conf/model/: "
+                             f"{', '.join(exc.options or [])}") from None
     if dcfg.model is None:
         raise SystemExit("name the model: model=<name> (conf/model/) or --hf <folder>")
     return OmegaConf.to_object(dcfg.model)
