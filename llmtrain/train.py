@@ -24,6 +24,7 @@ from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_d
 from llmtrain.megatron.step import eval_step, schedule_name, train_step
 from llmtrain.metrics import RunLog
 from llmtrain.preemption import Watcher
+from llmtrain.profiling import StepProfiler
 from llmtrain.runtime import quiet_libraries, sync_device
 
 
@@ -100,10 +101,15 @@ def _train(cfg: Config, layout: Layout) -> dict:
     metrics: dict[str, list[float]] = {}
     last_saved = start
     guard = NonFiniteGuard(cfg, model, layout.device, log.message)
+    profiler = StepProfiler(cfg.logging.profile_step_start, cfg.logging.profile_step_end,
+                            cfg.logging.profile_ranks if cfg.logging.profile else [],
+                            parallel.rank(), run_path(cfg, "profile"),
+                            lambda text: print(f"[llmtrain] {text}", flush=True))
     preempted, exiting = None, False
     restored.restore_rng()  # after the data loaders drew their seeds: the streams go on exactly
     for iteration in range(start + 1, stage.train_iters + 1):
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        profiler.before(iteration)
         began = time.perf_counter()
         if task:
             result = task.step(iteration, model, optimizer, scheduler, train_iters,
@@ -122,6 +128,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
             metrics.setdefault(key, []).append(value)
         log.step(iteration, result.loss, lr, result.grad_norm,
                  seconds, scale, result.skipped, result.metrics)
+        profiler.after(iteration)
         if stage.eval_interval and valid_iters[0] is not None and (
                 iteration % stage.eval_interval == 0 or iteration == stage.train_iters):
             total = 0.0

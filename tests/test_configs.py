@@ -184,10 +184,14 @@ def test_every_experiment_is_valid_where_it_is_meant_to_run(experiment):
 def test_validation_reports_every_problem_at_once():
     cfg = compose_config("model=tiny", "parallel=tp8pp1", "stage.global_batch_size=6",
                          "stage.micro_batch_size=4", "data.seq_length=100",
-                         "parallel.context_parallel_size=3", "parallel.sequence_parallel=true")
+                         "parallel.context_parallel_size=3", "parallel.sequence_parallel=true",
+                         "stage.train_iters=20", "logging.profile=true",
+                         "logging.profile_step_start=5", "logging.profile_step_end=4")
     with pytest.raises(ConfigError) as error:
         validate(cfg, CPU)
     assert sorted(error.value.problems) == sorted([
+        "logging.profile needs 1 <= profile_step_start (5) <= profile_step_end (4) <= "
+        "stage.train_iters (20)",
         "model tiny has 4 KV groups (num_query_groups), which tensor parallel size 8 does not "
         "divide: choose a TP that divides it",
         "data.seq_length=100 must be divisible by 2 x context parallel size = 6",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from conftest import FAST, ROOT, compose_config, run_llmtrain, summary
 from llmtrain.cli import resolve_run
 from llmtrain.config.schedule import resolve_token_lengths
+from llmtrain.profiling import gpu_summary
 
 NO_SAVE = ["checkpoint.save=null"]
 
@@ -83,3 +85,29 @@ def test_expert_parallel_matches_one_process(tmp_path):
                  "parallel.data_parallel_size=2", f"hydra.run.dir={tmp_path / 'ep2'}")
     assert summary(tmp_path / "ep2")["losses"] == pytest.approx(
         summary(tmp_path / "ep1")["losses"], rel=1e-5)
+
+
+def test_profile_writes_a_trace_and_says_where_the_time_went(tmp_path):
+    process = run_llmtrain(*FAST, *NO_SAVE, "stage.train_iters=4", "logging.profile=true",
+                           "logging.profile_step_start=2", "logging.profile_step_end=3",
+                           f"hydra.run.dir={tmp_path}")
+    assert "profile of steps 2-3 on rank 0" in process.stdout
+    with gzip.open(tmp_path / "profile" / "rank0_steps2-3.json.gz", "rt") as trace:
+        names = {event.get("name") for event in json.load(trace)["traceEvents"]}
+    assert "aten::mm" in names  # the matrix products of the profiled steps
+    assert "aten::mm" in (tmp_path / "profile" / "rank0_summary.txt").read_text()
+
+
+def test_gpu_summary_splits_busy_time_by_kernel_kind():
+    kernels = [  # microseconds: two overlapping kernels, a 100 us gap, a copy
+        {"cat": "kernel", "name": "sm90_xmma_gemm_bf16", "ts": 0, "dur": 300},
+        {"cat": "kernel", "name": "cudnn_fmha_fprop", "ts": 200, "dur": 200},
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 500, "dur": 100},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000},
+    ]
+    text = gpu_summary(kernels, steps=1)
+    assert "busy 83.3%, idle 0.1 ms per step" in text  # 500 of the 600 us window
+    shares = {kind: line.split()[-1] for kind in ("matrix products", "attention", "memory copies")
+              for line in text.splitlines() if line.strip().startswith(kind)}
+    assert shares == {"matrix products": "50.0%", "attention": "33.3%", "memory copies": "16.7%"}
+    assert gpu_summary(kernels[3:], steps=1) is None  # no GPU activity: a CPU run

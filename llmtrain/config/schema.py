@@ -332,6 +332,12 @@ class LoggingConfig:
     # Weights & Biases (needs `pip install wandb`): on when a project is named.
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
+    # torch.profiler over steps profile_step_start..profile_step_end on profile_ranks: a Chrome
+    # trace in <run>/profile and a summary of the GPU's time in the log (llmtrain/profiling.py).
+    profile: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass

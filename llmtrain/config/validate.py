@@ -310,6 +310,12 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         problems.append(f"the valid split has no samples: data.split={data.split} gives it no "
                         f"share; give it one (e.g. \"data.split='98,2,0'\") or set "
                         f"stage.eval_interval=0")
+    log = cfg.logging
+    last_step = stage.train_iters or log.profile_step_end
+    if log.profile and not 1 <= log.profile_step_start <= log.profile_step_end <= last_step:
+        problems.append(f"logging.profile needs 1 <= profile_step_start "
+                        f"({log.profile_step_start}) <= profile_step_end "
+                        f"({log.profile_step_end}) <= stage.train_iters ({stage.train_iters})")
     if stage.exit_interval is not None and stage.exit_interval < 1:
         problems.append(f"stage.exit_interval={stage.exit_interval} must be at least 1 (or null: "
                         f"run to the end)")
