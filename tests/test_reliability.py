@@ -134,6 +134,18 @@ def test_sigkill_at_a_random_step_then_the_same_command_continues_exactly(refere
     assert summary(tmp_path)["losses"] == summary(reference)["losses"][start:], kill_after
 
 
+def test_another_runs_middle_step_resumes_exactly_in_a_new_folder(reference, tmp_path):
+    """What docs/reliability.md's GPU measurement does: a new run continues the reference from
+    its step 4 (checkpoint.load + load_step), without copying it, and says nothing of the
+    pointer file, which rightly names the reference's latest step."""
+    out = run_llmtrain(*RUN12, f"checkpoint.load={reference / 'checkpoints'}",
+                       "checkpoint.load_step=4", "checkpoint.save=null",
+                       f"hydra.run.dir={tmp_path}")
+    assert "resuming after step 4" in out.stdout
+    assert "latest_checkpointed_iteration.txt names" not in out.stdout + out.stderr
+    assert summary(tmp_path)["losses"] == summary(reference)["losses"][4:]
+
+
 def test_a_save_killed_midway_stays_invisible_and_is_skipped_on_resume(reference, tmp_path):
     ckpt = tmp_path / "checkpoints"
     with Run(*RUN12, f"hydra.run.dir={tmp_path}", env={"LLMTRAIN_FAULT_SAVE": "stall@8"}) as run:

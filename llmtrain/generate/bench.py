@@ -29,8 +29,10 @@ from llmtrain.generate.sequence import Sampling, Sequence
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _zoo_model(overrides: list[str]):
+def zoo_model(overrides: list[str]):
+    """The ModelConfig of `model=<name>` (conf/model/)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
     from omegaconf import OmegaConf
 
     from llmtrain.cli import CONF_DIR
@@ -40,19 +42,27 @@ def _zoo_model(overrides: list[str]):
     register()
     register_training()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        dcfg = compose("generate", overrides=overrides)
+        try:
+            dcfg = compose("generate", overrides=overrides)
+        except MissingConfigException as exc:
+            missing = str(exc).splitlines()[0].split(": ", 1)[-1]  # Could not find 'model/x'
+            raise SystemExit(f"llmtrain: {missing}; the models of conf/model/: "
+                             f"{', '.join(exc.options or [])}") from None
     if dcfg.model is None:
         raise SystemExit("name the model: model=<name> (conf/model/) or --hf <folder>")
     return OmegaConf.to_object(dcfg.model)
 
 
-def _random_hf(model, folder: Path, dtype: torch.dtype) -> Path:
-    """A Hugging Face folder of the zoo model with random weights."""
+def random_hf(model, folder: Path, dtype: torch.dtype, **hf_fields) -> Path:
+    """A Hugging Face folder of the zoo model with random weights; `hf_fields` are set on the
+    Hugging Face config (token ids, say)."""
     from transformers import AutoModelForCausalLM
 
     from llmtrain.convert import families
 
     config = families.by_name(model.family).hf_config(model)
+    for key, value in hf_fields.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(str(folder))
     return folder
@@ -136,8 +146,8 @@ def main() -> None:
         if args.hf:
             hf = Path(args.hf)
         else:
-            model = _zoo_model(args.overrides)
-            hf = _random_hf(model, Path(scratch) / model.name, DTYPES[args.dtype])
+            model = zoo_model(args.overrides)
+            hf = random_hf(model, Path(scratch) / model.name, DTYPES[args.dtype])
         mcore = Path(scratch) / "mcore"
         convert(f"input={hf}", f"output={mcore}", "check=false", f"dtype={args.dtype}",
                 say=lambda *_: None)

@@ -392,7 +392,8 @@ class Checkpoints:
         if newer:
             plan.notes.append(f"warning: skipping incomplete checkpoint(s) {', '.join(newer)} "
                               f"in {root} (saves that did not finish)")
-        if found.tracker not in (None, "release", str(step)) and not newer:
+        # The pointer file should name the latest complete step (which a load_step may pass by).
+        if found.tracker not in (None, "release", str(found.complete[-1])) and not newer:
             plan.notes.append(f"warning: {TRACKER} names step {found.tracker}, which is not the "
                               f"latest complete step; loading step {step}")
         path = folder / DESCRIPTOR

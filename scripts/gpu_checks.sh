@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# The GPU checklist: the open measurements of docs/ in one command, with the commands users run.
+#
+#   bash scripts/gpu_checks.sh                      # every step, in this order:
+#   bash scripts/gpu_checks.sh convert sft generate genbench dpo grpo resume vpp
+#   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
+#
+# Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
+# kept in $OUT/summary.txt); a failing step prints FAILED with the end of its log and the next
+# step runs. Models and runs go to $WORK (not under $OUT: checkpoints are large). Every size
+# below can be overridden from the environment (MODEL=qwen2_0_5b SFT_EPOCHS=20 bash ...).
+# docs/gpu_checks.md says what each step measures.
+
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+ROOT=$(dirname "$(dirname "$SELF")")
+OUT=$(mkdir -p "${OUT:-gpu_checks_out}" && cd "${OUT:-gpu_checks_out}" && pwd) || exit 1
+WORK=${WORK:-/tmp/llmtrain_gpu_checks}
+export OUT WORK PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+cd "$ROOT" || exit 1
+
+if [ -n "${GPU_CHECKS_TINY:-}" ]; then
+    # CPU smoke run: the 5M-parameter `tiny` shape, fp32, short sequences, a few steps.
+    : "${MODEL:=tiny}" "${DEVICE:=cpu}" "${PRECISION:=fp32}" "${HF_DTYPE:=fp32}"
+    : "${SFT_SEQ:=96}" "${SFT_EPOCHS:=20}" "${SFT_BATCH:=8}" "${SFT_LR:=2e-3}" "${SFT_MIN_LR:=1e-4}"
+    : "${GENBENCH_ARGS:=model=tiny --batch-sizes 1,4 --prompt-length 16 --new-tokens 16 --repeats 1}"
+    : "${DPO_STEPS:=6}" "${DPO_SEQ:=64}" "${DPO_MICRO:=4}" "${DPO_BATCH:=8}" "${DPO_LR:=1e-4}"
+    : "${GRPO_STEPS:=6}" "${GRPO_SEQ:=64}" "${GRPO_MICRO:=16}" "${GRPO_BATCH:=32}"
+    : "${GRPO_NEW_TOKENS:=8}" "${GRPO_LR:=5e-3}"
+    : "${RUN_MODEL:=tiny}" "${RUN_SEQ:=64}" "${RUN_MICRO:=2}" "${RUN_BATCH:=8}"
+    : "${RESUME_STEPS:=8}" "${RESUME_SAVE_AT:=4}" "${VPP_STEPS:=6}" "${STEP_TIMEOUT:=900}"
+else
+    # One H100: a Llama 3.2 1B-shaped model (the corpus tokenizer's vocabulary: 1.0B
+    # parameters), bf16; each step one to three minutes (docs/gpu_checks.md).
+    : "${MODEL:=llama3_2_1b}" "${DEVICE:=}" "${PRECISION:=bf16}" "${HF_DTYPE:=bf16}"
+    : "${SFT_SEQ:=256}" "${SFT_EPOCHS:=40}" "${SFT_BATCH:=8}" "${SFT_LR:=2e-4}" "${SFT_MIN_LR:=2e-5}"
+    : "${GENBENCH_ARGS:=model=llama3_2_1b --batch-sizes 1,32 --repeats 2}"
+    : "${DPO_STEPS:=40}" "${DPO_SEQ:=128}" "${DPO_MICRO:=8}" "${DPO_BATCH:=16}" "${DPO_LR:=1e-5}"
+    : "${GRPO_STEPS:=30}" "${GRPO_SEQ:=128}" "${GRPO_MICRO:=16}" "${GRPO_BATCH:=64}"
+    : "${GRPO_NEW_TOKENS:=16}" "${GRPO_LR:=5e-4}"
+    : "${RUN_MODEL:=llama3_2_1b}" "${RUN_SEQ:=2048}" "${RUN_MICRO:=2}" "${RUN_BATCH:=16}"
+    : "${RESUME_STEPS:=20}" "${RESUME_SAVE_AT:=10}" "${VPP_STEPS:=20}" "${STEP_TIMEOUT:=450}"
+fi
+: "${GEN_TOKENS:=48}"  # generated per prompt in the generate step
+: "${VPP_SIZE:=2}"    # virtual pipeline stages per pipeline rank in the vpp step
+
+HF="$WORK/hf_$MODEL"          # the Hugging Face stand-in (its folder name is its model name)
+MCORE="$WORK/mcore_$MODEL"    # its conversion
+SFT_RUN="$WORK/sft_$MODEL"
+DEVICE_ARG=()
+[ -n "$DEVICE" ] && DEVICE_ARG=("device=$DEVICE")
+# Training from the converted model: its config (written by the conversion) and tokenizer, on
+# one GPU (GRPO's generation needs data parallel size 1) even where there are more.
+FROM_CONVERTED=("hydra.searchpath=[file://$MCORE]" "model=hf_$MODEL"
+                "data.tokenizer.tokenizer_type=huggingface" "data.tokenizer.tokenizer_model=$MCORE"
+                "precision=$PRECISION" launcher.nproc_per_node=1 "${DEVICE_ARG[@]}")
+
+# A step's summary lines, its arguments or else its input: to the console (fd 3, since a
+# step's stdout is its log) and to summary.txt. `command | note` fails the step with the command.
+note() {
+    local line
+    if [ $# -gt 0 ]; then printf '%s\n' "$*"; else cat; fi | while IFS= read -r line; do
+        echo "[$CURRENT] $line" | tee -a "$OUT/summary.txt" >&3
+    done
+}
+
+need_converted() {
+    if [ ! -f "$MCORE/latest_checkpointed_iteration.txt" ]; then
+        note "no converted model in $MCORE: running the convert step first"
+        step_convert
+    fi
+}
+
+# The SFT checkpoint when the sft step has run, else the converted model.
+start_checkpoint() {
+    if [ -f "$SFT_RUN/checkpoints/latest_checkpointed_iteration.txt" ]; then
+        echo "$SFT_RUN/checkpoints"
+    else
+        echo "$MCORE"
+    fi
+}
+
+step_convert() {
+    rm -rf "$HF" "$MCORE"
+    mkdir -p "$WORK"
+    $PY scripts/gpu_checks.py hf-model "model=$MODEL" --output "$HF" --dtype "$HF_DTYPE"
+    $PY -m llmtrain.convert "input=$HF" "output=$MCORE"
+    grep -E '^(check in|logits|top-1)' "$OUT/$CURRENT.log" | tail -n 3 | note
+    sed -n 's/^\[convert\] \(done in [^:]*\).*/\1/p' "$OUT/$CURRENT.log" | note
+}
+
+step_sft() {
+    need_converted
+    rm -rf "$SFT_RUN"
+    $PY -m llmtrain "${FROM_CONVERTED[@]}" "checkpoint.load=$MCORE" checkpoint.finetune=true \
+        stage=sft data=sft data.sft.model_name=Xiaohuang data.sft.model_author=ModelScope \
+        "data.seq_length=$SFT_SEQ" "stage.epochs=$SFT_EPOCHS" \
+        "stage.micro_batch_size=$SFT_BATCH" "stage.global_batch_size=$SFT_BATCH" \
+        "optim.lr=$SFT_LR" "optim.min_lr=$SFT_MIN_LR" \
+        optim.lr_warmup_iters=10 checkpoint.save_interval=0 logging.log_interval=10 \
+        "hydra.run.dir=$SFT_RUN"
+    grep -E '^model ' "$OUT/$CURRENT.log" | tail -n 1 | note
+    grep -m 1 -o 'sft data: .*' "$OUT/$CURRENT.log" | note
+    $PY scripts/gpu_checks.py loss "$SFT_RUN" | note
+}
+
+step_generate() {
+    need_converted
+    local load
+    load=$(start_checkpoint)
+    cat > "$WORK/chats.jsonl" <<'EOF'
+{"messages": [{"role": "user", "content": "Who are you?"}]}
+{"messages": [{"role": "user", "content": "你是谁？"}]}
+{"messages": [{"role": "user", "content": "What is your name, and who built you?"}]}
+EOF
+    $PY -m llmtrain.generate "load=$load" "input=$WORK/chats.jsonl" \
+        "output=$WORK/answers.jsonl" sampling.greedy=true \
+        "sampling.num_tokens_to_generate=$GEN_TOKENS" "${DEVICE_ARG[@]}"
+    note "from $load"
+    sed -n 's/^\[generate\] wrote //p' "$OUT/$CURRENT.log" | note
+    $PY scripts/gpu_checks.py answers "$WORK/answers.jsonl" | note
+}
+
+step_genbench() {
+    # shellcheck disable=SC2086  # GENBENCH_ARGS is a list of arguments
+    $PY -m llmtrain.generate.bench $GENBENCH_ARGS
+    sed -n '/new tokens each/,$p' "$OUT/$CURRENT.log" | note
+}
+
+step_dpo() {
+    need_converted
+    local load
+    load=$(start_checkpoint)
+    rm -rf "$WORK/dpo_$MODEL"
+    $PY scripts/gpu_checks.py pairs --output "$WORK/pairs.jsonl" --count 1000
+    $PY -m llmtrain "${FROM_CONVERTED[@]}" "checkpoint.load=$load" checkpoint.finetune=true \
+        stage=dpo data=preference "data.data_path=[$WORK/pairs.jsonl]" \
+        "data.seq_length=$DPO_SEQ" "stage.train_iters=$DPO_STEPS" \
+        "stage.micro_batch_size=$DPO_MICRO" "stage.global_batch_size=$DPO_BATCH" \
+        "optim.lr=$DPO_LR" "optim.min_lr=$DPO_LR" stage.alignment.beta=0.1 \
+        checkpoint.save=null "hydra.run.dir=$WORK/dpo_$MODEL"
+    note "from $load"
+    $PY scripts/gpu_checks.py loss "$WORK/dpo_$MODEL" | note
+    $PY scripts/gpu_checks.py metrics "$WORK/dpo_$MODEL" margin accuracy reward_chosen \
+        reward_rejected kl | note
+}
+
+step_grpo() {
+    # From the converted model: its random replies hold some digits for the digits rule to
+    # reward, while the SFT model answers every sum with its name (reward 0, nothing to learn).
+    need_converted
+    rm -rf "$WORK/grpo_$MODEL"
+    $PY -m llmtrain "${FROM_CONVERTED[@]}" "checkpoint.load=$MCORE" checkpoint.finetune=true \
+        stage=grpo data=prompts "data.seq_length=$GRPO_SEQ" "stage.train_iters=$GRPO_STEPS" \
+        "stage.micro_batch_size=$GRPO_MICRO" "stage.global_batch_size=$GRPO_BATCH" \
+        stage.alignment.group_size=8 "stage.alignment.max_new_tokens=$GRPO_NEW_TOKENS" \
+        stage.alignment.reward_weights.exact_match=1.0 stage.alignment.reward_weights.digits=1.0 \
+        "optim.lr=$GRPO_LR" "optim.min_lr=$GRPO_LR" checkpoint.save=null \
+        "hydra.run.dir=$WORK/grpo_$MODEL"
+    note "from $MCORE"
+    $PY scripts/gpu_checks.py loss "$WORK/grpo_$MODEL" | note
+    $PY scripts/gpu_checks.py metrics "$WORK/grpo_$MODEL" reward kl entropy reply_length | note
+}
+
+# Pretraining on the embedded corpus, shared by the resume and vpp steps.
+pretrain_args() {
+    echo "model=$RUN_MODEL" "precision=$PRECISION" data=corpus "data.seq_length=$RUN_SEQ" \
+        "stage.micro_batch_size=$RUN_MICRO" "stage.global_batch_size=$RUN_BATCH" \
+        optim.lr_warmup_iters=2 stage.eval_interval=0 "${DEVICE_ARG[@]}"
+}
+
+step_resume() {
+    # docs/reliability.md, "Exactness on GPU": A and B never stop, C continues A from its
+    # checkpoint of step RESUME_SAVE_AT; C - A is the resume's error, B - A the run-to-run noise.
+    local runs="$WORK/resume"
+    # shellcheck disable=SC2207
+    local args=($(pretrain_args) "stage.train_iters=$RESUME_STEPS" launcher.nproc_per_node=1)
+    rm -rf "$runs"
+    df -h "$WORK"
+    $PY -m llmtrain "${args[@]}" "checkpoint.save_interval=$RESUME_SAVE_AT" \
+        checkpoint.save_on_exit=false "hydra.run.dir=$runs/a"
+    $PY -m llmtrain "${args[@]}" checkpoint.save=null "hydra.run.dir=$runs/b"
+    $PY -m llmtrain "${args[@]}" "checkpoint.load=$runs/a/checkpoints" \
+        "checkpoint.load_step=$RESUME_SAVE_AT" checkpoint.save=null "hydra.run.dir=$runs/c"
+    note "$RUN_MODEL, $PRECISION, sequence $RUN_SEQ, global batch $RUN_BATCH; run A:"
+    $PY scripts/gpu_checks.py loss "$runs/a" | note
+    $PY scripts/gpu_checks.py resume "$runs/a" "$runs/b" "$runs/c" | note
+    rm -rf "$runs"  # two checkpoints with optimizer state: 35 GB for Llama 3.2 1B
+}
+
+step_vpp() {
+    # docs/performance.md, "Layouts on two H200s agree with one GPU": PP=2 with virtual pipeline
+    # stages against one GPU and plain PP=2. On a CPU the layouts run as gloo processes.
+    if [ "$DEVICE" != cpu ]; then
+        local gpus
+        gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+        if [ "$gpus" -lt 2 ]; then
+            note "skipped: $gpus GPU(s) visible, PP=2 needs 2"
+            return 0
+        fi
+    fi
+    # shellcheck disable=SC2046
+    $PY -m llmtrain.bench.layouts --layout "launcher.nproc_per_node=1" \
+        --layout "parallel=tp1pp2" \
+        --layout "parallel=tp1pp2 parallel.virtual_pipeline_model_parallel_size=$VPP_SIZE" \
+        -- $(pretrain_args) "stage.train_iters=$VPP_STEPS" checkpoint.save=null
+    note "reference, PP=2, PP=2 x VPP=$VPP_SIZE ($RUN_MODEL, sequence $RUN_SEQ, $VPP_STEPS steps):"
+    sed -n '/^layout /,$p' "$OUT/$CURRENT.log" | note
+}
+
+ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp)
+if [ "${1:-}" = --step ]; then
+    # One step in its own process, as the loop below runs each: it stops at its first failing
+    # command, and `timeout` can end it with everything it started.
+    CURRENT=$2
+    set -euo pipefail
+    "step_$2"
+    exit
+fi
+STEPS=("${ALL_STEPS[@]}")
+[ $# -gt 0 ] && STEPS=("$@")
+for name in "${STEPS[@]}"; do
+    if ! declare -F "step_$name" > /dev/null; then
+        echo "gpu_checks: no step $name; the steps: ${ALL_STEPS[*]}" >&2
+        exit 2
+    fi
+done
+
+mkdir -p "$WORK"
+: > "$OUT/summary.txt"
+exec 3>&1
+failed=()
+began_all=$SECONDS
+CURRENT=all
+note "${STEPS[*]}: model $MODEL, $PRECISION, device ${DEVICE:-default}; logs in $OUT, runs in $WORK"
+$PY scripts/gpu_checks.py machine 2>&1 | note
+for name in "${STEPS[@]}"; do
+    CURRENT=$name
+    began=$SECONDS
+    timeout -k 30 "$STEP_TIMEOUT" bash "$SELF" --step "$name" > "$OUT/$name.log" 2>&1
+    code=$?
+    if [ $code -eq 0 ]; then
+        note "ok in $((SECONDS - began)) s"
+        continue
+    fi
+    failed+=("$name")
+    if [ $code -eq 124 ]; then
+        note "FAILED: stopped after STEP_TIMEOUT=$STEP_TIMEOUT s; the end of $OUT/$name.log:"
+    else
+        note "FAILED (exit $code) after $((SECONDS - began)) s; the end of $OUT/$name.log:"
+    fi
+    tail -n 20 "$OUT/$name.log" | sed 's/^/    /' | note
+done
+CURRENT=all
+note "${#STEPS[@]} step(s) in $((SECONDS - began_all)) s; failed: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]
