@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import FAST, run_llmtrain, summary
+from conftest import FAST, ROOT, run_llmtrain, summary
 
 
 def test_tiny_pretraining_learns_and_checkpoints(tmp_path):
@@ -49,3 +52,32 @@ def test_same_command_again_resumes_from_the_latest_checkpoint(tmp_path):
     assert "resuming after step 5" in out
     assert summary(tmp_path)["start_step"] == 5
     assert len(summary(tmp_path)["losses"]) == 3
+
+
+def test_a_cpu_model_keeps_cpu_norms_where_transformer_engine_is_installed():
+    # Megatron's default final norm is Transformer Engine's whenever TE is importable, and TE's
+    # norm fails on CPU tensors: a conversion's check on a GPU machine did. Stand in for an
+    # installed TE with a norm that refuses to be built.
+    script = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29617", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+sys.path.insert(0, "tests")
+import megatron.core.transformer.transformer_block as block
+class InstalledTENorm:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("Transformer Engine's norm built for a CPU model")
+block.LayerNormImpl = InstalledTENorm
+from conftest import compose_config
+from llmtrain.config.validate import Machine, validate
+from llmtrain.megatron import parallel
+from llmtrain.megatron.model import build_model
+cfg = compose_config("model=tiny")
+layout = validate(cfg, Machine())
+parallel.initialize(layout, cfg.seed)
+norm = type(build_model(cfg, layout)[0].decoder.final_layernorm)
+print(norm.__module__, norm.__name__)
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.strip().splitlines()[-1] == "torch.nn.modules.normalization RMSNorm"

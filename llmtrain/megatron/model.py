@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
-from llmtrain.megatron.specs import add_embedding_layernorm, gpt_layer_spec
+from llmtrain.megatron.specs import add_embedding_layernorm, gpt_block_spec
 
 ACTIVATIONS = {
     "swiglu": (F.silu, True),
@@ -113,16 +113,16 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
     )
 
 
-def layer_spec(cfg: Config, layout: Layout):
+def block_spec(cfg: Config, layout: Layout, config: TransformerConfig, vp_stage: int | None):
     """Transformer Engine's fused layers on a GPU that has it, Megatron's local layers otherwise."""
-    return gpt_layer_spec(cfg.model, layout.use_transformer_engine, te_op_fuser(cfg, layout))
+    return gpt_block_spec(cfg.model, layout.use_transformer_engine, te_op_fuser(cfg, layout),
+                          config, vp_stage)
 
 
 def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), on the run's device
     (`model_class`: GPTModel or a subclass, e.g. with a reward head)."""
     config = transformer_config(cfg, layout)
-    spec = layer_spec(cfg, layout)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -131,7 +131,7 @@ def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel) -> li
             warnings.filterwarnings("ignore", message=".*GPTModel IS DEPRECATED.*")
             model = model_class(
                 config=config,
-                transformer_layer_spec=spec,
+                transformer_layer_spec=block_spec(cfg, layout, config, stage),
                 vocab_size=layout.padded_vocab_size,
                 max_sequence_length=max(cfg.model.max_position_embeddings, cfg.data.seq_length),
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

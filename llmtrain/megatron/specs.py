@@ -27,6 +27,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import make_viewless_tensor
 
@@ -125,3 +130,14 @@ def add_embedding_layernorm(embedding: torch.nn.Module, config, use_te: bool) ->
     embedding.layernorm = norm(config=config, hidden_size=config.hidden_size,
                                eps=config.layernorm_epsilon)
     embedding.register_forward_hook(_normalize_output)
+
+
+def gpt_block_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool, config: TransformerConfig,
+                   vp_stage: int | None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers and a final norm of the same backend. Given a bare layer
+    spec, Megatron picks Transformer Engine's norm whenever TE is installed, which fails on CPU
+    tensors (a CPU run, or a conversion's check, on a GPU machine)."""
+    layer = gpt_layer_spec(m, use_te, te_op_fuser)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=_backend(use_te).layer_norm(rms_norm=m.normalization == "RMSNorm"))
