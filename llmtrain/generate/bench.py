@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,7 +137,6 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
 
-    from llmtrain.convert import convert
     from llmtrain.generate import worker
     from llmtrain.generate.config import InferenceConfig
     from llmtrain.generate.plan import prepare
@@ -149,8 +149,11 @@ def main() -> None:
             model = zoo_model(args.overrides)
             hf = random_hf(model, Path(scratch) / model.name, DTYPES[args.dtype])
         mcore = Path(scratch) / "mcore"
-        convert(f"input={hf}", f"output={mcore}", "check=false", f"dtype={args.dtype}",
-                say=lambda *_: None)
+        # In a process of its own: a conversion runs on the CPU, and the CPU stand-ins it
+        # installs (llmtrain.megatron.cpu) must not reach this process's GPU work.
+        subprocess.run([sys.executable, "-m", "llmtrain.convert", f"input={hf}",
+                        f"output={mcore}", "check=false", f"dtype={args.dtype}"],
+                       check=True, stdout=subprocess.DEVNULL)
         plan = prepare(InferenceConfig(
             load=str(mcore), dtype=args.dtype, inference_max_batch_size=max(args.batch_sizes),
             inference_max_seq_length=args.prompt_length + args.new_tokens, seed=args.seed),
