@@ -1,5 +1,9 @@
 """Errors that end a run with a message in plain words instead of a traceback."""
 
+# The exit status of a run that saved and asks to be run again (preemption): the launchers
+# requeue on it (llmtrain.launch).
+REQUEUE_EXIT_CODE = 3
+
 
 class RunStopped(Exception):
     """Raised by every rank at the same point (a preemption, a NaN, a failed save, a refused

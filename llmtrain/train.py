@@ -12,8 +12,7 @@ from typing import Optional
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.data.tokenizer import load_tokenizer
-from llmtrain.errors import RunStopped
-from llmtrain.launch import REQUEUE_EXIT_CODE
+from llmtrain.errors import REQUEUE_EXIT_CODE, RunStopped
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.align import task_for
 from llmtrain.megatron.data import batches, build_datasets

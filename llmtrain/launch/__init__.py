@@ -25,8 +25,8 @@ import signal
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import ConfigError, Layout, Machine
+from llmtrain.errors import REQUEUE_EXIT_CODE  # noqa: F401 (the launchers' name for it)
 
-REQUEUE_EXIT_CODE = 3
 PREEMPTION_SIGNAL = signal.SIGUSR1
 # Its name as sbatch (--signal=USR1@90) and submitit spell it.
 PREEMPTION_SIGNAL_NAME = PREEMPTION_SIGNAL.name.removeprefix("SIG")
