@@ -144,39 +144,53 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
         return envelope("text_completion", server.name, request_id, choices=out,
                         usage=usage(prompt_tokens, made))
 
-    async def _stream_completion(work: Work, r: CompletionRequest, texts: list[str],
-                                 request_id: str, prompt_tokens: int) -> AsyncIterator[str]:
-        def chunk(index, delta, logprobs=None, finish=None):
-            return _sse(envelope("text_completion", server.name, request_id, choices=[{
-                "index": index, "text": delta, "logprobs": logprobs,
-                "finish_reason": finish}]))
-
+    async def _stream(work: Work, opening: list[str], on_token, on_finish,
+                      closing) -> AsyncIterator[str]:
+        """Server-sent events of a streamed request: `opening` chunks, then each generated
+        token's and each finished choice's chunks, then `closing(tokens made)` (or None)."""
         made, finished = 0, 0
         try:
-            if r.echo:
-                for c in work.choices:
-                    yield chunk(c.index, texts[c.index // r.n])
+            for line in opening:
+                yield line
             while finished < len(work.choices):
                 event = await work.events.get()
                 if event[0] == "error":
                     yield _sse({"error": {"message": event[1], "type": "server_error"}})
                     return
                 if event[0] == "token":
-                    _, index, token, logprob, top, delta = event
                     made += 1
-                    if delta or r.logprobs is not None:
-                        yield chunk(index, delta, server.token_logprobs(token, logprob, top)
-                                    if r.logprobs is not None else None)
+                    for line in on_token(*event[1:]):
+                        yield line
                 else:
-                    _, index, output, rest = event
                     finished += 1
-                    yield chunk(index, rest, None, output.finish_reason)
-            if r.include_usage:
-                yield _sse(envelope("text_completion", server.name, request_id, choices=[],
-                                    usage=usage(prompt_tokens, made)))
+                    for line in on_finish(*event[1:]):
+                        yield line
+            if closing:
+                yield closing(made)
             yield "data: [DONE]\n\n"
         finally:
             work.cancelled = finished < len(work.choices)
+
+    def _stream_completion(work: Work, r: CompletionRequest, texts: list[str],
+                           request_id: str, prompt_tokens: int) -> AsyncIterator[str]:
+        def chunk(index, delta, logprobs=None, finish=None):
+            return _sse(envelope("text_completion", server.name, request_id, choices=[{
+                "index": index, "text": delta, "logprobs": logprobs,
+                "finish_reason": finish}]))
+
+        def on_token(index, token, logprob, top, delta):
+            if delta or r.logprobs is not None:
+                yield chunk(index, delta, server.token_logprobs(token, logprob, top)
+                            if r.logprobs is not None else None)
+
+        def on_finish(index, output, rest):
+            yield chunk(index, rest, None, output.finish_reason)
+
+        opening = [chunk(c.index, texts[c.index // r.n]) for c in work.choices] if r.echo else []
+        closing = (lambda made: _sse(envelope("text_completion", server.name, request_id,
+                                              choices=[], usage=usage(prompt_tokens, made)))
+                   ) if r.include_usage else None
+        return _stream(work, opening, on_token, on_finish, closing)
 
     @app.post("/v1/chat/completions")
     async def chat(r: ChatRequest):
@@ -193,40 +207,28 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
         return envelope("chat.completion", server.name, request_id, choices=out,
                         usage=usage(len(prompt), made))
 
-    async def _stream_chat(work: Work, r: ChatRequest, request_id: str, prompt_tokens: int
-                           ) -> AsyncIterator[str]:
+    def _stream_chat(work: Work, r: ChatRequest, request_id: str, prompt_tokens: int
+                     ) -> AsyncIterator[str]:
         def chunk(index, delta, logprobs=None, finish=None):
             return _sse(envelope("chat.completion.chunk", server.name, request_id, choices=[{
                 "index": index, "delta": delta, "logprobs": logprobs,
                 "finish_reason": finish}]))
 
-        made, finished = 0, 0
-        try:
-            for c in work.choices:
-                yield chunk(c.index, {"role": "assistant", "content": ""})
-            while finished < len(work.choices):
-                event = await work.events.get()
-                if event[0] == "error":
-                    yield _sse({"error": {"message": event[1], "type": "server_error"}})
-                    return
-                if event[0] == "token":
-                    _, index, token, logprob, top, delta = event
-                    made += 1
-                    if delta or r.logprobs:
-                        yield chunk(index, {"content": delta},
-                                    server.chat_logprobs(r, [token], [logprob], [top]))
-                else:
-                    _, index, output, rest = event
-                    finished += 1
-                    if rest:
-                        yield chunk(index, {"content": rest})
-                    yield chunk(index, {}, None, output.finish_reason)
-            if r.include_usage:
-                yield _sse(envelope("chat.completion.chunk", server.name, request_id,
-                                    choices=[], usage=usage(prompt_tokens, made)))
-            yield "data: [DONE]\n\n"
-        finally:
-            work.cancelled = finished < len(work.choices)
+        def on_token(index, token, logprob, top, delta):
+            if delta or r.logprobs:
+                yield chunk(index, {"content": delta},
+                            server.chat_logprobs(r, [token], [logprob], [top]))
+
+        def on_finish(index, output, rest):
+            if rest:
+                yield chunk(index, {"content": rest})
+            yield chunk(index, {}, None, output.finish_reason)
+
+        opening = [chunk(c.index, {"role": "assistant", "content": ""}) for c in work.choices]
+        closing = (lambda made: _sse(envelope("chat.completion.chunk", server.name, request_id,
+                                              choices=[], usage=usage(prompt_tokens, made)))
+                   ) if r.include_usage else None
+        return _stream(work, opening, on_token, on_finish, closing)
 
     @app.put("/api")
     async def megatron(request: Request):
