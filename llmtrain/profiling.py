@@ -97,12 +97,10 @@ class StepProfiler:
             return
         self.profiler.stop()
         self.folder.mkdir(parents=True, exist_ok=True)
-        trace = self.folder / f"rank{self.rank}_steps{self.start}-{self.end}.json"
-        self.profiler.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text()).get("traceEvents", [])
-        with gzip.open(f"{trace}.gz", "wt") as packed:
-            json.dump({"traceEvents": events}, packed)
-        trace.unlink()
+        trace = self.folder / f"rank{self.rank}_steps{self.start}-{self.end}.json.gz"
+        self.profiler.export_chrome_trace(str(trace))  # gzipped by its name
+        with gzip.open(trace, "rt") as packed:
+            events = json.load(packed).get("traceEvents", [])
         steps = self.end - self.start + 1
         summary = gpu_summary(events, steps)
         if summary is None:  # a CPU run: the operators that took the time
@@ -116,5 +114,5 @@ class StepProfiler:
                         f"{' (try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)' if retries else ''}")
         (self.folder / f"rank{self.rank}_summary.txt").write_text(summary + "\n")
         self.say(f"profile of steps {self.start}-{self.end} on rank {self.rank} "
-                 f"(trace: {trace}.gz)\n{summary}")
+                 f"(trace: {trace})\n{summary}")
         self.profiler = None

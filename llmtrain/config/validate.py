@@ -108,6 +108,14 @@ def _get(cfg: Config, dotted: str):
     return value
 
 
+def te_op_fuser_fits(cfg: Config, use_te: bool) -> bool:
+    """Transformer Engine's operation fuser runs a dense SwiGLU MLP (its GELU is not the exact
+    one GPT-2 and Bloom were trained with), not beside activation offloading."""
+    m = cfg.model
+    return (use_te and m.activation == "swiglu" and not m.num_moe_experts
+            and not m.parallel_attention_mlp and not cfg.parallel.cpu_offloading)
+
+
 def validate(cfg: Config, machine: Machine) -> Layout:
     """Return the layout of a runnable config, or raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -225,8 +233,7 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if prec.gradient_accumulation_fusion and not use_te:
         problems.append("precision.gradient_accumulation_fusion=true needs Transformer Engine's "
                         "layers (a GPU with llmtrain[gpu] installed)")
-    if prec.use_te_op_fuser and not (use_te and m.activation == "swiglu" and not m.num_moe_experts
-                                     and not m.parallel_attention_mlp and not par.cpu_offloading):
+    if prec.use_te_op_fuser and not te_op_fuser_fits(cfg, use_te):
         problems.append("precision.use_te_op_fuser=true needs Transformer Engine's layers (a GPU "
                         "with llmtrain[gpu] installed) and a dense SwiGLU MLP without "
                         "parallel.cpu_offloading; leave it unset to choose automatically")

@@ -16,7 +16,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.validate import Layout, te_op_fuser_fits
 from llmtrain.megatron.specs import add_embedding_layernorm, gpt_block_spec
 
 ACTIVATIONS = {
@@ -163,14 +163,11 @@ def wgrad_accumulation_fusion(cfg: Config, layout: Layout) -> bool:
 
 
 def te_op_fuser(cfg: Config, layout: Layout) -> bool:
-    """Measured on an H100 (docs/performance.md): +0.6% bf16, +2% fp8 for Llama 3.2 1B. Only
-    SwiGLU: the fuser's GELU is not the exact one GPT-2 and Bloom were trained with."""
+    """Measured on an H100 (docs/performance.md): +0.6% bf16, +2% fp8 for Llama 3.2 1B."""
     setting = cfg.precision.use_te_op_fuser
     if setting is not None:
         return setting
-    m = cfg.model
-    return (layout.use_transformer_engine and m.activation == "swiglu" and not m.num_moe_experts
-            and not m.parallel_attention_mlp and not cfg.parallel.cpu_offloading)
+    return te_op_fuser_fits(cfg, layout.use_transformer_engine)
 
 
 def fuse_wgrad_accumulation(chunk: torch.nn.Module) -> None:
