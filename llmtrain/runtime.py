@@ -10,8 +10,18 @@ import warnings
 from llmtrain.config.validate import Machine
 
 
+# The caching allocator grows its blocks in place instead of leaving fragments: Llama 3.2 1B
+# at micro batch 8, sequence 4096 fits in 80 GB only so (docs/performance.md). A user's own
+# PYTORCH_CUDA_ALLOC_CONF wins.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
 def detect_machine() -> Machine:
-    """GPUs on this node, their compute capability, and whether Transformer Engine is installed."""
+    """GPUs on this node, their compute capability, and whether Transformer Engine is installed.
+
+    This is every tool's first touch of CUDA, so it also sets the allocator's default (torch
+    reads PYTORCH_CUDA_ALLOC_CONF once, when CUDA starts; worker processes inherit it)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

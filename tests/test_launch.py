@@ -93,6 +93,19 @@ def test_launcher_env_reaches_the_workers(tmp_path):
     assert "Unable to find address for: llmtrain-none0" in failed.stdout + failed.stderr
 
 
+@pytest.mark.parametrize("own", [None, "max_split_size_mb:64"])
+def test_cuda_allocator_defaults_to_expandable_segments(monkeypatch, own):
+    """Every tool sets the allocator's default before CUDA starts; a user's own setting wins."""
+    from llmtrain.runtime import CUDA_ALLOC_CONF, detect_machine
+
+    if own is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", own)
+    detect_machine()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (own or CUDA_ALLOC_CONF)
+
+
 def test_sweep_through_submitit_local_executor(tmp_path):
     fixed = [arg for arg in FAST if not arg.startswith("optim.lr=")]
     out = run_llmtrain("-m", "hydra/launcher=submitit_local", "optim.lr=1e-3,3e-3", *fixed,

@@ -81,3 +81,35 @@ print(norm.__module__, norm.__name__)
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert process.returncode == 0, process.stderr[-2000:]
     assert process.stdout.strip().splitlines()[-1] == "torch.nn.modules.normalization RMSNorm"
+
+
+def test_a_gpu_without_transformer_engine_builds_and_runs_megatrons_own_layers():
+    # Megatron's fused softmax and persistent LayerNorm are Apex kernels: asked for on a GPU
+    # without Transformer Engine (and without Apex), the model failed to build. Build the GPU
+    # config's local layers here (parameters on the CPU) and run a bf16 forward through them.
+    script = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29618", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+sys.path.insert(0, "tests")
+import torch
+from megatron.core.models.gpt import GPTModel
+from conftest import compose_config
+from llmtrain.config.validate import Machine, validate
+from llmtrain.megatron import parallel
+from llmtrain.megatron.model import block_spec, transformer_config
+cfg = compose_config("model=tiny", "precision=bf16", "model.normalization=LayerNorm")
+gpu = validate(cfg, Machine(gpus=1, has_transformer_engine=False, gpu_capability=(9, 0)))
+assert gpu.device == "cuda" and not gpu.use_transformer_engine
+parallel.initialize(validate(cfg, Machine()), cfg.seed)
+config = transformer_config(cfg, gpu)
+config.bias_dropout_fusion = config.bias_activation_fusion = False  # torch.compile: not tested
+model = GPTModel(config=config, transformer_layer_spec=block_spec(cfg, gpu, config, None),
+                 vocab_size=gpu.padded_vocab_size, max_sequence_length=64).to(torch.bfloat16)
+tokens = torch.randint(0, 100, (2, 32))
+logits = model(tokens, torch.arange(32).expand(2, 32), None)
+print(tuple(logits.shape), logits.dtype)
+"""
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.strip().splitlines()[-1] == "(2, 32, 4096) torch.bfloat16"

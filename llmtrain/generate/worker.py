@@ -4,6 +4,7 @@ follow it until the driver is done."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 import warnings
@@ -28,6 +29,9 @@ def run(plan: Plan, task: Callable, cfg: Config, layout: Layout) -> dict:
         began = time.perf_counter()
         engine = Engine.load(cfg, layout, plan.root, plan.iteration, plan.max_batch_size,
                              plan.max_sequence_length)
+        # The model's objects live as long as the process: the garbage collector stops scanning
+        # them, which it would otherwise do many times per generated token.
+        gc.freeze()
         if not engine.is_driver:
             engine.follow()
             return {}

@@ -105,9 +105,11 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         # Megatron fuses (bias +) SwiGLU exactly; its fused bias-GELU is the tanh approximation
         # whatever GELU is configured (and refuses GPT-2's tanh GELU), so GELU runs unfused.
         bias_activation_fusion=cuda and m.activation == "swiglu",
-        masked_softmax_fusion=cuda,
+        # Megatron's fused softmax and persistent LayerNorm are Apex kernels of its local layers
+        # (Transformer Engine's layers have their own): without Apex they fail to build.
+        masked_softmax_fusion=False,
         apply_rope_fusion=cuda and layout.use_transformer_engine,
-        persist_layer_norm=cuda,
+        persist_layer_norm=False,
         cross_entropy_loss_fusion=cuda and layout.use_transformer_engine,
         cross_entropy_fusion_impl="te" if layout.use_transformer_engine else "native",
     )
