@@ -124,8 +124,8 @@ def test_alignment_settings_are_checked_together():
     with pytest.raises(ConfigError) as error:
         validate(cfg, CPU)
     assert sorted(error.value.problems) == sorted([
-        "stage=grpo generates with the inference engine, which runs with data parallel size 1 "
-        "(world size = TP x PP); this layout has DP 2",
+        "stage=grpo gives each data-parallel replica whole groups: the 3 prompts of a step "
+        "(global_batch_size / group_size) must divide among DP 2",
         "stage.alignment.reward=model needs stage.alignment.reward_load: a checkpoint written by "
         "stage=rm",
         "stage.global_batch_size=30 (replies per step) must be a multiple of "

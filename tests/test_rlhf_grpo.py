@@ -54,3 +54,18 @@ def test_grpo_scores_with_a_reward_model_from_stage_rm(tmp_path):
     assert f"loaded {rm / 'checkpoints' / 'iter_0000003'} (frozen scorer)" in out
     reward = summary(run)["metrics"]["reward"][0]
     assert math.isfinite(reward) and reward != 0.0  # the head's score of each reply
+
+
+def test_grpo_with_two_data_parallel_replicas(tmp_path):
+    """Each replica samples and scores its own half of the step's prompts; the gradients meet."""
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "grpo_dp2"
+    out = run_llmtrain("stage=grpo", "data=prompts", f"data.data_path=[{data}]", *TINY, *ROLLOUTS,
+                       "parallel=tp1pp1", "launcher.nproc_per_node=2", "optim.lr=5e-3",
+                       "optim.min_lr=5e-3", "stage.alignment.group_size=8",
+                       "stage.micro_batch_size=8", "stage.global_batch_size=32",
+                       "stage.train_iters=10", f"hydra.run.dir={run}",
+                       "checkpoint.save=null").stdout
+    assert "DP 2" in out
+    reward = summary(run)["metrics"]["reward"]
+    assert mean(reward[-3:]) > max(3 * mean(reward[:3]), 0.05), reward

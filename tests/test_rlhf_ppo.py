@@ -1,12 +1,13 @@
 """stage=ppo: actor, critic, reference and rule-based reward raise the mean reward on the toy
 arithmetic task (see test_rlhf_grpo.py) within a bounded number of steps; the four roles run
-colocated with tensor parallelism 2 on CPU (gloo), and the critic checkpoints and resumes with
-the actor."""
+colocated on two processes (tensor parallelism 2, or two data-parallel replicas) on CPU (gloo),
+and the critic checkpoints and resumes with the actor."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from conftest import run_llmtrain, summary
 from rlhf_helpers import TINY, arithmetic_prompts
 
@@ -35,10 +36,13 @@ def test_ppo_raises_the_mean_reward(tmp_path):
     assert all(math.isfinite(v) for v in metrics["value_loss"])
 
 
-def test_ppo_roles_run_with_tensor_parallelism_and_resume(tmp_path):
+@pytest.mark.parametrize("layout", [["parallel=tp2pp1"],
+                                    ["parallel=tp1pp1", "launcher.nproc_per_node=2"]],
+                         ids=["tp2", "dp2"])
+def test_ppo_roles_run_on_two_processes_and_resume(tmp_path, layout):
     data = arithmetic_prompts(tmp_path / "prompts.jsonl")
-    run = tmp_path / "ppo_tp2"
-    args = ["stage=ppo", "parallel=tp2pp1", "data=prompts", f"data.data_path=[{data}]", *TINY,
+    run = tmp_path / "ppo"
+    args = ["stage=ppo", *layout, "data=prompts", f"data.data_path=[{data}]", *TINY,
             *ROLLOUTS, "stage.micro_batch_size=4", "stage.global_batch_size=8",
             f"hydra.run.dir={run}", "checkpoint.save_interval=2"]
     out = run_llmtrain(*args, "stage.train_iters=2").stdout

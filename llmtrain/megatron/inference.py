@@ -10,9 +10,11 @@ vocabulary, without a repetition penalty, and needs CUDA events; and Megatron's 
 needs flash-attention kernels (GPU only). Here every sequence of a batch has its own sampling
 parameters, length and stop tokens, and the logits are cut to the real vocabulary first.
 
-One rank, the driver (last pipeline stage, first TP rank: the one that holds the whole logits),
-samples and broadcasts each step's tokens and finished flags to every rank; the other ranks
-follow (`Engine.follow`). Batches reach them the same way, so the driver alone talks to users.
+One rank of each model replica (its TP x PP ranks), the driver (last pipeline stage, first TP
+rank: the one that holds the whole logits), samples and broadcasts each step's tokens and
+finished flags to the replica's other ranks; they follow (`Engine.follow`). Batches reach them
+the same way, so the driver alone talks to users. Data-parallel replicas (GRPO and PPO rollouts)
+generate independently, each its own batches.
 """
 
 from __future__ import annotations
@@ -53,13 +55,13 @@ def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.
     return chunks[0]
 
 
-def _driver_rank() -> int:
-    """The global rank of the last pipeline stage's first TP rank (inference runs with DP 1)."""
+def _driver_rank(group) -> int:
+    """The global rank of this replica's last pipeline stage's first TP rank."""
     mine = (ps.is_pipeline_last_stage(ignore_virtual=True)
             and ps.get_tensor_model_parallel_rank() == 0)
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, mine)
-    return flags.index(True)
+    flags = [None] * dist.get_world_size(group)
+    dist.all_gather_object(flags, mine, group=group)
+    return dist.get_global_rank(group, flags.index(True))
 
 
 class Engine:
@@ -67,9 +69,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_batch_size: int,
                  max_sequence_length: int, device: str, seed: int = 1234):
-        if dist.get_world_size() != (ps.get_tensor_model_parallel_world_size()
-                                     * ps.get_pipeline_model_parallel_world_size()):
-            raise ValueError("generation runs with data parallel size 1 (world size = TP x PP)")
+        self.group = ps.get_model_parallel_group()  # this replica's TP x PP ranks
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
@@ -79,7 +79,7 @@ class Engine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.wrapper = GPTInferenceWrapper(model, self.context)
-        self.driver = _driver_rank()
+        self.driver = _driver_rank(self.group)
         self.is_driver = dist.get_rank() == self.driver
         self.generator = torch.Generator(self.device)
         self.generator.manual_seed(seed)
@@ -115,7 +115,7 @@ class Engine:
 
     def _broadcast_object(self, obj):
         box = [obj]
-        dist.broadcast_object_list(box, src=self.driver)
+        dist.broadcast_object_list(box, src=self.driver, group=self.group)
         return box[0]
 
     def _check(self, batch: list[Sequence]) -> None:
@@ -195,12 +195,12 @@ class Engine:
     def _share(self, chosen: torch.Tensor, finished: Optional[list[bool]]
                ) -> tuple[torch.Tensor, list[bool]]:
         """The driver's tokens and finished flags of this step, on every rank."""
-        if dist.get_world_size() == 1:
+        if dist.get_world_size(self.group) == 1:
             return chosen, finished
         flags = torch.tensor(finished if finished is not None else [False] * len(chosen),
                              dtype=torch.bool, device=self.device)
-        dist.broadcast(chosen, src=self.driver)
-        dist.broadcast(flags, src=self.driver)
+        dist.broadcast(chosen, src=self.driver, group=self.group)
+        dist.broadcast(flags, src=self.driver, group=self.group)
         return chosen, flags.tolist()
 
     def _prompt_logprobs(self, batch, outputs, logits, tokens, start) -> None:

@@ -40,10 +40,11 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
             problems.append(f"stage.alignment.reference_logprobs={a.reference_logprobs} is not "
                             f"one of: on_the_fly, precomputed")
     if stage.name in ("grpo", "ppo"):
-        if data_parallel_size != 1:
-            problems.append(f"stage={stage.name} generates with the inference engine, which runs "
-                            f"with data parallel size 1 (world size = TP x PP); this layout has "
-                            f"DP {data_parallel_size}")
+        prompts = stage.global_batch_size // max(a.group_size, 1)
+        if prompts % data_parallel_size:
+            problems.append(f"stage={stage.name} gives each data-parallel replica whole groups: "
+                            f"the {prompts} prompts of a step (global_batch_size / group_size) "
+                            f"must divide among DP {data_parallel_size}")
         if a.reward not in ("rule", "model"):
             problems.append(f"stage.alignment.reward={a.reward} is not one of: rule, model")
         if a.reward == "model" and not a.reward_load:

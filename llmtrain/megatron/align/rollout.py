@@ -12,6 +12,8 @@ steps on the batch through the training loop's own step (llmtrain.megatron.step)
 Roles: actor = the trained model (its checkpoints are the run's), reference and reward model
 frozen, critic (PPO) a value-head model trained beside the actor with its own optimizer and
 checkpoints (<save>/critic). All are colocated: every rank holds its TP x PP share of each.
+With data parallelism each replica takes its share of the step's prompts (whole groups), makes
+and scores their rollouts on its own, and the replicas meet in the gradient reduction.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class RolloutTask(Task):
         self.ppo = cfg.stage.name == "ppo"
         self.align = cfg.stage.alignment
         self.prompts_per_step = cfg.stage.global_batch_size // self.align.group_size
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.critic = self.critic_checkpoints = None
         self._order = (-1, None)  # (epoch, prompt order)
@@ -154,13 +158,16 @@ class RolloutTask(Task):
         return chosen
 
     def _generate(self, iteration: int, model: list) -> list[tuple]:
-        """(prompt, reply tokens) of every sequence of the step, on every rank."""
+        """(prompt, reply tokens) of this replica's sequences of the step, on its every rank."""
         a = self.align
-        prompts = [p for p in self._step_prompts(iteration) for _ in range(a.group_size)]
+        share = self.prompts_per_step // self.dp_size
+        mine = self._step_prompts(iteration)[self.dp_rank * share:(self.dp_rank + 1) * share]
+        prompts = [p for p in mine for _ in range(a.group_size)]
         sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         sequences = [Sequence(p.ids, a.max_new_tokens, sampling, tuple(self.stop_ids))
                      for p in prompts]
-        self.engine.generator.manual_seed(self.cfg.seed * 100003 + iteration)
+        self.engine.generator.manual_seed(self.cfg.seed * 100003 + iteration
+                                          + 7919 * self.dp_rank)
         replies = None
         if self.engine.is_driver:
             replies = []
@@ -171,7 +178,7 @@ class RolloutTask(Task):
         else:
             self.engine.follow()
         box = [replies]
-        dist.broadcast_object_list(box, src=self.engine.driver)
+        dist.broadcast_object_list(box, src=self.engine.driver, group=self.engine.group)
         # Megatron caches rotary tables made under inference mode, which training cannot use.
         RotaryEmbedding.forward.cache_clear()
         for chunk in model:
@@ -298,8 +305,12 @@ class RolloutTask(Task):
                                     [iter(micro)], **self.schedule, forward=self._critic_forward)
                 if critic.loss is not None:
                     result.metrics["value_loss"] = critic.loss
-        lengths = torch.tensor([float(len(r)) for _, r in rollouts])
-        result.metrics.update(reward=float(scores.mean()), reply_length=float(lengths.mean()))
+        # Means over every replica's rollouts.
+        totals = torch.tensor([float(scores.sum()), float(sum(len(r) for _, r in rollouts)),
+                               float(len(rollouts))], device=self.layout.device)
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        result.metrics.update(reward=float(totals[0] / totals[2]),
+                              reply_length=float(totals[1] / totals[2]))
         return result
 
     def _advantages(self, micro, scores, old, ref, values) -> None:
