@@ -140,10 +140,12 @@ def _train(cfg: Config, layout: Layout) -> dict:
                        and iteration < stage.train_iters)
         if save_dir and (signal_name or exiting or cfg.checkpoint.save_interval and (
                 iteration % cfg.checkpoint.save_interval == 0)):
-            checkpoints.save(iteration, model, optimizer, scheduler,
-                             blocking=bool(signal_name or exiting))
+            # The other trained roles (PPO's critic) first: the trained model's commit, which
+            # resuming starts from, comes last.
             if task:
                 task.save(iteration, blocking=bool(signal_name or exiting))
+            checkpoints.save(iteration, model, optimizer, scheduler,
+                             blocking=bool(signal_name or exiting))
             last_saved = iteration
         if signal_name:
             preempted = (iteration, signal_name)
@@ -155,12 +157,12 @@ def _train(cfg: Config, layout: Layout) -> dict:
     watcher.close()
     if (save_dir and cfg.checkpoint.save_on_exit and last_saved < stage.train_iters
             and not preempted and not exiting):
-        checkpoints.save(stage.train_iters, model, optimizer, scheduler)
         if task:
             task.save(stage.train_iters, blocking=False)
-    checkpoints.wait()
+        checkpoints.save(stage.train_iters, model, optimizer, scheduler)
     if task:
         task.wait()
+    checkpoints.wait()
 
     summary = {}
     if log.enabled:

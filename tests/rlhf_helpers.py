@@ -9,6 +9,19 @@ from pathlib import Path
 # Tiny, fast runs of the `tiny` model on CPU.
 TINY = ["data.seq_length=32", "optim.lr=1e-3", "optim.min_lr=1e-3", "optim.lr_decay_style=constant",
         "checkpoint.save_interval=0"]
+# Rollouts of the toy arithmetic task: short replies scored by exact_match (the right sum) plus
+# digits (the share of digits in the reply, a dense credit a random policy can find).
+ROLLOUTS = ["stage.alignment.reward_weights.exact_match=1.0",
+            "stage.alignment.reward_weights.digits=1.0", "stage.alignment.max_new_tokens=8"]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def assert_reward_rises(reward: list[float]) -> None:
+    """The last three steps' mean reward is well above the first three's."""
+    assert mean(reward[-3:]) > max(3 * mean(reward[:3]), 0.05), reward
 
 
 def separable_pairs(path: Path, count: int = 200, seed: int = 0) -> Path:

@@ -113,18 +113,24 @@ class RolloutTask(Task):
     def _setup_critic(self, start: int, save_dir) -> None:
         cfg, a = self.cfg, self.align
         lr = a.critic_lr or cfg.optim.lr
+        own = save_dir / "critic" if save_dir else None
+        if start and own is not None and start in checkpoint.listing(own).complete:
+            # Resuming: the critic of the actor's step, even where a later critic save
+            # committed and the actor's did not (a crash between the two).
+            load = dict(load=str(own), finetune=False, load_step=start)
+        else:
+            load = dict(load=a.critic_load or a.reward_load or cfg.checkpoint.load,
+                        finetune=True, load_step=None)
         critic_cfg = dataclasses.replace(
             cfg, optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
-            checkpoint=dataclasses.replace(
-                cfg.checkpoint, load=a.critic_load or a.reward_load or cfg.checkpoint.load,
-                finetune=True, load_step=None))
+            checkpoint=dataclasses.replace(cfg.checkpoint, **load))
         chunks = build_scalar_model(critic_cfg, self.layout)
         initialize_weights(chunks, cfg.seed)
         self.critic = wrap_ddp(critic_cfg, chunks)
         self.critic_optimizer = build_optimizer(critic_cfg, self.critic)
         self.critic_scheduler = build_scheduler(critic_cfg, self.critic_optimizer)
         self.critic_checkpoints = checkpoint.Checkpoints(
-            critic_cfg, self.layout, self.tokenizer, save_dir / "critic" if save_dir else None,
+            critic_cfg, self.layout, self.tokenizer, own,
             lambda text: self.say(f"critic: {text}"))
         restored = self.critic_checkpoints.restore(self.critic, self.critic_optimizer,
                                                    self.critic_scheduler)
