@@ -1,7 +1,7 @@
 """stage=ppo: actor, critic, reference and rule-based reward raise the mean reward on the toy
 arithmetic task (see test_rlhf_grpo.py) within a bounded number of steps; the four roles run
-colocated on two processes (tensor parallelism 2, or two data-parallel replicas) on CPU (gloo),
-and the critic checkpoints and resumes with the actor."""
+colocated on two processes (tensor or pipeline parallelism 2, or two data-parallel replicas) on
+CPU (gloo), and the critic checkpoints and resumes with the actor."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def test_ppo_raises_the_mean_reward(tmp_path):
     assert all(math.isfinite(v) for v in metrics["value_loss"])
 
 
-@pytest.mark.parametrize("layout", [["parallel=tp2pp1"],
+@pytest.mark.parametrize("layout", [["parallel=tp2pp1"], ["parallel=tp1pp2"],
                                     ["parallel=tp1pp1", "launcher.nproc_per_node=2"]],
-                         ids=["tp2", "dp2"])
+                         ids=["tp2", "pp2", "dp2"])
 def test_ppo_roles_run_on_two_processes_and_resume(tmp_path, layout):
     data = arithmetic_prompts(tmp_path / "prompts.jsonl")
     run = tmp_path / "ppo"

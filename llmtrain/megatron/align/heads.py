@@ -71,8 +71,11 @@ def build_scalar_model(cfg: Config, layout: Layout) -> list:
     return build_model(untied, layout, ScalarGPTModel)
 
 
-def head(chunk) -> ScalarHead:
-    return checkpoint.unwrap(chunk).scalar_head
+def scores(chunk):
+    """GPTModel's output_processor for a head model: the scalar head on the last pipeline
+    stage; None on the others, which pass their hidden states on."""
+    model = checkpoint.unwrap(chunk)
+    return model.scalar_head.output if model.post_process else None
 
 
 def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool,

@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from llmtrain.megatron.align import Task
-from llmtrain.megatron.align.heads import build_scalar_model, head, load_frozen
+from llmtrain.megatron.align.heads import build_scalar_model, load_frozen, scores
 from llmtrain.megatron.data import batches
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.step import forward_only, train_step
@@ -43,10 +43,12 @@ def model_inputs(batch: dict, device: str) -> tuple:
     return tokens, position_ids, None if mask is None else mask[:1].to(device)
 
 
-def token_logprobs(model, batch: dict, device: str) -> torch.Tensor:
-    """log p(label) of every position, [rows, seq] (the model's loss is its cross entropy)."""
+def token_losses(model, batch: dict, device: str) -> torch.Tensor:
+    """On the last pipeline stage, the cross entropy -log p(label) of every position,
+    [rows, seq]; on the others, the hidden states the stage passes on, which the loss functions
+    alone may turn into log-probabilities (negating them here negated the next stage's input)."""
     tokens, position_ids, mask = model_inputs(batch, device)
-    return -model(tokens, position_ids, mask, labels=rows(batch, "labels").to(device))
+    return model(tokens, position_ids, mask, labels=rows(batch, "labels").to(device))
 
 
 def sequence_logprobs(token_logp: torch.Tensor, loss_mask: torch.Tensor,
@@ -88,9 +90,10 @@ class PreferenceTask(Task):
 
     def _reference_forward(self, device, iterator, model):
         batch = next(iterator)
-        output = token_logprobs(model, batch, device)
+        output = token_losses(model, batch, device)
 
-        def keep(logp):
+        def keep(token_loss):
+            logp = -token_loss
             return logp.sum(), torch.tensor(1), {"lm loss": _stat(logp.sum(), 1),
                                                  "logp": logp.detach().float()}
         return output, keep
@@ -131,7 +134,7 @@ class PreferenceTask(Task):
     def _reward_forward(self, device, iterator, model):
         batch = next(iterator)
         tokens, position_ids, mask = model_inputs(batch, device)
-        output = model(tokens, position_ids, mask, output_processor=head(model).output)
+        output = model(tokens, position_ids, mask, output_processor=scores(model))
         return output, partial(self._reward_loss, rows(batch, "last").to(device))
 
     @staticmethod
@@ -149,12 +152,14 @@ class PreferenceTask(Task):
 
     def _dpo_forward(self, device, iterator, model):
         batch = next(iterator)
-        output = token_logprobs(model, batch, device)
+        output = token_losses(model, batch, device)
         loss_mask = rows(batch, "loss_mask").to(device)
         return output, partial(self._dpo_loss, loss_mask, batch.get("reference"))
 
-    def _dpo_loss(self, loss_mask: torch.Tensor, reference: torch.Tensor, logp: torch.Tensor):
+    def _dpo_loss(self, loss_mask: torch.Tensor, reference: torch.Tensor,
+                  token_loss: torch.Tensor):
         a = self.align
+        logp = -token_loss
         reference = reference.to(logp.device)
         policy_seq = sequence_logprobs(logp, loss_mask, a.length_normalized)
         reference_seq = sequence_logprobs(reference, loss_mask, a.length_normalized)

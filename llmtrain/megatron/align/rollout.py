@@ -33,7 +33,7 @@ from llmtrain.data.sources import DataError
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
-from llmtrain.megatron.align.heads import build_scalar_model, head, load_frozen
+from llmtrain.megatron.align.heads import build_scalar_model, load_frozen, scores
 from llmtrain.megatron.inference import Engine
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
@@ -248,13 +248,13 @@ class RolloutTask(Task):
 
     def _value_forward(self, device, iterator, model):
         batch = next(iterator)
-        values = model(*self._inputs(batch, device), output_processor=head(model).output)
+        values = model(*self._inputs(batch, device), output_processor=scores(model))
         return values, lambda v: (v.sum(), torch.tensor(1), {"lm loss": torch.zeros(2),
                                                             "values": v.detach()})
 
     def _score_forward(self, device, iterator, model):
         batch = next(iterator)
-        values = model(*self._inputs(batch, device), output_processor=head(model).output)
+        values = model(*self._inputs(batch, device), output_processor=scores(model))
         last = batch["last"].to(device)
         return values, lambda v: (v.sum(), torch.tensor(1), {
             "lm loss": torch.zeros(2), "score": v.gather(1, last[:, None])[:, 0].detach()})
@@ -280,7 +280,7 @@ class RolloutTask(Task):
 
     def _critic_forward(self, device, iterator, model):
         batch = next(iterator)
-        values = model(*self._inputs(batch, device), output_processor=head(model).output)
+        values = model(*self._inputs(batch, device), output_processor=scores(model))
         return values, partial(self._value_loss, batch, device)
 
     def _value_loss(self, batch: dict, device: str, values: torch.Tensor):
