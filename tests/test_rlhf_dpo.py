@@ -52,13 +52,15 @@ def test_preference_stages_under_pipeline_parallelism_match_one_process(tmp_path
     results = []
     for layout in ("tp1pp1", "tp1pp2"):
         run = tmp_path / layout
-        run_llmtrain(f"stage={stage}", f"parallel={layout}", "data=preference",
-                     f"data.data_path=[{data}]", *TINY, "optim.lr=1e-4", "optim.min_lr=1e-4",
-                     "stage.micro_batch_size=2", "stage.global_batch_size=8",
-                     "stage.train_iters=3", f"hydra.run.dir={run}", "checkpoint.save=null",
-                     timeout=300)
+        out = run_llmtrain(f"stage={stage}", f"parallel={layout}", "data=preference",
+                           f"data.data_path=[{data}]", *TINY, "optim.lr=1e-4",
+                           "optim.min_lr=1e-4", "stage.micro_batch_size=2",
+                           "stage.global_batch_size=8", "stage.train_iters=3",
+                           f"hydra.run.dir={run}", "checkpoint.save=null", timeout=300).stdout
         results.append(summary(run))
+    assert "on 2 cpu process(es)" in out
     one, pp2 = results
+    assert one["losses"][0] == pytest.approx(0.6931, abs=1e-4)  # log 2: nothing preferred yet
     assert pp2["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert pp2["metrics"]["margin"] == pytest.approx(one["metrics"]["margin"], rel=1e-5, abs=1e-7)
     assert one["metrics"]["margin"][-1] > one["metrics"]["margin"][0] == 0.0
