@@ -134,7 +134,12 @@ def _train(cfg: Config, layout: Layout) -> dict:
             for _ in range(stage.eval_iters):
                 total += eval_step(model, valid_iters, **schedule_args).loss or 0.0
             log.evaluation(iteration, total / stage.eval_iters)
-        checkpoints.poll()
+        # The other trained roles' commits (PPO's critic) come before the trained model's of
+        # the same step, which resuming starts from.
+        if task:
+            task.poll()
+        if not (task and task.saving()):
+            checkpoints.poll()
         signal_name = watcher.agreed_signal() if iteration < stage.train_iters else None
         exiting = bool(stage.exit_interval and iteration % stage.exit_interval == 0
                        and iteration < stage.train_iters)

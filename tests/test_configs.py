@@ -270,3 +270,36 @@ def test_misspelt_key_is_a_composition_error():
     process = run_llmtrain("optim.learning_rate=1e-4", check=False)
     assert process.returncode != 0
     assert "learning_rate" in process.stderr
+
+
+def test_role_layouts_are_checked_together():
+    cfg = compose_config("stage=grpo", "data=prompts", "parallel=tp1pp1",
+                         "launcher.nproc_per_node=4", "stage.global_batch_size=32",
+                         "stage.micro_batch_size=4",
+                         "stage.alignment.reference_tensor_model_parallel_size=3",
+                         "stage.alignment.reward_tensor_model_parallel_size=2")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert sorted(error.value.problems) == [
+        "stage.alignment.reference_tensor_model_parallel_size=3 must divide the 4 processes: "
+        "the reference model lies over every rank in groups of that size",
+        "stage.alignment.reward_tensor_model_parallel_size=2 applies to stage=grpo or ppo with "
+        "stage.alignment.reward=model, not this run: unset it"]
+    cfg = compose_config("stage=dpo", "data=preference", "parallel=tp1pp1",
+                         "launcher.nproc_per_node=8", "stage.global_batch_size=16",
+                         "stage.micro_batch_size=2", "model.make_vocab_size_divisible_by=1",
+                         "model.vocab_size=4097",
+                         "stage.alignment.reference_tensor_model_parallel_size=8")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert sorted(error.value.problems) == [
+        "model tiny has 4 KV groups (num_query_groups), which "
+        "stage.alignment.reference_tensor_model_parallel_size=8 does not divide: choose a TP "
+        "that divides it",
+        "stage.alignment.reference_tensor_model_parallel_size=8 does not divide the padded "
+        "vocabulary (4097): choose a size that divides it"]
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config("stage.alignment.reference_tensor_model_parallel_size=1"), CPU)
+    assert error.value.problems == [
+        "stage.alignment.reference_tensor_model_parallel_size=1 applies to stage=dpo, grpo or "
+        "ppo, not this run: unset it"]

@@ -72,3 +72,23 @@ def test_ppo_resumes_the_critic_of_the_actors_step(tmp_path):
     assert "resuming after step 2" in out
     assert f"critic: loaded {actor / 'critic' / 'iter_0000002'}" in out
     assert "warning: the critic resumes" not in out
+
+
+def test_ppo_commits_the_critic_before_the_actor_with_async_saves(tmp_path):
+    """Background saves commit at step boundaries: the critic's step first, so a crash between
+    the two commits leaves the critic ahead of the actor (which resuming handles, above),
+    never behind."""
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "ppo"
+    out = run_llmtrain("stage=ppo", "data=prompts", f"data.data_path=[{data}]", *TINY, *ROLLOUTS,
+                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
+                       f"hydra.run.dir={run}", "checkpoint.save_interval=2",
+                       "checkpoint.async_save=true", "stage.train_iters=5").stdout
+    lines = out.splitlines()
+
+    def commit(folder):
+        return next(k for k, line in enumerate(lines) if f"saved {folder} in" in line)
+
+    actor = run / "checkpoints"
+    for step in (2, 4, 5):
+        assert commit(actor / "critic" / f"iter_{step:07d}") < commit(actor / f"iter_{step:07d}")

@@ -26,6 +26,10 @@ CHANGEABLE = (
     "model.attention_dropout", "model.init_method_std", "precision.gradient_accumulation_fusion",
     "precision.use_te_op_fuser",
     "data.num_workers", "data.data_cache_path",
+    # The alignment roles' own layouts (dist_checkpointing reshards the critic's too).
+    "stage.alignment.reference_tensor_model_parallel_size",
+    "stage.alignment.reward_tensor_model_parallel_size",
+    "stage.alignment.critic_tensor_model_parallel_size",
     # Where the tokenizer's files are: what they hold is compared as tokenizer.identity.
     "data.tokenizer.tokenizer_model", "data.tokenizer.vocab_file", "data.tokenizer.merge_file",
 )

@@ -198,6 +198,12 @@ class AlignmentConfig:
     # Frozen reference policy (dpo, grpo, ppo): a checkpoint folder; None: checkpoint.load, or
     # the seed's initial weights when that is unset too.
     reference_load: Optional[str] = None
+    # Roles on a tensor-parallel layout of their own, without pipeline stages, over every rank
+    # (None: the run's layout; docs/rlhf.md): the reference (dpo, grpo, ppo), the reward model
+    # of reward=model (grpo, ppo), the critic (ppo).
+    reference_tensor_model_parallel_size: Optional[int] = None
+    reward_tensor_model_parallel_size: Optional[int] = None
+    critic_tensor_model_parallel_size: Optional[int] = None
     # dpo: reference log-probabilities once for the whole training set before the first step
     # (precomputed; the reference is then freed), or every step (on_the_fly).
     reference_logprobs: str = "on_the_fly"  # on_the_fly | precomputed

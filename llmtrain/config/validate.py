@@ -140,12 +140,7 @@ def validate(cfg: Config, machine: Machine) -> Layout:
 
     # Model shape against the parallel layout.
     groups = m.num_query_groups or m.num_attention_heads
-    if m.num_attention_heads % tp:
-        problems.append(f"model {m.name} has {m.num_attention_heads} attention heads, which "
-                        f"tensor parallel size {tp} does not divide: choose a TP that divides it")
-    elif groups % tp:
-        problems.append(f"model {m.name} has {groups} KV groups (num_query_groups), which "
-                        f"tensor parallel size {tp} does not divide: choose a TP that divides it")
+    problems += tensor_parallel_problems(m, tp)
     if m.num_attention_heads % groups:
         problems.append(f"model.num_query_groups={groups} must divide "
                         f"model.num_attention_heads={m.num_attention_heads}: fix the model "
@@ -158,9 +153,6 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                         f"token counts of at least 0 (Megatron's --window-size)")
     if m.parallel_mlp_layernorm and not m.parallel_attention_mlp:
         problems.append("model.parallel_mlp_layernorm=true needs model.parallel_attention_mlp=true")
-    if m.ffn_hidden_size % tp:
-        problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
-                        f"tensor parallel size {tp}: choose a TP that divides it")
     stages = pp * (vpp or 1)
     if m.num_layers % stages:
         what = f"PP {pp} x VPP {vpp}" if vpp else f"pipeline parallel size {pp}"
@@ -362,6 +354,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
 
     problems += checkpoint_problems(cfg)
     problems += alignment_problems(cfg, dp)
+    problems += role_layout_problems(
+        cfg, world, padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp))
 
     if problems:
         raise ConfigError(problems)
@@ -375,6 +369,57 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         use_transformer_engine=use_te,
         sequence_parallel=sequence_parallel,
     )
+
+
+def tensor_parallel_problems(m, tp: int, what: str = "tensor parallel size ") -> list[str]:
+    """The model's shape against a tensor-parallel size (the run's, or a role's own)."""
+    problems, groups = [], m.num_query_groups or m.num_attention_heads
+    if tp < 1:
+        return problems
+    if m.num_attention_heads % tp:
+        problems.append(f"model {m.name} has {m.num_attention_heads} attention heads, which "
+                        f"{what}{tp} does not divide: choose a TP that divides it")
+    elif groups % tp:
+        problems.append(f"model {m.name} has {groups} KV groups (num_query_groups), which "
+                        f"{what}{tp} does not divide: choose a TP that divides it")
+    if m.ffn_hidden_size % tp:
+        problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+                        f"{what}{tp}: choose a TP that divides it")
+    return problems
+
+
+def role_layout_problems(cfg: Config, world_size: int, padded_vocab: int) -> list[str]:
+    """Frozen alignment roles on a tensor-parallel layout of their own (docs/rlhf.md)."""
+    stage, a, problems = cfg.stage.name, cfg.stage.alignment, []
+    roles = {"reference": stage in ("dpo", "grpo", "ppo"),
+             "reward": stage in ("grpo", "ppo") and a.reward == "model",
+             "critic": stage == "ppo"}
+    for role, used in roles.items():
+        key = f"{role}_tensor_model_parallel_size"
+        tp = getattr(a, key)
+        setting = f"stage.alignment.{key}={tp}"
+        if tp is None:
+            continue
+        if not used:
+            where = {"reference": "stage=dpo, grpo or ppo", "critic": "stage=ppo",
+                     "reward": "stage=grpo or ppo with stage.alignment.reward=model"}[role]
+            problems.append(f"{setting} applies to {where}, not this run: unset it")
+        elif tp < 1 or world_size % tp:
+            problems.append(f"{setting} must divide the {world_size} processes: the {role} "
+                            f"model lies over every rank in groups of that size")
+        elif role == "critic" and cfg.parallel.pipeline_model_parallel_size > 1:
+            problems.append(f"{setting}: a critic of its own layout learns from the returns of "
+                            f"the last pipeline stage, which the other stages lack; use "
+                            f"pipeline_model_parallel_size=1 or unset it")
+        elif cfg.model.num_moe_experts:
+            problems.append(f"{setting}: a mixture-of-experts {role} runs on the run's layout "
+                            f"only; unset it")
+        else:
+            problems += tensor_parallel_problems(cfg.model, tp, f"stage.alignment.{key}=")
+            if padded_vocab % tp:
+                problems.append(f"{setting} does not divide the padded vocabulary "
+                                f"({padded_vocab}): choose a size that divides it")
+    return problems
 
 
 def checkpoint_problems(cfg: Config) -> list[str]:

@@ -128,7 +128,14 @@ def _keys(model: list) -> list[str]:
 
 
 def _model_state(model: list) -> dict:
-    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(_keys(model), model)}
+    """Each chunk's sharded state, its replicas counted over the data-parallel group it was
+    built with (the run's, or an alignment role's own: llmtrain.megatron.align.placement)."""
+    state = {}
+    for key, chunk in zip(_keys(model), model):
+        inner = unwrap(chunk)
+        state[key] = inner.sharded_state_dict(
+            metadata={"dp_cp_group": inner.pg_collection.dp_cp})
+    return state
 
 
 def _merged(model_state: dict) -> dict:

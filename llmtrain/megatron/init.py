@@ -13,9 +13,7 @@ import math
 import zlib
 
 import torch
-from megatron.core import parallel_state as ps
-
-from llmtrain.megatron.weights import global_names, is_gated, shard
+from llmtrain.megatron.weights import global_names, is_gated, shard, tensor_group
 
 
 def _kind(name: str) -> str:
@@ -36,7 +34,7 @@ def initialize(chunks: list[torch.nn.Module], seed: int) -> None:
     """Fill every parameter of this rank's model chunks."""
     for chunk in chunks:
         config = chunk.config
-        tp = ps.get_tensor_model_parallel_world_size()
+        tp = tensor_group(chunk)
         std = config.init_method_std
         scaled_std = std / math.sqrt(2.0 * config.num_layers)
         names = global_names(chunk)
@@ -51,9 +49,9 @@ def initialize(chunks: list[torch.nn.Module], seed: int) -> None:
                 continue
             shape = list(param.shape)
             if getattr(param, "tensor_model_parallel", False):
-                shape[param.partition_dim] *= tp
+                shape[param.partition_dim] *= tp[0]
             generator = torch.Generator(device=param.device)
             generator.manual_seed(zlib.crc32(f"{seed}:{gname}".encode()))
             full = torch.empty(shape, dtype=torch.float32, device=param.device)
             full.normal_(0.0, scaled_std if kind == "scaled_normal" else std, generator=generator)
-            param.copy_(shard(full, param, is_gated(chunk, gname)))
+            param.copy_(shard(full, param, is_gated(chunk, gname), tp))

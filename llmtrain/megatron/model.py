@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from llmtrain.config.schema import Config
@@ -115,29 +116,38 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
     )
 
 
-def block_spec(cfg: Config, layout: Layout, config: TransformerConfig, vp_stage: int | None):
-    """Transformer Engine's fused layers on a GPU that has it, Megatron's local layers otherwise."""
-    return gpt_block_spec(cfg.model, layout.use_transformer_engine, te_op_fuser(cfg, layout),
-                          config, vp_stage)
+def block_spec(cfg: Config, layout: Layout, config: TransformerConfig, vp_stage: int | None,
+               own_groups: bool = False):
+    """Transformer Engine's fused layers on a GPU that has it, Megatron's local layers otherwise.
+    Megatron's fused MLP (the operation fuser) reads the run's tensor-parallel group from
+    parallel_state, so a model on process groups of its own (`own_groups`) goes without."""
+    fuser = te_op_fuser(cfg, layout) and not own_groups
+    return gpt_block_spec(cfg.model, layout.use_transformer_engine, fuser, config, vp_stage)
 
 
-def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel) -> list[GPTModel]:
+def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel,
+                groups: ProcessGroupCollection | None = None) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), on the run's device
-    (`model_class`: GPTModel or a subclass, e.g. with a reward head)."""
+    (`model_class`: GPTModel or a subclass, e.g. with a reward head). `groups`: process groups
+    of a layout of its own, without pipeline stages (an alignment role's, llmtrain.megatron.
+    align.placement); None: the run's, Megatron's parallel_state."""
     config = transformer_config(cfg, layout)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        whole = groups is not None  # own groups: one stage, which embeds and ends the model
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*GPTModel IS DEPRECATED.*")
             model = model_class(
                 config=config,
-                transformer_layer_spec=block_spec(cfg, layout, config, stage),
+                transformer_layer_spec=block_spec(cfg, layout, config, stage, whole),
                 vocab_size=layout.padded_vocab_size,
                 max_sequence_length=max(cfg.model.max_position_embeddings, cfg.data.seq_length),
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                pre_process=whole or ps.is_pipeline_first_stage(ignore_virtual=False,
+                                                                vp_stage=stage),
+                post_process=whole or ps.is_pipeline_last_stage(ignore_virtual=False,
+                                                                vp_stage=stage),
                 share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
                 # ALiBi lives in the attention (layer spec), not in the embedding.
                 position_embedding_type=("none" if cfg.model.position_embedding_type == "alibi"
@@ -147,6 +157,7 @@ def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel) -> li
                 rope_scaling=cfg.model.rope_scaling,
                 rope_scaling_factor=cfg.model.rope_scaling_factor,
                 vp_stage=stage,
+                pg_collection=groups,
             )
         if cfg.model.embedding_layernorm and model.pre_process:
             add_embedding_layernorm(model.embedding, config, layout.use_transformer_engine)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import Float16Module
 
 from llmtrain.config.schema import Config
 from llmtrain.megatron.model import params_dtype
 
 
-def wrap_ddp(cfg: Config, chunks: list) -> list[DistributedDataParallel]:
-    """Mixed-precision wrapper, then Megatron's DDP with contiguous gradient buffers."""
+def wrap_ddp(cfg: Config, chunks: list, groups: ProcessGroupCollection | None = None
+             ) -> list[DistributedDataParallel]:
+    """Mixed-precision wrapper, then Megatron's DDP with contiguous gradient buffers (`groups`:
+    the process groups the chunks were built with, when not the run's)."""
     par = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
@@ -30,13 +35,14 @@ def wrap_ddp(cfg: Config, chunks: list) -> list[DistributedDataParallel]:
         wrapped.append(DistributedDataParallel(
             config=config, ddp_config=ddp_config, module=chunk,
             # Only the first chunk's bucket is delayed when overlapping (as Megatron-LM does).
-            disable_bucketing=index > 0,
+            disable_bucketing=index > 0, pg_collection=groups,
         ))
     # Hooks the pipeline schedule calls (all chunks share one TransformerConfig): after backward,
     # DP gradient reduction, tied-embedding sync and division by the global loss-token count;
     # with overlap, gradient sync per chunk as its backward ends and parameter gather per chunk.
     config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = (finalize_model_grads if groups is None
+                                        else partial(finalize_model_grads, pg_collection=groups))
     if par.overlap_grad_reduce:
         config.no_sync_func = _per_chunk([c.no_sync for c in wrapped])
         config.grad_sync_func = _per_chunk([c.start_grad_sync for c in wrapped])
@@ -50,7 +56,8 @@ def _per_chunk(funcs: list):
     return funcs[0] if len(funcs) == 1 else funcs
 
 
-def build_optimizer(cfg: Config, model: list[DistributedDataParallel]):
+def build_optimizer(cfg: Config, model: list[DistributedDataParallel],
+                    groups: ProcessGroupCollection | None = None):
     optim, prec = cfg.optim, cfg.precision
     config = OptimizerConfig(
         optimizer=optim.optimizer,
@@ -75,7 +82,9 @@ def build_optimizer(cfg: Config, model: list[DistributedDataParallel]):
         optimizer_cpu_offload=cfg.parallel.optimizer_cpu_offload,
         optimizer_offload_fraction=cfg.parallel.optimizer_offload_fraction,
     )
-    optimizer = get_megatron_optimizer(config, model)
+    # Megatron's extra gloo groups come from parallel_state: none for a model's own groups.
+    optimizer = get_megatron_optimizer(config, model, pg_collection=groups,
+                                       use_gloo_process_groups=groups is None)
     # The schedule multiplies each micro-batch loss by the current loss scale before backward
     # (fp16); the optimizer divides the gradients back before the update.
     model[0].config.grad_scale_func = optimizer.scale_loss

@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from llmtrain.megatron.data import packed_seq_params
@@ -57,14 +59,16 @@ def _forward(device: str, data_iterator, model):
     return output, partial(_loss, loss_mask)
 
 
-def _reduce_losses(reports: list[dict]) -> tuple[float | None, int, dict[str, float]]:
+def _reduce_losses(reports: list[dict], groups: Optional[ProcessGroupCollection] = None
+                   ) -> tuple[float | None, int, dict[str, float]]:
     """Sum micro-batch reports ([sum, count] of the loss and of every "metric/<name>") on the
-    last stage and across data-parallel ranks."""
-    if not ps.is_pipeline_last_stage(ignore_virtual=True) or not reports:
+    last stage and across data-parallel ranks (of `groups`, a model's own, when given)."""
+    if groups is None and not ps.is_pipeline_last_stage(ignore_virtual=True) or not reports:
         return None, 0, {}
     keys = ["lm loss"] + sorted(k for k in reports[0] if k.startswith(METRIC))
     total = torch.stack([torch.stack([r[k] for r in reports]).sum(dim=0) for k in keys])
-    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    torch.distributed.all_reduce(total, group=groups.dp_cp if groups is not None
+                                 else ps.get_data_parallel_group(with_context_parallel=True))
     sums = total.tolist()
     loss_sum, tokens = sums[0]
     metrics = {k[len(METRIC):]: s / max(n, 1.0) for k, (s, n) in zip(keys[1:], sums[1:])}
@@ -78,8 +82,13 @@ def schedule_name() -> str:
 
 def run_schedule(model: list, iterators: list, num_microbatches: int, seq_length: int,
                  micro_batch_size: int, device: str, forward_only: bool,
-                 forward: Optional[ForwardStep] = None) -> list[dict]:
-    return get_forward_backward_func()(
+                 forward: Optional[ForwardStep] = None,
+                 groups: Optional[ProcessGroupCollection] = None) -> list[dict]:
+    """`groups`: a model built on process groups of its own, without pipeline stages
+    (llmtrain.megatron.align.placement); None: the run's layout and its schedule."""
+    schedule = get_forward_backward_func() if groups is None else partial(
+        forward_backward_no_pipelining, pg_collection=groups)
+    return schedule(
         forward_step_func=partial(forward or _forward, device),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model,
@@ -93,15 +102,17 @@ def run_schedule(model: list, iterators: list, num_microbatches: int, seq_length
 def train_step(model: list, optimizer, scheduler, iterators: list, num_microbatches: int,
                seq_length: int, micro_batch_size: int, device: str,
                guard: Optional[Callable[[list], bool]] = None,
-               forward: Optional[ForwardStep] = None) -> StepResult:
-    """`guard(reports)` may veto the update after the backward pass (a NaN loss or gradient)."""
+               forward: Optional[ForwardStep] = None,
+               groups: Optional[ProcessGroupCollection] = None) -> StepResult:
+    """`guard(reports)` may veto the update after the backward pass (a NaN loss or gradient);
+    `groups`: those the model was built with, when not the run's (see `run_schedule`)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
-                           device, forward_only=False, forward=forward)
+                           device, forward_only=False, forward=forward, groups=groups)
     vetoed = guard is not None and not guard(reports)  # first: it may see (or inject) a NaN
-    loss, tokens, metrics = _reduce_losses(reports)
+    loss, tokens, metrics = _reduce_losses(reports, groups)
     if vetoed:
         return StepResult(loss, tokens, skipped=True, metrics=metrics)
     updated, grad_norm, _ = optimizer.step()
@@ -120,15 +131,15 @@ def eval_step(model: list, iterators: list, num_microbatches: int, seq_length: i
 
 @torch.no_grad()
 def forward_only(model: list, iterators: list, num_microbatches: int, seq_length: int,
-                 micro_batch_size: int, device: str, forward: Optional[ForwardStep] = None
-                 ) -> list[dict]:
+                 micro_batch_size: int, device: str, forward: Optional[ForwardStep] = None,
+                 groups: Optional[ProcessGroupCollection] = None) -> list[dict]:
     """The micro-batch reports of a pass without gradients, in eval mode (no dropout): on the
     last pipeline stage, whatever the loss functions returned; elsewhere []."""
     for chunk in model:
         chunk.eval()
     try:
         return run_schedule(model, iterators, num_microbatches, seq_length, micro_batch_size,
-                            device, forward_only=True, forward=forward)
+                            device, forward_only=True, forward=forward, groups=groups)
     finally:
         for chunk in model:
             chunk.train()

@@ -48,12 +48,21 @@ def is_gated(chunk: torch.nn.Module, global_name: str) -> bool:
     return chunk.config.gated_linear_unit and ".linear_fc1." in global_name
 
 
-def shard(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
-    """This TP rank's slice of a whole tensor, as Megatron lays it out."""
+def tensor_group(chunk: torch.nn.Module) -> tuple[int, int]:
+    """(size, this rank's place) of the tensor-parallel group the chunk was built with: the
+    run's, or a role's own (llmtrain.megatron.align.placement)."""
+    group = chunk.tp_group
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, gated: bool,
+          tp: tuple[int, int]) -> torch.Tensor:
+    """The slice of a whole tensor that TP rank `tp[1]` of `tp[0]` holds, as Megatron lays it
+    out."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
     dim = param.partition_dim
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    tp, rank = tp
     if gated and dim == 0:
         # Gated MLP input: each rank holds [its slice of the gate; its slice of the up projection].
         gate, up = full.chunk(2, dim=0)
@@ -61,11 +70,10 @@ def shard(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
     return full.chunk(tp, dim=dim)[rank]
 
 
-def _unshard(param: torch.Tensor, gated: bool) -> torch.Tensor:
+def _unshard(param: torch.Tensor, gated: bool, group) -> torch.Tensor:
     """The whole tensor from every TP rank's slice (a collective of the TP group)."""
     if not getattr(param, "tensor_model_parallel", False):
         return param.detach()
-    group = ps.get_tensor_model_parallel_group()
     parts = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, param.detach().contiguous(), group=group)
     dim = param.partition_dim
@@ -79,15 +87,14 @@ def _unshard(param: torch.Tensor, gated: bool) -> torch.Tensor:
 def load_whole_tensors(chunks: list[torch.nn.Module],
                        whole: Callable[[str, torch.Size], torch.Tensor]) -> None:
     """Fill every parameter from `whole(global_name, whole_shape)`, one tensor at a time."""
-    tp = ps.get_tensor_model_parallel_world_size()
     for chunk in chunks:
-        names = global_names(chunk)
+        names, tp = global_names(chunk), tensor_group(chunk)
         for name, param in chunk.named_parameters():
             shape = list(param.shape)
             if getattr(param, "tensor_model_parallel", False):
-                shape[param.partition_dim] *= tp
+                shape[param.partition_dim] *= tp[0]
             full = whole(names[name], torch.Size(shape))
-            param.copy_(shard(full, param, is_gated(chunk, names[name])))
+            param.copy_(shard(full, param, is_gated(chunk, names[name]), tp))
 
 
 @torch.no_grad()
@@ -100,7 +107,7 @@ def whole_tensors(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Te
         for name, param in chunk.named_parameters():
             if name != names[name] and name.startswith("output_layer."):
                 continue
-            yield names[name], _unshard(param, is_gated(chunk, names[name]))
+            yield names[name], _unshard(param, is_gated(chunk, names[name]), chunk.tp_group)
 
 
 def is_first_of_tensor_group() -> bool:

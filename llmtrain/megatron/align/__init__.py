@@ -37,6 +37,18 @@ class Task:
         self.schedule = dict(num_microbatches=layout.num_microbatches,
                              seq_length=cfg.data.seq_length,
                              micro_batch_size=cfg.stage.micro_batch_size, device=layout.device)
+        self._placements = {}
+
+    def placement(self, tensor_parallel: Optional[int]):
+        """A role's own layout of that tensor-parallel size (None: the run's); roles of one size
+        share its process groups (made collectively, the first time)."""
+        if tensor_parallel is None:
+            return None
+        if tensor_parallel not in self._placements:
+            from llmtrain.megatron.align.placement import Placement
+
+            self._placements[tensor_parallel] = Placement(tensor_parallel)
+        return self._placements[tensor_parallel]
 
     def build_model(self) -> list:
         """This rank's chunks of the trained model."""
@@ -55,6 +67,15 @@ class Task:
 
     def save(self, iteration: int, blocking: bool) -> None:
         """Save the other trained roles with the trained model's step."""
+
+    def poll(self) -> None:
+        """At a step boundary (collective): commit the other roles' background saves whose
+        writers finished."""
+
+    def saving(self) -> bool:
+        """Whether a background save of another role is still uncommitted (the trained model's
+        commit of the same step waits for it)."""
+        return False
 
     def wait(self) -> None:
         """Finish the other roles' background saves."""

@@ -22,8 +22,10 @@ from megatron.core.transformer.module import Float16Module
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.megatron import checkpoint
+from llmtrain.megatron.align.placement import Placement
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
+from llmtrain.megatron.step import forward_only, train_step
 
 
 class ScalarHead(torch.nn.Module):
@@ -63,12 +65,12 @@ class ScalarGPTModel(GPTModel):
             self.post_process = post_process
 
 
-def build_scalar_model(cfg: Config, layout: Layout) -> list:
+def build_scalar_model(cfg: Config, layout: Layout, groups=None) -> list:
     """Chunks of a GPT backbone with a scalar head on its last stage (never tied: there is no
     output layer)."""
     untied = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, share_embeddings_and_output_weights=False))
-    return build_model(untied, layout, ScalarGPTModel)
+    return build_model(untied, layout, ScalarGPTModel, groups)
 
 
 def scores(chunk):
@@ -78,18 +80,59 @@ def scores(chunk):
     return model.scalar_head.output if model.post_process else None
 
 
-def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool,
-                say) -> list:
+class Role:
+    """A model beside the trained one (reference, reward model, critic), on the run's layout or
+    on a tensor-parallel layout of its own (`placement`)."""
+
+    def __init__(self, chunks: list, placement: Optional[Placement] = None):
+        self.chunks, self.placement = chunks, placement
+
+    def _batches(self, micro: list[dict], schedule: dict) -> tuple[list[dict], dict]:
+        """The micro-batches this rank runs, and the schedule's arguments for them."""
+        batches = micro if self.placement is None else \
+            self.placement.gather(micro, schedule["device"])
+        groups = None if self.placement is None else self.placement.groups
+        return batches, {**schedule, "num_microbatches": len(batches), "groups": groups}
+
+    def _own(self, outputs: list, micro: list[dict]) -> list:
+        return outputs if self.placement is None else self.placement.own(outputs, len(micro))
+
+    def forward(self, micro: list[dict], schedule: dict, forward) -> list[dict]:
+        """The loss functions' reports of each micro-batch of this rank's (on the last
+        pipeline stage of the run's layout; with a placement of its own, on every rank)."""
+        batches, args = self._batches(micro, schedule)
+        return self._own(forward_only(self.chunks, [iter(batches)], **args, forward=forward),
+                         micro)
+
+    def train(self, optimizer, scheduler, micro: list[dict], schedule: dict, forward):
+        """One optimizer step on this rank's micro-batches (and, with a placement of its own,
+        those of the other replicas in its tensor-parallel group)."""
+        batches, args = self._batches(micro, schedule)
+        return train_step(self.chunks, optimizer, scheduler, [iter(batches)], **args,
+                          forward=forward)
+
+
+def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool, say,
+                placement: Optional[Placement] = None) -> Role:
     """A role that is not trained: the seed's initial weights, or the latest step of `source`;
-    in the precision's format, gradients off, in eval mode."""
-    chunks = build_scalar_model(cfg, layout) if scalar else build_model(cfg, layout)
+    in the precision's format, gradients off, in eval mode; on the run's layout, or on a
+    `placement` of its own."""
+    groups = None
+    if placement is not None:
+        layout, groups = placement.layout(layout), placement.groups
+    chunks = build_scalar_model(cfg, layout, groups) if scalar \
+        else build_model(cfg, layout, groups=groups)
     initialize_weights(chunks, cfg.seed)
+    name = "scorer" if scalar else "reference"
     if source:
         step = checkpoint.latest_iteration(source)
         if step is None:
             raise FileNotFoundError(f"{source} holds no complete checkpoint step")
         checkpoint.load(source, step, chunks, None, None, weights_only=True)
-        say(f"loaded {checkpoint.step_dir(source, step)} (frozen {'scorer' if scalar else 'reference'})")
+        say(f"loaded {checkpoint.step_dir(source, step)} (frozen {name})")
+    if placement is not None:
+        say(f"frozen {name}: tensor parallel {placement.tensor_parallel} over every rank, its "
+            f"own layout")
     wrapped = []
     for chunk in chunks:
         chunk.requires_grad_(False)
@@ -97,4 +140,4 @@ def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool
             chunk = Float16Module(chunk.config, chunk)
         chunk.eval()
         wrapped.append(chunk)
-    return wrapped
+    return Role(wrapped, placement)

@@ -19,7 +19,7 @@ from llmtrain.megatron.align import Task
 from llmtrain.megatron.align.heads import build_scalar_model, load_frozen, scores
 from llmtrain.megatron.data import batches
 from llmtrain.megatron.model import build_model
-from llmtrain.megatron.step import forward_only, train_step
+from llmtrain.megatron.step import train_step
 from llmtrain.rlhf import losses
 from llmtrain.rlhf.pairs import build_pair_dataset
 
@@ -77,7 +77,9 @@ class PreferenceTask(Task):
         if self.reward_model:
             return
         source = self.align.reference_load or self.cfg.checkpoint.load
-        self.reference = load_frozen(self.cfg, self.layout, source, scalar=False, say=self.say)
+        self.reference = load_frozen(
+            self.cfg, self.layout, source, scalar=False, say=self.say,
+            placement=self.placement(self.align.reference_tensor_model_parallel_size))
         if self.align.reference_logprobs == "precomputed":
             self._precompute()
             self.reference = None  # its memory goes back to training
@@ -99,9 +101,7 @@ class PreferenceTask(Task):
         return output, keep
 
     def _reference_logprobs(self, micro_batches: list[dict]) -> list:
-        reports = forward_only(self.reference, [iter(micro_batches)],
-                               **{**self.schedule, "num_microbatches": len(micro_batches)},
-                               forward=self._reference_forward)
+        reports = self.reference.forward(micro_batches, self.schedule, self._reference_forward)
         return [r["logp"] for r in reports]
 
     def _precompute(self) -> None:

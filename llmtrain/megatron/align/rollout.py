@@ -11,7 +11,8 @@ steps on the batch through the training loop's own step (llmtrain.megatron.step)
 
 Roles: actor = the trained model (its checkpoints are the run's), reference and reward model
 frozen, critic (PPO) a value-head model trained beside the actor with its own optimizer and
-checkpoints (<save>/critic). All are colocated: every rank holds its TP x PP share of each.
+checkpoints (<save>/critic). All are colocated: every rank holds its TP x PP share of each;
+the frozen ones may take a tensor-parallel layout of their own (llmtrain.megatron.align.placement).
 With data parallelism each replica takes its share of the step's prompts (whole groups), makes
 and scores their rollouts on its own, and the replicas meet in the gradient reduction.
 """
@@ -33,12 +34,12 @@ from llmtrain.data.sources import DataError
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
-from llmtrain.megatron.align.heads import build_scalar_model, load_frozen, scores
+from llmtrain.megatron.align.heads import Role, build_scalar_model, load_frozen, scores
 from llmtrain.megatron.inference import Engine
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
-from llmtrain.megatron.step import StepResult, forward_only, train_step
+from llmtrain.megatron.step import StepResult, train_step
 from llmtrain.rlhf import advantages, losses
 from llmtrain.rlhf.pairs import pad_id
 from llmtrain.rlhf.records import encode_prompts
@@ -63,10 +64,16 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return top.squeeze(-1) + total.log().squeeze(-1) - expected
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) from vocabulary-parallel logits [b, s, v/tp]."""
+def _pick(reports: list[dict], key: str) -> list:
+    return [r[key] for r in reports]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """log p(label) from vocabulary-parallel logits [b, s, v/tp] (split over `tp_group`, by
+    default the run's)."""
     return -vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
-                                         labels.transpose(0, 1).contiguous()).transpose(0, 1)
+                                         labels.transpose(0, 1).contiguous(),
+                                         tp_group=tp_group).transpose(0, 1)
 
 
 class RolloutTask(Task):
@@ -101,9 +108,13 @@ class RolloutTask(Task):
                  + (f", {left_out} longer than seq_length - max_new_tokens left out"
                     if left_out else ""))
         source = a.reference_load or cfg.checkpoint.load
-        self.reference = load_frozen(cfg, self.layout, source, scalar=False, say=self.say)
-        self.scorer = (load_frozen(cfg, self.layout, a.reward_load, scalar=True, say=self.say)
-                       if a.reward == "model" else None)
+        self.reference = load_frozen(
+            cfg, self.layout, source, scalar=False, say=self.say,
+            placement=self.placement(a.reference_tensor_model_parallel_size))
+        self.scorer = load_frozen(
+            cfg, self.layout, a.reward_load, scalar=True, say=self.say,
+            placement=self.placement(a.reward_tensor_model_parallel_size),
+        ) if a.reward == "model" else None
         if self.ppo:
             self._setup_critic(start, save_dir)
         self.engine = Engine(checkpoint.unwrap(model[0]), cfg.model.vocab_size,
@@ -124,16 +135,21 @@ class RolloutTask(Task):
         critic_cfg = dataclasses.replace(
             cfg, optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
             checkpoint=dataclasses.replace(cfg.checkpoint, **load))
-        chunks = build_scalar_model(critic_cfg, self.layout)
+        placement = self.placement(a.critic_tensor_model_parallel_size)
+        layout = self.layout if placement is None else placement.layout(self.layout)
+        groups = None if placement is None else placement.groups
+        chunks = build_scalar_model(critic_cfg, layout, groups)
         initialize_weights(chunks, cfg.seed)
-        self.critic = wrap_ddp(critic_cfg, chunks)
-        self.critic_optimizer = build_optimizer(critic_cfg, self.critic)
+        self.critic = Role(wrap_ddp(critic_cfg, chunks, groups), placement)
+        self.critic_optimizer = build_optimizer(critic_cfg, self.critic.chunks, groups)
         self.critic_scheduler = build_scheduler(critic_cfg, self.critic_optimizer)
         self.critic_checkpoints = checkpoint.Checkpoints(
-            critic_cfg, self.layout, self.tokenizer, own,
-            lambda text: self.say(f"critic: {text}"))
-        restored = self.critic_checkpoints.restore(self.critic, self.critic_optimizer,
+            critic_cfg, layout, self.tokenizer, own, lambda text: self.say(f"critic: {text}"))
+        restored = self.critic_checkpoints.restore(self.critic.chunks, self.critic_optimizer,
                                                    self.critic_scheduler)
+        if placement is not None:
+            self.say(f"critic: tensor parallel {placement.tensor_parallel} over every rank, its "
+                     f"own layout")
         if start and restored.iteration != start:
             self.say(f"warning: the critic resumes from step {restored.iteration}, the actor "
                      f"from step {start}")
@@ -143,8 +159,15 @@ class RolloutTask(Task):
 
     def save(self, iteration: int, blocking: bool) -> None:
         if self.critic_checkpoints is not None:
-            self.critic_checkpoints.save(iteration, self.critic, self.critic_optimizer,
+            self.critic_checkpoints.save(iteration, self.critic.chunks, self.critic_optimizer,
                                          self.critic_scheduler, blocking=blocking)
+
+    def poll(self) -> None:
+        if self.critic_checkpoints is not None:
+            self.critic_checkpoints.poll()
+
+    def saving(self) -> bool:
+        return self.critic_checkpoints is not None and self.critic_checkpoints.pending is not None
 
     def wait(self) -> None:
         if self.critic_checkpoints is not None:
@@ -220,7 +243,8 @@ class RolloutTask(Task):
                   "position_ids": position_ids, "attention_mask": causal}
                  for i in range(0, n, mbs)]
         if self.scorer is not None:
-            scored = self._collect(self.scorer, micro, self._score_forward, "score")
+            scored = _pick(self.scorer.forward(micro, self.schedule, self._score_forward),
+                           "score")
             scores = torch.cat(scored).cpu() if scored else scores
         return micro, scores
 
@@ -232,17 +256,14 @@ class RolloutTask(Task):
         return (batch["tokens"].to(device), batch["position_ids"].to(device),
                 None if mask is None else mask.to(device))
 
-    def _collect(self, model: list, micro: list[dict], forward, key: str) -> list:
-        reports = forward_only(model, [iter(micro)], **self.schedule, forward=forward)
-        return [r[key] for r in reports]
-
     def _logprob_forward(self, device, iterator, model):
         batch = next(iterator)
         logits = model(*self._inputs(batch, device))
         labels = batch["labels"].to(device)
+        group = checkpoint.unwrap(model).tp_group  # the role's own, or the run's
 
         def keep(output):
-            logp = token_logprobs(output, labels)
+            logp = token_logprobs(output, labels, group)
             return logp.sum(), torch.tensor(1), {"lm loss": torch.zeros(2), "logp": logp}
         return logits, keep
 
@@ -296,9 +317,9 @@ class RolloutTask(Task):
         rollouts = self._generate(iteration, model)
         micro, scores = self._experience(rollouts)
         # Collected on the last pipeline stage, the one that computes the losses.
-        old = self._collect(model, micro, self._logprob_forward, "logp")
-        ref = self._collect(self.reference, micro, self._logprob_forward, "logp")
-        values = self._collect(self.critic, micro, self._value_forward, "values") \
+        old = _pick(Role(model).forward(micro, self.schedule, self._logprob_forward), "logp")
+        ref = _pick(self.reference.forward(micro, self.schedule, self._logprob_forward), "logp")
+        values = _pick(self.critic.forward(micro, self.schedule, self._value_forward), "values") \
             if self.ppo else None
         if self.last_stage:
             self._advantages(micro, scores, old, ref, values)
@@ -307,8 +328,8 @@ class RolloutTask(Task):
             result = train_step(model, optimizer, scheduler, [iter(micro)], **self.schedule,
                                 guard=guard, forward=self._policy_forward)
             if self.ppo:
-                critic = train_step(self.critic, self.critic_optimizer, self.critic_scheduler,
-                                    [iter(micro)], **self.schedule, forward=self._critic_forward)
+                critic = self.critic.train(self.critic_optimizer, self.critic_scheduler, micro,
+                                           self.schedule, self._critic_forward)
                 if critic.loss is not None:
                     result.metrics["value_loss"] = critic.loss
         # Means over every replica's rollouts.
