@@ -303,3 +303,19 @@ def test_role_layouts_are_checked_together():
     assert error.value.problems == [
         "stage.alignment.reference_tensor_model_parallel_size=1 applies to stage=dpo, grpo or "
         "ppo, not this run: unset it"]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rollout_stages_keep_sequences_whole_under_tensor_parallelism(stage):
+    """Rollouts come from the trained model, which generation cannot run with its sequences
+    split: sequence parallelism is left off (it is on by default for TP > 1 on GPUs)."""
+    gpus = Machine(gpus=2, has_transformer_engine=True)
+    rollout = [f"stage={stage}", "data=prompts", "parallel=tp2pp1", "stage.global_batch_size=8",
+               "stage.micro_batch_size=4"]
+    assert validate(compose_config(*rollout), gpus).sequence_parallel is False
+    assert validate(compose_config("parallel=tp2pp1"), gpus).sequence_parallel is True
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(*rollout, "parallel.sequence_parallel=true"), gpus)
+    assert error.value.problems == [
+        f"stage={stage} generates its rollouts with the trained model, which cannot run under "
+        f"sequence parallelism: set parallel.sequence_parallel=false (or leave it unset)"]

@@ -186,7 +186,15 @@ def validate(cfg: Config, machine: Machine) -> Layout:
     if par.sequence_parallel and not use_te:
         problems.append("parallel.sequence_parallel=true needs Transformer Engine's layers (a GPU "
                         "with llmtrain[gpu] installed); leave it unset to choose automatically")
-    sequence_parallel = tp > 1 and use_te if par.sequence_parallel is None else par.sequence_parallel
+    # GRPO and PPO generate their rollouts with the trained model itself, and Megatron's
+    # inference does not split sequences (a decode step is one token long).
+    rollouts = stage.name in ("grpo", "ppo")
+    if par.sequence_parallel and rollouts:
+        problems.append(f"stage={stage.name} generates its rollouts with the trained model, which "
+                        f"cannot run under sequence parallelism: set "
+                        f"parallel.sequence_parallel=false (or leave it unset)")
+    sequence_parallel = (tp > 1 and use_te and not rollouts if par.sequence_parallel is None
+                         else par.sequence_parallel)
     if prec.fp8 is not None and not use_te:
         problems.append("precision=fp8 needs NVIDIA Transformer Engine and a GPU; "
                         "install llmtrain[gpu] on a GPU machine or use precision=bf16")
