@@ -2,7 +2,7 @@
 # The GPU checklist: the open measurements of docs/ in one command, with the commands users run.
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
-#   bash scripts/gpu_checks.sh convert sft generate genbench dpo grpo resume vpp
+#   bash scripts/gpu_checks.sh convert sft generate genbench dpo grpo resume vpp roles
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
 # Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
@@ -208,7 +208,31 @@ step_vpp() {
     sed -n '/^layout /,$p' "$OUT/$CURRENT.log" | note
 }
 
-ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp)
+step_roles() {
+    # docs/rlhf.md, "Each role's layout": PPO under TP=2 with its critic and reference on TP=1
+    # layouts of their own, against the same roles on the run's layout. In fp32, where the two
+    # agree to rounding: a role that reached for the run's process groups (as Megatron's fused
+    # MLP did) leaves a KL of 1e-2 at step 1, where the reference equals the policy.
+    if [ "$DEVICE" != cpu ]; then
+        local gpus
+        gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+        if [ "$gpus" -lt 2 ]; then
+            note "skipped: $gpus GPU(s) visible, TP=2 needs 2"
+            return 0
+        fi
+    fi
+    $PY -m llmtrain.bench.layouts --metric kl --metric value_loss --metric reward \
+        --layout "" --layout "stage.alignment.critic_tensor_model_parallel_size=1
+        stage.alignment.reference_tensor_model_parallel_size=1" \
+        -- model=tiny precision=fp32 parallel=tp2pp1 launcher.nproc_per_node=2 stage=ppo \
+        data=prompts data.seq_length=64 stage.train_iters=3 stage.micro_batch_size=4 \
+        stage.global_batch_size=8 stage.alignment.max_new_tokens=8 \
+        stage.alignment.reward_weights.digits=1.0 checkpoint.save=null "${DEVICE_ARG[@]}"
+    note "PPO, tiny, fp32, TP=2: roles on the run's layout, then critic and reference on TP=1:"
+    sed -n '/^layout /,$p' "$OUT/$CURRENT.log" | note
+}
+
+ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp roles)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing
     # command, and `timeout` can end it with everything it started.

@@ -99,3 +99,21 @@ def test_ppo_critic_trains_on_its_own_layout_and_resumes_on_the_runs(tmp_path, c
     assert f"critic: loaded {critic}; resuming after step 3" in out
     assert "over every rank" not in out
     assert summary(tmp_path / "own")["start_step"] == 3
+
+
+def test_layouts_benchmark_compares_the_stages_measures(tmp_path):
+    """`python -m llmtrain.bench.layouts --metric ...`, the GPU checklist's `roles` step: the
+    largest difference of each measure from the first layout, per layout."""
+    data = separable_pairs(tmp_path / "pairs.jsonl", count=16)
+    out = run_llmtrain(
+        "--metric", "kl", "--metric", "margin", "--layout", "",
+        "--layout", "stage.alignment.reference_tensor_model_parallel_size=1",
+        "--", "stage=dpo", "parallel=tp2pp1", "data=preference", f"data.data_path=[{data}]",
+        *TINY, "stage.micro_batch_size=2", "stage.global_batch_size=4", "stage.train_iters=2",
+        "checkpoint.save=null", module="llmtrain.bench.layouts").stdout
+    table = out[out.index("layout: max |d metric|"):].splitlines()
+    assert table[0].split()[-2:] == ["kl", "margin"]
+    assert table[1].split() == ["(reference)", "0.00e+00", "0.00e+00"]
+    name, kl, margin = table[2].rsplit(maxsplit=2)
+    assert name.startswith("stage.alignment.reference_tensor_model_parallel_size=1")
+    assert float(kl) < 1e-6 and float(margin) < 1e-6
