@@ -71,6 +71,18 @@ need_converted() {
     fi
 }
 
+# Whether a step that needs two GPUs can run (on a CPU: as two gloo processes); else a line
+# that says it is skipped.
+two_gpus() {
+    [ "$DEVICE" = cpu ] && return 0
+    local gpus
+    gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+    if [ "$gpus" -lt 2 ]; then
+        note "skipped: $gpus GPU(s) visible, $1 needs 2"
+        return 1
+    fi
+}
+
 # The SFT checkpoint when the sft step has run, else the converted model.
 start_checkpoint() {
     if [ -f "$SFT_RUN/checkpoints/latest_checkpointed_iteration.txt" ]; then
@@ -191,14 +203,7 @@ step_resume() {
 step_vpp() {
     # docs/performance.md, "Layouts on two H200s agree with one GPU": PP=2 with virtual pipeline
     # stages against one GPU and plain PP=2. On a CPU the layouts run as gloo processes.
-    if [ "$DEVICE" != cpu ]; then
-        local gpus
-        gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
-        if [ "$gpus" -lt 2 ]; then
-            note "skipped: $gpus GPU(s) visible, PP=2 needs 2"
-            return 0
-        fi
-    fi
+    two_gpus "PP=2" || return 0
     # shellcheck disable=SC2046
     $PY -m llmtrain.bench.layouts --layout "launcher.nproc_per_node=1" \
         --layout "parallel=tp1pp2" \
@@ -213,14 +218,7 @@ step_roles() {
     # layouts of their own, against the same roles on the run's layout. In fp32, where the two
     # agree to rounding: a role that reached for the run's process groups (as Megatron's fused
     # MLP did) leaves a KL of 1e-2 at step 1, where the reference equals the policy.
-    if [ "$DEVICE" != cpu ]; then
-        local gpus
-        gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
-        if [ "$gpus" -lt 2 ]; then
-            note "skipped: $gpus GPU(s) visible, TP=2 needs 2"
-            return 0
-        fi
-    fi
+    two_gpus "TP=2" || return 0
     $PY -m llmtrain.bench.layouts --metric kl --metric value_loss --metric reward \
         --layout "" --layout "stage.alignment.critic_tensor_model_parallel_size=1
         stage.alignment.reference_tensor_model_parallel_size=1" \

@@ -1,9 +1,13 @@
-"""Toy alignment data the rlhf tests write: separable preference pairs and arithmetic prompts."""
+"""Toy alignment data the rlhf tests write (separable preference pairs, arithmetic prompts), and a
+reward server of the kind stage.alignment.reward=remote calls."""
 
 from __future__ import annotations
 
 import json
 import random
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 # Tiny, fast runs of the `tiny` model on CPU.
@@ -44,3 +48,33 @@ def arithmetic_prompts(path: Path, count: int = 64, seed: int = 0) -> Path:
             a, b = rng.randint(0, 9), rng.randint(0, 9)
             out.write(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n")
     return path
+
+
+@contextmanager
+def reward_server(score):
+    """A reward server on localhost, as stage.alignment.reward=remote asks one (docs/rlhf.md):
+    `score(request)` gives the answer's JSON; yields (url, the requests it got)."""
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(request)
+            body = json.dumps(score(request)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/rewards", requests
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -319,3 +319,31 @@ def test_rollout_stages_keep_sequences_whole_under_tensor_parallelism(stage):
     assert error.value.problems == [
         f"stage={stage} generates its rollouts with the trained model, which cannot run under "
         f"sequence parallelism: set parallel.sequence_parallel=false (or leave it unset)"]
+
+
+def test_roles_on_servers_need_their_addresses():
+    grpo = ["stage=grpo", "data=prompts", "stage.alignment.reward=remote"]
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(*grpo, "stage.alignment.server_timeout=0"), CPU)
+    assert sorted(error.value.problems) == [
+        "stage.alignment.reward=remote needs stage.alignment.reward_url: the http:// or https:// "
+        "address of a reward server (docs/rlhf.md)",
+        "stage.alignment.server_timeout=0.0 must be above 0 (seconds)"]
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(*grpo, "stage.alignment.reward_url=localhost:8000"), CPU)
+    assert error.value.problems == [
+        "stage.alignment.reward_url=localhost:8000 is not an http:// or https:// address"]
+    assert validate(compose_config(*grpo, "stage.alignment.reward_url=http://rm:8000/score"),
+                    CPU).world_size == 1
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config("stage=ppo", "data=prompts", "stage.alignment.reference_url=ref",
+                                "stage.alignment.reference_load=/ckpt"), CPU)
+    assert sorted(error.value.problems) == [
+        "stage.alignment.reference_url serves the reference elsewhere: unset reference_load and "
+        "reference_tensor_model_parallel_size (the server loads the reference)",
+        "stage.alignment.reference_url=ref is not an http:// or https:// address"]
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config("stage=dpo", "data=preference",
+                                "stage.alignment.reference_url=http://ref:5000"), CPU)
+    assert error.value.problems == [
+        "stage.alignment.reference_url applies to stage=grpo or ppo, not stage=dpo: unset it"]

@@ -59,7 +59,9 @@ def test_every_step_passes_on_the_cpu(tmp_path):
     assert re.search(r"\[resume\] steps 5-8: max \|loss C - A\| 0\.000e\+00", lines), lines
     assert re.search(r"\[vpp\] parallel=tp1pp2 parallel\.virtual.* [0-9.]+e-0[5-9] ", lines), lines
     # The roles on layouts of their own follow the run whose roles share the policy's.
+    measures = lines[lines.index("[roles] layout: max |d metric|"):]
     kl, value_loss, reward = map(float, re.search(
-        r"^\[roles\] stage\.alignment\.critic.* (\S+) +(\S+) +(\S+)$", lines, re.M).groups())
+        r"^\[roles\] stage\.alignment\.critic.* (\S+) +(\S+) +(\S+)$", measures,
+        re.M).groups())
     assert kl < 1e-6 and value_loss < 1e-6 and reward == 0.0, lines
     assert "[all] 9 step(s) in" in lines and "failed: none" in lines

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from conftest import run_llmtrain, summary
-from rlhf_helpers import (ROLLOUTS, TINY, arithmetic_prompts, assert_reward_rises,
-                          separable_pairs)
+from inference_helpers import ServerProcess
+from rlhf_helpers import (ROLLOUTS, TINY, arithmetic_prompts, assert_reward_rises, mean,
+                          reward_server, separable_pairs)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from llmtrain.rlhf.remote import RoleServerError, remote_rewards
+from llmtrain.rlhf.rewards import reward
 
 
 def test_grpo_raises_the_mean_reward(tmp_path):
@@ -63,3 +68,84 @@ def test_grpo_with_two_data_parallel_replicas(tmp_path):
     assert "DP 2" in out
     reward = summary(run)["metrics"]["reward"]
     assert_reward_rises(reward)
+
+
+def test_grpo_takes_its_rewards_from_a_reward_server(tmp_path):
+    """reward=remote: the reward role on a server of its own. Each step asks it once for the
+    rewards of the step's rollouts (the prompts as rendered, the replies, the answers) and
+    trains on what it answered (here the rules' scores, so the run also learns)."""
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "grpo"
+    weights = {"exact_match": 1.0, "digits": 1.0}
+
+    def score(request):
+        return {"rewards": [reward(reply, answer, weights, "-?[0-9]+", "-?[0-9]+")
+                            for reply, answer in zip(request["replies"], request["answers"])]}
+
+    with reward_server(score) as (url, requests):
+        run_llmtrain("stage=grpo", "data=prompts", f"data.data_path=[{data}]", *TINY,
+                     "stage.alignment.max_new_tokens=8", "stage.alignment.reward=remote",
+                     f"stage.alignment.reward_url={url}", "optim.lr=5e-3", "optim.min_lr=5e-3",
+                     "stage.alignment.group_size=8", "stage.micro_batch_size=16",
+                     "stage.global_batch_size=32", "stage.train_iters=10",
+                     f"hydra.run.dir={run}", "checkpoint.save=null")
+    assert len(requests) == 10 and all(len(r["replies"]) == 32 for r in requests)
+    first = requests[0]
+    assert len(first["prompts"]) == len(first["answers"]) == 32
+    assert any(f"{a}+{b}=" in first["prompts"][0] for a in range(10) for b in range(10))
+    assert set(first["answers"]) <= {str(n) for n in range(19)}
+    rewards = summary(run)["metrics"]["reward"]
+    for step, request in zip(rewards, requests):
+        assert step == pytest.approx(mean(score(request)["rewards"]), rel=1e-6)
+    assert_reward_rises(rewards)
+
+
+def test_a_reward_server_that_answers_wrong_stops_the_run_with_its_answer(tmp_path):
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    with reward_server(lambda request: {"rewards": [0.5]}) as (url, _):
+        out = run_llmtrain("stage=grpo", "data=prompts", f"data.data_path=[{data}]", *TINY,
+                           "stage.alignment.max_new_tokens=4", "stage.alignment.reward=remote",
+                           f"stage.alignment.reward_url={url}", "stage.micro_batch_size=8",
+                           "stage.global_batch_size=8", "stage.train_iters=2",
+                           f"hydra.run.dir={tmp_path / 'run'}", "checkpoint.save=null",
+                           check=False)
+    assert out.returncode == 1
+    assert (f"llmtrain: the reward server at {url} answered 1 reward(s) ([0.5]); expected "
+            f'{{"rewards": [8 numbers]}}, all finite') in out.stderr
+
+
+def test_an_absent_reward_server_is_reported_after_retries():
+    with reward_server(lambda request: {}) as (url, _):
+        pass  # closed again: nothing listens on its port
+    with pytest.raises(RoleServerError, match=(
+            rf"the reward server at {url} did not answer \(.*\) in 3 tries: start it, or fix "
+            rf"stage.alignment.reward_url")):
+        remote_rewards(url, ["1+1="], ["2"], ["2"], timeout=5.0)
+
+
+def test_grpo_with_its_reference_served_by_llmtrain_serve(tmp_path):
+    """reference_url: the reference on a server of its own (`python -m llmtrain.serve` of the
+    initial weights, echoing prompt log-probabilities), in place of a copy on the training
+    ranks. The KL to it is the KL to the local reference, step for step."""
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    args = ["stage=grpo", "data=prompts", f"data.data_path=[{data}]", *TINY, *ROLLOUTS,
+            "stage.alignment.group_size=4", "stage.micro_batch_size=8",
+            "stage.global_batch_size=8", "checkpoint.save=null"]
+    # The initial weights as a checkpoint: one step at learning rate 0.
+    init = tmp_path / "init"
+    run_llmtrain(*[a for a in args if a != "checkpoint.save=null"], "optim.lr=0",
+                 "optim.min_lr=0", "stage.train_iters=1", "checkpoint.save_interval=1",
+                 f"hydra.run.dir={init}")
+    server = ServerProcess(f"load={init / 'checkpoints'}", "inference_max_batch_size=8")
+    try:
+        out = run_llmtrain(*args, "stage.train_iters=3", f"stage.alignment.reference_url="
+                           f"{server.url}", f"hydra.run.dir={tmp_path / 'served'}").stdout
+    finally:
+        assert server.stop() == 0, server.output[-3000:]
+    assert f"reference: served at {server.url}" in out
+    run_llmtrain(*args, "stage.train_iters=3", f"hydra.run.dir={tmp_path / 'local'}")
+    served, local = summary(tmp_path / "served"), summary(tmp_path / "local")
+    assert served["metrics"]["kl"][0] == pytest.approx(0.0, abs=1e-5)
+    assert served["metrics"]["kl"] == pytest.approx(local["metrics"]["kl"], rel=1e-3, abs=1e-5)
+    assert local["metrics"]["kl"][-1] > 1e-3  # the policy moved: the later steps test the KL
+    assert served["metrics"]["reward"] == pytest.approx(local["metrics"]["reward"], rel=1e-5)

@@ -212,10 +212,16 @@ class AlignmentConfig:
     loss_type: str = "sigmoid"  # sigmoid | ipo
     beta: float = 0.1
     length_normalized: bool = False
-    # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits) or a
-    # reward model (reward_load, a stage=rm checkpoint).
-    reward: str = "rule"  # rule | model
+    # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits), a
+    # reward model (reward_load, a stage=rm checkpoint), or the user's server (reward_url).
+    reward: str = "rule"  # rule | model | remote
     reward_load: Optional[str] = None
+    reward_url: Optional[str] = None
+    # grpo, ppo: the reference on a server of its own (`python -m llmtrain.serve` of it: its
+    # address) instead of on the training ranks. Servers answer within server_timeout seconds
+    # (llmtrain.rlhf.remote).
+    reference_url: Optional[str] = None
+    server_timeout: float = 60.0
     reward_weights: dict[str, float] = field(default_factory=lambda: {
         "exact_match": 1.0, "format": 0.0, "digits": 0.0})
     # The answer is the last match of answer_pattern in a reply (exact_match); format gives 1

@@ -30,6 +30,9 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
     if cfg.parallel.virtual_pipeline_model_parallel_size:
         problems.append(f"stage={stage.name} runs without virtual pipeline stages: unset "
                         f"parallel.virtual_pipeline_model_parallel_size")
+    if a.reference_url and stage.name not in ("grpo", "ppo"):
+        problems.append(f"stage.alignment.reference_url applies to stage=grpo or ppo, not "
+                        f"stage={stage.name}: unset it")
     if stage.name == "dpo":
         if a.loss_type not in LOSS_TYPES:
             problems.append(f"stage.alignment.loss_type={a.loss_type} is not one of: "
@@ -45,8 +48,24 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
             problems.append(f"stage={stage.name} gives each data-parallel replica whole groups: "
                             f"the {prompts} prompts of a step (global_batch_size / group_size) "
                             f"must divide among DP {data_parallel_size}")
-        if a.reward not in ("rule", "model"):
-            problems.append(f"stage.alignment.reward={a.reward} is not one of: rule, model")
+        if a.reward not in ("rule", "model", "remote"):
+            problems.append(f"stage.alignment.reward={a.reward} is not one of: rule, model, "
+                            f"remote")
+        if a.reward == "remote" and not a.reward_url:
+            problems.append("stage.alignment.reward=remote needs stage.alignment.reward_url: the "
+                            "http:// or https:// address of a reward server (docs/rlhf.md)")
+        for key in ("reward_url", "reference_url"):
+            url = getattr(a, key)
+            if url and not url.startswith(("http://", "https://")):
+                problems.append(f"stage.alignment.{key}={url} is not an http:// or https:// "
+                                f"address")
+        if a.reference_url and (a.reference_load or a.reference_tensor_model_parallel_size):
+            problems.append("stage.alignment.reference_url serves the reference elsewhere: "
+                            "unset reference_load and reference_tensor_model_parallel_size (the "
+                            "server loads the reference)")
+        if (a.reward == "remote" or a.reference_url) and a.server_timeout <= 0:
+            problems.append(f"stage.alignment.server_timeout={a.server_timeout} must be above 0 "
+                            f"(seconds)")
         if a.reward == "model" and not a.reward_load:
             problems.append("stage.alignment.reward=model needs stage.alignment.reward_load: a "
                             "checkpoint written by stage=rm")

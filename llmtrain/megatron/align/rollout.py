@@ -4,15 +4,18 @@ policy on them with a clipped surrogate.
 One step: the prompts of the step (global_batch_size / group_size of them, in a per-epoch
 shuffled order: a resumed run continues with the same prompts) each get group_size replies from
 Megatron-Core's inference machinery (llmtrain.megatron.inference.Engine, run on the trained
-model itself, so no weights are copied); rewards come from rules (llmtrain.rlhf.rewards) or a
-frozen reward model. The policy's and the reference's log-probabilities (and for PPO the
-critic's values) are computed once, then the policy (and the critic) take ppo_epochs optimizer
-steps on the batch through the training loop's own step (llmtrain.megatron.step).
+model itself, so no weights are copied); rewards come from rules (llmtrain.rlhf.rewards), a
+frozen reward model, or the user's reward server (llmtrain.rlhf.remote). The policy's and the
+reference's log-probabilities (and for PPO the critic's values) are computed once, then the
+policy (and the critic) take ppo_epochs optimizer steps on the batch through the training loop's
+own step (llmtrain.megatron.step).
 
 Roles: actor = the trained model (its checkpoints are the run's), reference and reward model
 frozen, critic (PPO) a value-head model trained beside the actor with its own optimizer and
-checkpoints (<save>/critic). All are colocated: every rank holds its TP x PP share of each;
-the frozen ones may take a tensor-parallel layout of their own (llmtrain.megatron.align.placement).
+checkpoints (<save>/critic). By default all are colocated: every rank holds its TP x PP share of
+each. The roles beside the actor may take a tensor-parallel layout of their own
+(llmtrain.megatron.align.placement), and the reward and the reference may run on servers of
+their own (llmtrain.rlhf.remote).
 With data parallelism each replica takes its share of the step's prompts (whole groups), makes
 and scores their rollouts on its own, and the replicas meet in the gradient reduction.
 """
@@ -31,6 +34,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError
+from llmtrain.errors import RunStopped
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
@@ -43,6 +47,7 @@ from llmtrain.megatron.step import StepResult, train_step
 from llmtrain.rlhf import advantages, losses
 from llmtrain.rlhf.pairs import pad_id
 from llmtrain.rlhf.records import encode_prompts
+from llmtrain.rlhf.remote import RoleServerError, remote_logprobs, remote_rewards
 from llmtrain.rlhf.rewards import reward
 
 
@@ -108,9 +113,11 @@ class RolloutTask(Task):
                  + (f", {left_out} longer than seq_length - max_new_tokens left out"
                     if left_out else ""))
         source = a.reference_load or cfg.checkpoint.load
-        self.reference = load_frozen(
+        self.reference = None if a.reference_url else load_frozen(
             cfg, self.layout, source, scalar=False, say=self.say,
             placement=self.placement(a.reference_tensor_model_parallel_size))
+        if a.reference_url:
+            self.say(f"reference: served at {a.reference_url}")
         self.scorer = load_frozen(
             cfg, self.layout, a.reward_load, scalar=True, say=self.say,
             placement=self.placement(a.reward_tensor_model_parallel_size),
@@ -230,10 +237,12 @@ class RolloutTask(Task):
             tokens[row, :length], labels[row, :length] = full[:-1], full[1:]
             mask[row, len(prompt.ids) - 1:length] = 1.0
             last[row] = length - 1
-            if self.scorer is None:
-                text = self.tokenizer.decode([t for t in reply if t not in self.stop_ids])
-                scores[row] = reward(text, prompt.answer, self.align.reward_weights,
-                                     self.align.answer_pattern, self.align.format_pattern)
+            if self.align.reward == "rule":
+                scores[row] = reward(self._reply_text(reply), prompt.answer,
+                                     self.align.reward_weights, self.align.answer_pattern,
+                                     self.align.format_pattern)
+        if self.align.reward == "remote":
+            scores = self._remote_scores(rollouts)
         mbs = self.cfg.stage.micro_batch_size
         position_ids = torch.arange(s).expand(mbs, s)
         causal = ~torch.tril(torch.ones((1, 1, s, s), dtype=torch.bool)) if device == "cpu" \
@@ -247,6 +256,48 @@ class RolloutTask(Task):
                            "score")
             scores = torch.cat(scored).cpu() if scored else scores
         return micro, scores
+
+    def _reply_text(self, reply: list[int]) -> str:
+        return self.tokenizer.decode([t for t in reply if t not in self.stop_ids])
+
+    def _from_server(self, ask):
+        """`ask()` of a role's server (llmtrain.rlhf.remote), once per replica by the engine's
+        driver; its answer is shared with the replica's other ranks, and a failure stops every
+        rank with the server's words."""
+        answer = failure = None
+        if self.engine.is_driver:
+            try:
+                answer = ask()
+            except RoleServerError as error:
+                failure = str(error)
+        box = [(answer, failure)]
+        dist.broadcast_object_list(box, src=self.engine.driver, group=self.engine.group)
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, box[0][1])
+        failure = next((f for f in failures if f), None)
+        if failure:
+            raise RunStopped(failure)
+        return box[0][0]
+
+    def _remote_scores(self, rollouts: list[tuple]) -> torch.Tensor:
+        a = self.align
+        return torch.tensor(self._from_server(lambda: remote_rewards(
+            a.reward_url, [self.tokenizer.decode(prompt.ids) for prompt, _ in rollouts],
+            [self._reply_text(reply) for _, reply in rollouts],
+            [prompt.answer for prompt, _ in rollouts], a.server_timeout)))
+
+    def _remote_reference(self, rollouts: list[tuple]) -> list[torch.Tensor]:
+        """The served reference's log-probability of every label, per micro-batch [mbs, seq]
+        (zeros past each sequence, as the mask leaves them)."""
+        a = self.align
+        sequences = [prompt.ids + reply for prompt, reply in rollouts]
+        values = self._from_server(lambda: remote_logprobs(a.reference_url, sequences,
+                                                            a.server_timeout))
+        table = torch.zeros(len(sequences), self.cfg.data.seq_length)
+        for row, logp in enumerate(values):
+            table[row, :len(logp)] = torch.tensor(logp)
+        mbs = self.cfg.stage.micro_batch_size
+        return [table[at:at + mbs].to(self.layout.device) for at in range(0, len(table), mbs)]
 
     # Forward steps.
 
@@ -318,7 +369,8 @@ class RolloutTask(Task):
         micro, scores = self._experience(rollouts)
         # Collected on the last pipeline stage, the one that computes the losses.
         old = _pick(Role(model).forward(micro, self.schedule, self._logprob_forward), "logp")
-        ref = _pick(self.reference.forward(micro, self.schedule, self._logprob_forward), "logp")
+        ref = self._remote_reference(rollouts) if self.align.reference_url else \
+            _pick(self.reference.forward(micro, self.schedule, self._logprob_forward), "logp")
         values = _pick(self.critic.forward(micro, self.schedule, self._value_forward), "values") \
             if self.ppo else None
         if self.last_stage:

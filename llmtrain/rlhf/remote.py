@@ -1,0 +1,109 @@
+"""Roles on servers of their own: the reward (stage.alignment.reward=remote) and the reference
+policy (stage.alignment.reference_url), so that they run on other GPUs or machines than the
+policy.
+
+Rewards come from a server of the user's: a verifier, a code sandbox, a judge or a reward
+model. The request, one per replica and step, lists every rollout of the replica:
+
+    POST <stage.alignment.reward_url>
+    {"prompts": [text, ...], "replies": [text, ...], "answers": [text or null, ...]}
+
+(a prompt as the chat template rendered it, the reply without the token that ended it, the
+record's "answer"). The server answers {"rewards": [number, ...]}, one per rollout, in order.
+
+The reference's log-probabilities come from `python -m llmtrain.serve load=<the reference>`
+(or any server of OpenAI's completions API that echoes prompt log-probabilities, as vLLM's does):
+every rollout's tokens as a prompt, `max_tokens` 0, `echo` and `logprobs` 0.
+
+Connection failures, timeouts and 5xx answers are tried again (RETRIES times, 1 s and 2 s
+apart); anything else stops the run with what the server said.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+RETRIES = 2
+
+
+class RoleServerError(RuntimeError):
+    pass
+
+
+def _excerpt(data: bytes | str, limit: int = 200) -> str:
+    text = data.decode(errors="replace") if isinstance(data, bytes) else data
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _post(url: str, body: bytes, timeout: float) -> bytes:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
+
+
+def _ask(role: str, url: str, setting: str, payload: dict, timeout: float) -> bytes:
+    """The server's answer to one POST, tried again after transient failures."""
+    body = json.dumps(payload).encode()
+    failure = None
+    for attempt in range(RETRIES + 1):
+        if attempt:
+            time.sleep(attempt)
+        try:
+            return _post(url, body, timeout)
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                raise RoleServerError(f"the {role} server at {url} refused the request: HTTP "
+                                      f"{error.code}: {_excerpt(error.read())}") from None
+            failure = f"HTTP {error.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            failure = str(getattr(error, "reason", error))
+    raise RoleServerError(f"the {role} server at {url} did not answer ({failure}) in "
+                          f"{RETRIES + 1} tries: start it, or fix stage.alignment.{setting}")
+
+
+def remote_rewards(url: str, prompts: list[str], replies: list[str],
+                   answers: list[Optional[str]], timeout: float) -> list[float]:
+    """The server's reward of each rollout (RoleServerError says what went wrong)."""
+    data = _ask("reward", url, "reward_url", {
+        "prompts": prompts, "replies": replies,
+        "answers": [None if a is None else str(a) for a in answers]}, timeout)
+    expected = f'{{"rewards": [{len(replies)} numbers]}}'
+    try:
+        rewards = json.loads(data)["rewards"]
+        values = [float(r) for r in rewards]
+    except (ValueError, TypeError, KeyError):
+        raise RoleServerError(f"the reward server at {url} answered {_excerpt(data)}; "
+                              f"expected {expected}") from None
+    if len(values) != len(replies) or not all(math.isfinite(v) for v in values):
+        raise RoleServerError(f"the reward server at {url} answered {len(values)} reward(s) "
+                              f"({_excerpt(json.dumps(rewards))}); expected {expected}, "
+                              f"all finite")
+    return values
+
+
+def remote_logprobs(url: str, sequences: list[list[int]], timeout: float) -> list[list[float]]:
+    """log p(token | the tokens before it) of every token but the first of each sequence, from
+    a completions server of the reference."""
+    url = f"{url.rstrip('/')}/v1/completions"
+    data = _ask("reference", url, "reference_url", {
+        "prompt": sequences, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0.0},
+        timeout)
+    try:
+        choices = sorted(json.loads(data)["choices"], key=lambda c: c["index"])
+        values = [[float(v) for v in c["logprobs"]["token_logprobs"][1:len(seq)]]
+                  for c, seq in zip(choices, sequences)]
+    except (ValueError, TypeError, KeyError):
+        raise RoleServerError(f"the reference server at {url} answered {_excerpt(data)}; "
+                              f"expected OpenAI completions with echoed prompt logprobs") from None
+    if len(values) != len(sequences) or any(len(v) != len(s) - 1
+                                            for v, s in zip(values, sequences)):
+        raise RoleServerError(f"the reference server at {url} answered log-probabilities for "
+                              f"{len(values)} of {len(sequences)} sequences, or not for every "
+                              f"token: is it an OpenAI completions server?")
+    return values
