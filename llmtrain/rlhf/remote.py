@@ -12,8 +12,8 @@ model. The request, one per replica and step, lists every rollout of the replica
 record's "answer"). The server answers {"rewards": [number, ...]}, one per rollout, in order.
 
 The reference's log-probabilities come from `python -m llmtrain.serve load=<the reference>`
-(or any server of OpenAI's completions API that echoes prompt log-probabilities, as vLLM's does):
-every rollout's tokens as a prompt, `max_tokens` 0, `echo` and `logprobs` 0.
+(or another server of OpenAI's completions API that takes `max_tokens` 0 and echoes prompt
+log-probabilities): every rollout's tokens as a prompt, `max_tokens` 0, `echo` and `logprobs` 0.
 
 Connection failures, timeouts and 5xx answers are tried again (RETRIES times, 1 s and 2 s
 apart); anything else stops the run with what the server said.
