@@ -362,8 +362,8 @@ def validate(cfg: Config, machine: Machine) -> Layout:
 
     problems += checkpoint_problems(cfg)
     problems += alignment_problems(cfg, dp)
-    problems += role_layout_problems(
-        cfg, world, padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp))
+    padded_vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
+    problems += role_layout_problems(cfg, world, padded_vocab)
 
     if problems:
         raise ConfigError(problems)
@@ -373,7 +373,7 @@ def validate(cfg: Config, machine: Machine) -> Layout:
         virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
         expert_model_parallel_size=ep, data_parallel_size=dp,
         num_microbatches=num_microbatches,
-        padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp),
+        padded_vocab_size=padded_vocab,
         use_transformer_engine=use_te,
         sequence_parallel=sequence_parallel,
     )
@@ -397,7 +397,8 @@ def tensor_parallel_problems(m, tp: int, what: str = "tensor parallel size ") ->
 
 
 def role_layout_problems(cfg: Config, world_size: int, padded_vocab: int) -> list[str]:
-    """Frozen alignment roles on a tensor-parallel layout of their own (docs/rlhf.md)."""
+    """Alignment roles (reference, reward model, critic) on a tensor-parallel layout of their
+    own (docs/rlhf.md)."""
     stage, a, problems = cfg.stage.name, cfg.stage.alignment, []
     roles = {"reference": stage in ("dpo", "grpo", "ppo"),
              "reward": stage in ("grpo", "ppo") and a.reward == "model",

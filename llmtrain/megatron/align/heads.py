@@ -22,7 +22,7 @@ from megatron.core.transformer.module import Float16Module
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.megatron import checkpoint
-from llmtrain.megatron.align.placement import Placement
+from llmtrain.megatron.align.placement import Placement, role_layout
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.step import forward_only, train_step
@@ -117,9 +117,7 @@ def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool
     """A role that is not trained: the seed's initial weights, or the latest step of `source`;
     in the precision's format, gradients off, in eval mode; on the run's layout, or on a
     `placement` of its own."""
-    groups = None
-    if placement is not None:
-        layout, groups = placement.layout(layout), placement.groups
+    layout, groups = role_layout(placement, layout)
     chunks = build_scalar_model(cfg, layout, groups) if scalar \
         else build_model(cfg, layout, groups=groups)
     initialize_weights(chunks, cfg.seed)

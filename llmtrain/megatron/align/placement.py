@@ -20,6 +20,7 @@ data-parallel ranks, the gradient mean counts each replica equally, as the train
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -95,3 +96,12 @@ class Placement:
             run, tensor_model_parallel_size=self.tensor_parallel, pipeline_model_parallel_size=1,
             virtual_pipeline_model_parallel_size=None, context_parallel_size=1,
             data_parallel_size=run.world_size // self.tensor_parallel, sequence_parallel=False)
+
+
+def role_layout(placement: Optional[Placement], run: Layout
+                ) -> tuple[Layout, Optional[ProcessGroupCollection]]:
+    """The layout and process groups a role is built with: its placement's, or the run's (None:
+    parallel_state's)."""
+    if placement is None:
+        return run, None
+    return placement.layout(run), placement.groups

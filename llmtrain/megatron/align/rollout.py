@@ -39,6 +39,7 @@ from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
 from llmtrain.megatron.align.heads import Role, build_scalar_model, load_frozen, scores
+from llmtrain.megatron.align.placement import role_layout
 from llmtrain.megatron.inference import Engine
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
@@ -143,8 +144,7 @@ class RolloutTask(Task):
             cfg, optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
             checkpoint=dataclasses.replace(cfg.checkpoint, **load))
         placement = self.placement(a.critic_tensor_model_parallel_size)
-        layout = self.layout if placement is None else placement.layout(self.layout)
-        groups = None if placement is None else placement.groups
+        layout, groups = role_layout(placement, self.layout)
         chunks = build_scalar_model(critic_cfg, layout, groups)
         initialize_weights(chunks, cfg.seed)
         self.critic = Role(wrap_ddp(critic_cfg, chunks, groups), placement)
