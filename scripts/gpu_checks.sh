@@ -2,7 +2,8 @@
 # The GPU checklist: the open measurements of docs/ in one command, with the commands users run.
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
-#   bash scripts/gpu_checks.sh convert sft generate genbench dpo grpo resume vpp roles
+#   bash scripts/gpu_checks.sh convert sft generate genbench dpo grpo resume vpp roles \
+#       preference served_rm
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
 # Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
@@ -230,7 +231,59 @@ step_roles() {
     sed -n '/^layout /,$p' "$OUT/$CURRENT.log" | note
 }
 
-ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp roles)
+step_preference() {
+    # docs/rlhf.md, "Each role's layout": the reward model and DPO under TP=2 (with sequence
+    # parallelism, the GPU default for TP > 1) against one GPU, in fp32.
+    two_gpus "TP=2" || return 0
+    $PY scripts/gpu_checks.py pairs --output "$WORK/pairs.jsonl" --count 1000
+    for stage in rm dpo; do
+        $PY -m llmtrain.bench.layouts --metric margin --metric accuracy \
+            --layout "launcher.nproc_per_node=1" \
+            --layout "parallel=tp2pp1 launcher.nproc_per_node=2" \
+            -- model=tiny precision=fp32 "stage=$stage" data=preference \
+            "data.data_path=[$WORK/pairs.jsonl]" data.seq_length=64 stage.train_iters=4 \
+            stage.micro_batch_size=4 stage.global_batch_size=8 checkpoint.save=null \
+            "${DEVICE_ARG[@]}" | tee "$WORK/preference_$stage.txt"
+        note "stage=$stage, tiny, fp32, 4 steps: one GPU, then TP=2:"
+        sed -n '/^layout /,$p' "$WORK/preference_$stage.txt" | note
+    done
+}
+
+step_served_rm() {
+    # docs/rlhf.md, "Rewards from a server": a stage=rm model served by llmtrain.serve on the
+    # second GPU scores GRPO on the first (reward=remote); the rewards must equal the same
+    # model's loaded on the training GPU (reward=model).
+    two_gpus "a server beside the run" || return 0
+    local runs="$WORK/served_rm" url=""
+    rm -rf "$runs" && mkdir -p "$runs"
+    $PY scripts/gpu_checks.py pairs --output "$WORK/pairs.jsonl" --count 1000
+    $PY -m llmtrain model=tiny precision=fp32 stage=rm data=preference \
+        "data.data_path=[$WORK/pairs.jsonl]" data.seq_length=64 stage.train_iters=20 \
+        stage.micro_batch_size=4 stage.global_batch_size=8 launcher.nproc_per_node=1 \
+        "hydra.run.dir=$runs/rm" "${DEVICE_ARG[@]}"
+    CUDA_VISIBLE_DEVICES=1 $PY -m llmtrain.serve "load=$runs/rm/checkpoints" dtype=fp32 port=0 \
+        "${DEVICE_ARG[@]}" > "$runs/serve.log" 2>&1 &
+    local server=$!
+    for _ in $(seq 300); do
+        url=$(sed -n 's/^\[serve\] ready: \(http[^ ]*\).*/\1/p' "$runs/serve.log")
+        [ -n "$url" ] || ! kill -0 $server 2> /dev/null && break
+        sleep 1
+    done
+    [ -n "$url" ] || { cat "$runs/serve.log"; return 1; }
+    CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain.bench.layouts --metric reward --metric kl \
+        --layout "stage.alignment.reward=model stage.alignment.reward_load=$runs/rm/checkpoints" \
+        --layout "stage.alignment.reward=remote stage.alignment.reward_url=$url/v1/rewards" \
+        -- model=tiny precision=fp32 stage=grpo data=prompts data.seq_length=64 \
+        stage.train_iters=3 stage.micro_batch_size=8 stage.global_batch_size=16 \
+        stage.alignment.max_new_tokens=8 launcher.nproc_per_node=1 checkpoint.save=null \
+        "${DEVICE_ARG[@]}"
+    note "GRPO, tiny, fp32: the reward model on the training GPU, then served on the other:"
+    sed -n '/^layout /,$p' "$OUT/$CURRENT.log" | note
+    kill -TERM $server && wait $server
+    tail -n 2 "$runs/serve.log"
+}
+
+ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp roles preference served_rm)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing
     # command, and `timeout` can end it with everything it started.

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 
-STEPS = ["convert", "sft", "generate", "genbench", "dpo", "grpo", "resume", "vpp", "roles"]
+STEPS = ["convert", "sft", "generate", "genbench", "dpo", "grpo", "resume", "vpp", "roles",
+         "preference", "served_rm"]
 
 
 def gpu_checks(tmp_path, *steps: str, **env: str) -> subprocess.CompletedProcess:
@@ -64,4 +65,14 @@ def test_every_step_passes_on_the_cpu(tmp_path):
         r"^\[roles\] stage\.alignment\.critic.* (\S+) +(\S+) +(\S+)$", measures,
         re.M).groups())
     assert kl < 1e-6 and value_loss < 1e-6 and reward == 0.0, lines
-    assert "[all] 9 step(s) in" in lines and "failed: none" in lines
+    # RM and DPO under TP=2 follow one process; their loss, margin and accuracy.
+    tp2 = r"^\[preference\] parallel=tp2pp1 launcher\.nproc_per_node=2 +"
+    losses = re.findall(tp2 + r"\S+ +\S+ +(\S+) ", lines, re.M)
+    measures = re.findall(tp2 + r"(\S+) +(\S+)$", lines, re.M)
+    assert len(losses) == len(measures) == 2, lines
+    assert all(float(d) < 1e-5 for d in losses + [d for row in measures for d in row]), lines
+    # The served reward model gives the rewards of the one loaded by the run.
+    served = re.search(r"^\[served_rm\] stage\.alignment\.reward=remote.* (\S+) +(\S+)$",
+                       lines[lines.index("[served_rm] layout: max |d metric|"):], re.M)
+    assert float(served.group(1)) < 1e-5 and float(served.group(2)) < 1e-5, lines
+    assert "[all] 11 step(s) in" in lines and "failed: none" in lines

@@ -182,18 +182,20 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_for_requeue(reference
     assert summary(tmp_path)["losses"] == summary(reference)["losses"][stopped:]
 
 
-def test_sigusr1_to_the_launcher_of_two_workers_saves_and_exits_with_3(tmp_path):
-    """The launcher process passes the signal on to its workers, which agree on one step."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_signal_to_the_launcher_of_two_workers_saves_and_exits_with_3(tmp_path, sig):
+    """The launcher process passes the signal on to its workers, which agree on one step (torch
+    elastic would tear them down on SIGTERM if it handled it itself)."""
     args = [*ARGS, "stage.train_iters=12", "checkpoint.save_interval=0",
             "parallel.data_parallel_size=2", f"hydra.run.dir={tmp_path}"]
     with Run(*args) as run:
         run.wait_for(r"^step +3/12 ")
-        run.process.send_signal(signal.SIGUSR1)
+        run.process.send_signal(sig)
         code = run.finish()
     stopped = summary(tmp_path)["preempted_after_step"]
     assert code == REQUEUE_EXIT_CODE, run.output
     assert stopped in (3, 4)
-    assert f"SIGUSR1 received: stopped after step {stopped}, saved step {stopped}" in run.output
+    assert f"{sig.name} received: stopped after step {stopped}, saved step {stopped}" in run.output
     assert checkpoint_steps(tmp_path) == [f"iter_{stopped:07d}"]
     descriptor = json.loads((tmp_path / "checkpoints" / f"iter_{stopped:07d}" /
                              "llmtrain.json").read_text())

@@ -8,6 +8,7 @@ random tokens, so it is the digits credit that it learns to collect in a few ste
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from conftest import run_llmtrain, summary
@@ -36,23 +37,76 @@ def test_grpo_raises_the_mean_reward(tmp_path):
     assert {"train/reward", "train/kl", "train/entropy"} <= set(events.Tags()["scalars"])
 
 
-def test_grpo_scores_with_a_reward_model_from_stage_rm(tmp_path):
-    pairs = separable_pairs(tmp_path / "pairs.jsonl", count=32)
-    prompts = arithmetic_prompts(tmp_path / "prompts.jsonl")
-    rm = tmp_path / "rm"
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> Path:
+    """A stage=rm checkpoint that ranks polite replies above curt ones (20 steps)."""
+    folder = tmp_path_factory.mktemp("rm")
+    pairs = separable_pairs(folder / "pairs.jsonl")
     run_llmtrain("stage=rm", "data=preference", f"data.data_path=[{pairs}]", *TINY,
-                 "stage.micro_batch_size=4", "stage.global_batch_size=8", "stage.train_iters=3",
-                 f"hydra.run.dir={rm}")
+                 "stage.micro_batch_size=4", "stage.global_batch_size=8", "stage.train_iters=20",
+                 f"hydra.run.dir={folder / 'run'}")
+    return folder / "run" / "checkpoints"
+
+
+def grpo_scored_by(reward_args: list[str], prompts: Path, run: Path) -> str:
+    """Two GRPO steps on the arithmetic prompts, scored as `reward_args` say; stdout."""
+    return run_llmtrain("stage=grpo", "data=prompts", f"data.data_path=[{prompts}]", *TINY,
+                        *reward_args, "stage.alignment.max_new_tokens=4",
+                        "stage.alignment.group_size=4", "stage.micro_batch_size=8",
+                        "stage.global_batch_size=8", "stage.train_iters=2", f"hydra.run.dir={run}",
+                        "checkpoint.save=null").stdout
+
+
+def test_grpo_scores_with_a_reward_model_from_stage_rm(tmp_path, reward_model):
+    prompts = arithmetic_prompts(tmp_path / "prompts.jsonl")
     run = tmp_path / "grpo"
-    out = run_llmtrain("stage=grpo", "data=prompts", f"data.data_path=[{prompts}]", *TINY,
-                       "stage.alignment.reward=model",
-                       f"stage.alignment.reward_load={rm / 'checkpoints'}",
-                       "stage.alignment.max_new_tokens=4", "stage.alignment.group_size=4",
-                       "stage.micro_batch_size=8", "stage.global_batch_size=8",
-                       "stage.train_iters=1", f"hydra.run.dir={run}", "checkpoint.save=null").stdout
-    assert f"loaded {rm / 'checkpoints' / 'iter_0000003'} (frozen scorer)" in out
+    out = grpo_scored_by(["stage.alignment.reward=model",
+                          f"stage.alignment.reward_load={reward_model}"], prompts, run)
+    assert f"loaded {reward_model / 'iter_0000020'} (frozen scorer)" in out
     reward = summary(run)["metrics"]["reward"][0]
     assert math.isfinite(reward) and reward != 0.0  # the head's score of each reply
+
+
+def test_a_reward_model_served_by_llmtrain_serve_scores_grpo_like_a_local_one(tmp_path,
+                                                                               reward_model):
+    """`python -m llmtrain.serve` of a stage=rm checkpoint (here with TP=2) answers
+    reward=remote's requests at /v1/rewards: GRPO gets the rewards the reward model would give
+    on the training ranks, and anyone can score text with it."""
+    prompts = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    server = ServerProcess(f"load={reward_model}", "tensor_model_parallel_size=2",
+                           "inference_max_batch_size=8")
+    try:
+        assert server.get("/v1/models")["data"][0]["kind"] == "reward model"
+        prompt = "<|im_start|>user\nTell me about music, item 3.<|im_end|>\n<|im_start|>assistant\n"
+        status, answer = server.send("/v1/rewards", {"prompts": [prompt, prompt],
+                                                     "replies": ["Gladly, thank you.", "No."]})
+        assert status == 200 and answer["rewards"][0] > answer["rewards"][1] + 1.0, answer
+        status, answer = server.send("/v1/rewards", {"prompts": [prompt, prompt],
+                                                     "replies": ["No."]})
+        assert status == 400 and answer["error"]["message"] == (
+            "2 prompts but 1 replies: give one reply per prompt")
+        grpo_scored_by(["stage.alignment.reward=remote",
+                        f"stage.alignment.reward_url={server.url}/v1/rewards"], prompts,
+                       tmp_path / "served")
+        assert server.get("/metrics")["sequences"] == 2 + 2 * 8
+    finally:
+        assert server.stop() == 0, server.output[-3000:]
+    grpo_scored_by(["stage.alignment.reward=model", f"stage.alignment.reward_load={reward_model}"],
+                   prompts, tmp_path / "local")
+    served, local = summary(tmp_path / "served"), summary(tmp_path / "local")
+    assert served["metrics"]["reward"] == pytest.approx(local["metrics"]["reward"], rel=1e-5)
+    assert served["losses"] == pytest.approx(local["losses"], rel=1e-4, abs=1e-6)
+
+
+def test_generation_from_a_reward_model_is_refused_with_where_to_serve_it(reward_model):
+    from llmtrain.generate.config import GenerateConfig
+    from llmtrain.generate.plan import InferenceError, prepare
+
+    with pytest.raises(InferenceError, match=(
+            rf"step 20 of {reward_model} holds a reward model \(a scalar head, no output layer\)"
+            rf": it scores text rather than generating it. Serve its scores with python -m "
+            rf"llmtrain.serve load={reward_model} \(POST /v1/rewards\)")):
+        prepare(GenerateConfig(load=str(reward_model)))
 
 
 def test_grpo_with_two_data_parallel_replicas(tmp_path):

@@ -53,6 +53,8 @@ class Plan:
     max_batch_size: int
     max_sequence_length: int
     seed: int
+    # A reward model (a scalar head in place of the output layer): it scores, it cannot generate.
+    reward_model: bool = False
 
 
 def _locate(load: str) -> tuple[Path, int]:
@@ -121,8 +123,9 @@ def _model(c: InferenceConfig, root: Path, run: Optional[dict]) -> ModelConfig:
                          f"(one of conf/model/)")
 
 
-def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> None:
-    """The checkpoint must hold this model: its embedding and layer count, from the metadata."""
+def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> bool:
+    """The checkpoint must hold this model: its embedding and layer count, from the metadata.
+    True when it is a reward model."""
     from llmtrain.megatron import checkpoint
 
     step = checkpoint.step_dir(root, iteration)
@@ -138,6 +141,7 @@ def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> None:
         raise InferenceError(f"{step} holds a model of {found}; model {model.name} has hidden "
                              f"size {model.hidden_size}, vocabulary {model.vocab_size} and "
                              f"{model.num_layers} layers: give the model= it was trained as")
+    return any(name.startswith(checkpoint.HEADS) for name in stored)
 
 
 def tokenizer_in(folder: Path) -> Optional[TokenizerConfig]:
@@ -182,9 +186,11 @@ def _precision(dtype: str) -> PrecisionConfig:
     return PrecisionConfig(name=dtype, bf16=dtype == "bf16", fp16=dtype == "fp16")
 
 
-def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True) -> Plan:
+def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True,
+            scores: bool = False) -> Plan:
     """The plan of an inference job, or an InferenceError / ConfigError saying what is wrong.
-    Without `needs_tokenizer` (token ids in and out) a checkpoint without one is fine."""
+    Without `needs_tokenizer` (token ids in and out) a checkpoint without one is fine; a reward
+    model only where the job `scores` (the server)."""
     from llmtrain.runtime import detect_machine
 
     problems = []
@@ -200,7 +206,12 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True) -> P
     root, iteration = _locate(c.load)
     run = run_config(root)
     model = _model(c, root, run)
-    _check_shapes(model, root, iteration)
+    reward_model = _check_shapes(model, root, iteration)
+    if reward_model and not scores:
+        raise InferenceError(f"step {iteration} of {root} holds a reward model (a scalar "
+                             f"head, no output layer): it scores text rather than generating "
+                             f"it. Serve its scores with python -m llmtrain.serve load={c.load} "
+                             f"(POST /v1/rewards), or load a language model")
     tokenizer, folder = _tokenizer(c, root, run, needs_tokenizer)
     machine = machine or detect_machine()
     device = c.device or ("cuda" if machine.gpus else "cpu")
@@ -225,7 +236,8 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True) -> P
     layout = validate(cfg, machine)
     return Plan(root=str(root.resolve()), iteration=iteration, model=model, tokenizer=tokenizer,
                 tokenizer_folder=folder, cfg=cfg, layout=layout,
-                max_batch_size=c.inference_max_batch_size, max_sequence_length=seq, seed=c.seed)
+                max_batch_size=c.inference_max_batch_size, max_sequence_length=seq, seed=c.seed,
+                reward_model=reward_model)
 
 
 def generation_eos_ids(folder: Optional[str]) -> list[int]:

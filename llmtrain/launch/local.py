@@ -52,16 +52,19 @@ class PreemptionNotice:
 
     SIGNALS = (PREEMPTION_SIGNAL, signal.SIGTERM)
     ELASTIC = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+    ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # what torch elastic may still handle itself
 
-    def __init__(self):
+    def __init__(self, training: bool = True):
+        self.training = training  # other jobs (a server) just stop on the signal
         self.received = False
         self._previous = {}
         self._elastic = None
 
     def _record(self, signum, frame) -> None:
         if not self.received:
-            print(f"[llmtrain] {signal.Signals(signum).name}: preemption notice; the workers "
-                  f"save and stop, then the job asks to be requeued", flush=True)
+            print(f"[llmtrain] {signal.Signals(signum).name}: " + (
+                "preemption notice; the workers save and stop, then the job asks to be requeued"
+                if self.training else "passed on to the workers"), flush=True)
         self.received = True
         for child in multiprocessing.active_children():
             with contextlib.suppress(ProcessLookupError):
@@ -71,7 +74,7 @@ class PreemptionNotice:
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
             self._elastic = os.environ.get(self.ELASTIC)
-            os.environ[self.ELASTIC] = "SIGINT,SIGHUP,SIGQUIT"
+            os.environ[self.ELASTIC] = self.ELASTIC_SIGNALS
         return self
 
     def __exit__(self, *exc) -> None:
@@ -124,12 +127,15 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
             max_restarts=0,
             monitor_interval=0.2,
             start_method="spawn",
+            # Newer torch sets the environment variable from this; older torch reads it.
+            **({"signals_to_handle": PreemptionNotice.ELASTIC_SIGNALS}
+               if "signals_to_handle" in LaunchConfig.__dataclass_fields__ else {}),
         )
 
     # A port we picked ourselves may be taken by another program before the store binds it:
     # then pick again (a port the user gave, or another node's, is kept and the error shown).
     retries = 2 if not cfg.launcher.master_port and layout.nnodes == 1 else 0
-    with PreemptionNotice() as notice:
+    with PreemptionNotice(training=entry is None) as notice:
         try:
             for attempt in range(retries + 1):
                 try:
@@ -141,7 +147,7 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
                     port = free_port()
         except ChildFailedError as error:
             codes = {failure.exitcode for failure in error.failures.values()}
-            if REQUEUE_EXIT_CODE in codes or notice.received:
+            if REQUEUE_EXIT_CODE in codes or (notice.received and notice.training):
                 print(f"[llmtrain] the workers stopped to be requeued (exit status "
                       f"{REQUEUE_EXIT_CODE}); running the same command again resumes from the "
                       f"latest checkpoint", flush=True)

@@ -64,23 +64,52 @@ def _driver_rank(group) -> int:
     return dist.get_global_rank(group, flags.index(True))
 
 
-class Engine:
+class Replica:
+    """One model replica (its TP x PP ranks) that runs batches collectively: the driver takes
+    them and hands each to the other ranks, which follow until it stops them."""
+
+    def __init__(self, device: str):
+        self.group = ps.get_model_parallel_group()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" \
+            else torch.device("cpu")
+        self.driver = _driver_rank(self.group)
+        self.is_driver = dist.get_rank() == self.driver
+
+    def _run_batch(self, batch):
+        """Every rank: run one batch (what `follow` does with each the driver sends)."""
+        raise NotImplementedError
+
+    def follow(self) -> None:
+        """Other ranks: run every batch the driver sends, until it stops."""
+        while True:
+            batch = self._broadcast_object(None)
+            if batch == _STOP:
+                return
+            self._run_batch(batch)
+
+    def stop_followers(self) -> None:
+        """Driver: release the ranks waiting in `follow`."""
+        self._broadcast_object(_STOP)
+
+    def _broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.driver, group=self.group)
+        return box[0]
+
+
+class Engine(Replica):
     """Batches of sequences through the model, collectively on every rank of the model."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_batch_size: int,
                  max_sequence_length: int, device: str, seed: int = 1234):
-        self.group = ps.get_model_parallel_group()  # this replica's TP x PP ranks
+        super().__init__(device)
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
-        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" \
-            else torch.device("cpu")
         self.context = StaticInferenceContext(max_batch_size, max_sequence_length)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.wrapper = GPTInferenceWrapper(model, self.context)
-        self.driver = _driver_rank(self.group)
-        self.is_driver = dist.get_rank() == self.driver
         self.generator = torch.Generator(self.device)
         self.generator.manual_seed(seed)
 
@@ -92,8 +121,6 @@ class Engine:
         return cls(model, cfg.model.vocab_size, max_batch_size, max_sequence_length,
                    layout.device, cfg.seed)
 
-    # Driver and followers -------------------------------------------------------------------
-
     def generate(self, batch: list[Sequence], on_token: Optional[OnToken] = None,
                  on_finish: Optional[OnFinish] = None) -> list[Output]:
         """Driver: run one batch (at most max_batch_size sequences) on every rank."""
@@ -101,22 +128,8 @@ class Engine:
         self._broadcast_object(batch)
         return self._run(batch, on_token, on_finish)
 
-    def follow(self) -> None:
-        """Other ranks: run every batch the driver sends, until it stops."""
-        while True:
-            batch = self._broadcast_object(None)
-            if batch == _STOP:
-                return
-            self._run(batch, None, None)
-
-    def stop_followers(self) -> None:
-        """Driver: release the ranks waiting in `follow`."""
-        self._broadcast_object(_STOP)
-
-    def _broadcast_object(self, obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.driver, group=self.group)
-        return box[0]
+    def _run_batch(self, batch: list[Sequence]) -> None:
+        self._run(batch, None, None)
 
     def _check(self, batch: list[Sequence]) -> None:
         if not 0 < len(batch) <= self.max_batch_size:

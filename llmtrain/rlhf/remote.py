@@ -6,10 +6,14 @@ Rewards come from a server of the user's: a verifier, a code sandbox, a judge or
 model. The request, one per replica and step, lists every rollout of the replica:
 
     POST <stage.alignment.reward_url>
-    {"prompts": [text, ...], "replies": [text, ...], "answers": [text or null, ...]}
+    {"prompts": [text, ...], "replies": [text, ...], "answers": [text or null, ...],
+     "token_ids": [[id, ...], ...]}
 
 (a prompt as the chat template rendered it, the reply without the token that ended it, the
-record's "answer"). The server answers {"rewards": [number, ...]}, one per rollout, in order.
+record's "answer", and the token ids a reward model of the policy's tokenizer reads: the
+prompt's and the reply's but the last). The server answers {"rewards": [number, ...]}, one per
+rollout, in order. `python -m llmtrain.serve` of a stage=rm checkpoint is such a server
+(POST /v1/rewards).
 
 The reference's log-probabilities come from `python -m llmtrain.serve load=<the reference>`
 (or another server of OpenAI's completions API that takes `max_tokens` 0 and echoes prompt
@@ -68,11 +72,14 @@ def _ask(role: str, url: str, setting: str, payload: dict, timeout: float) -> by
 
 
 def remote_rewards(url: str, prompts: list[str], replies: list[str],
-                   answers: list[Optional[str]], timeout: float) -> list[float]:
+                   answers: list[Optional[str]], timeout: float,
+                   token_ids: Optional[list[list[int]]] = None) -> list[float]:
     """The server's reward of each rollout (RoleServerError says what went wrong)."""
-    data = _ask("reward", url, "reward_url", {
-        "prompts": prompts, "replies": replies,
-        "answers": [None if a is None else str(a) for a in answers]}, timeout)
+    payload = {"prompts": prompts, "replies": replies,
+               "answers": [None if a is None else str(a) for a in answers]}
+    if token_ids is not None:
+        payload["token_ids"] = token_ids
+    data = _ask("reward", url, "reward_url", payload, timeout)
     expected = f'{{"rewards": [{len(replies)} numbers]}}'
     try:
         rewards = json.loads(data)["rewards"]

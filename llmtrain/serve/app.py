@@ -34,13 +34,13 @@ from llmtrain.serve.openai_api import (
 )
 
 
-def _openai_error(status: int, message: str, param=None) -> JSONResponse:
+def openai_error(status: int, message: str, param=None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
                                    "code": None}}, status_code=status)
 
 
-def _validation_message(error: RequestValidationError) -> str:
+def validation_message(error: RequestValidationError) -> str:
     """Pydantic's errors as one line per field; a value that fits none of a field's types names
     them all at once."""
     fields: dict = {}
@@ -59,13 +59,13 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts) or "malformed request"
 
 
-def _submit(batcher: Batcher, choices: list[Choice], stream: bool) -> Work:
+def submit(batcher: Batcher, choices: list[Choice], stream: bool) -> Work:
     work = Work(choices, asyncio.get_running_loop(), asyncio.Queue(), stream)
     batcher.submit(work)
     return work
 
 
-async def _results(work: Work) -> dict:
+async def results(work: Work) -> dict:
     """{choice index: (Output, text)} once every choice is done."""
     done = {}
     try:
@@ -91,20 +91,20 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
-        message = _validation_message(error)
+        message = validation_message(error)
         if request.url.path == "/api":
             return JSONResponse({"message": message}, status_code=400)
-        return _openai_error(400, message)
+        return openai_error(400, message)
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, error: RequestError):
         if request.url.path == "/api":
             return JSONResponse({"message": str(error)}, status_code=error.status)
-        return _openai_error(error.status, str(error), error.param)
+        return openai_error(error.status, str(error), error.param)
 
     @app.exception_handler(RuntimeError)
     async def _failed(request: Request, error: RuntimeError):
-        return _openai_error(500, f"generation failed: {error}")
+        return openai_error(500, f"generation failed: {error}")
 
     @app.get("/health")
     async def health():
@@ -130,14 +130,14 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
         _note(r)
         choices, prompts = server.completion_choices(r)
         texts = [server.prompt_text(r, i, p) for i, p in enumerate(prompts)]
-        work = _submit(batcher, choices, r.stream)
+        work = submit(batcher, choices, r.stream)
         request_id = new_id("cmpl")
         prompt_tokens = sum(len(p) for p in prompts)
         if r.stream:
             return StreamingResponse(_stream_completion(work, r, texts, request_id,
                                                         prompt_tokens),
                                      media_type="text/event-stream")
-        done = await _results(work)
+        done = await results(work)
         out = [server.completion_choice(r, c, *done[c.index], texts[c.index // r.n])
                for c in choices]
         made = sum(len(done[c.index][0].tokens) for c in choices)
@@ -196,12 +196,12 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
     async def chat(r: ChatRequest):
         _note(r)
         choices, prompt = server.chat_choices(r)
-        work = _submit(batcher, choices, r.stream)
+        work = submit(batcher, choices, r.stream)
         request_id = new_id("chatcmpl")
         if r.stream:
             return StreamingResponse(_stream_chat(work, r, request_id, len(prompt)),
                                      media_type="text/event-stream")
-        done = await _results(work)
+        done = await results(work)
         out = [server.chat_choice(r, c, *done[c.index]) for c in choices]
         made = sum(len(done[c.index][0].tokens) for c in choices)
         return envelope("chat.completion", server.name, request_id, choices=out,
@@ -240,7 +240,7 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
         if not options["no_log"]:
             print(f"[serve] /api request from {request.client.host if request.client else '?'}"
                   f": {len(choices)} prompt(s)", file=sys.stderr, flush=True)
-        done = await _results(_submit(batcher, choices, False))
+        done = await results(submit(batcher, choices, False))
         return megatron_api.response(body["prompts"], choices, done, server,
                                      options["logprobs"])
 

@@ -105,7 +105,8 @@ class Metrics:
 
 
 class Batcher:
-    """Queue in, batches through the engine, events out."""
+    """Queue in, batches through the engine, events out: generation (`_run`), or a reward
+    model's scores (ScoreBatcher)."""
 
     def __init__(self, engine, text: Text, wait_s: float):
         self.engine = engine
@@ -164,6 +165,32 @@ class Batcher:
         return [(w, c) for w, c in batch if not w.cancelled]
 
     def _run(self, batch: list) -> None:
+        """One batch; a failure fails its requests, not the server."""
+        began = time.perf_counter()
+        try:
+            tokens, made = self._process(batch)
+        except Exception as error:
+            for work, _ in batch:
+                work.post("error", f"{type(error).__name__}: {error}")
+            print(f"[serve] batch failed: {type(error).__name__}: {error}", file=sys.stderr,
+                  flush=True)
+            return
+        seconds = time.perf_counter() - began
+        m = self.metrics
+        m.batches += 1
+        m.sequences += len(batch)
+        m.batch_sizes[len(batch)] += 1
+        m.busy_seconds += seconds
+        m.prompt_tokens += tokens
+        m.generated_tokens += made
+        requests = len({id(w) for w, _ in batch})
+        print(f"[serve] batch {m.batches}: {len(batch)} sequence(s) from {requests} "
+              f"request(s), {tokens} prompt and {made} generated tokens in {seconds:.2f} s",
+              file=sys.stderr, flush=True)
+
+    def _process(self, batch: list) -> tuple[int, int]:
+        """Generate the batch, answering each sequence as it finishes; (prompt tokens, tokens
+        made)."""
         text = self.text
 
         def on_token(row: int, token: int, logprob, top) -> bool:
@@ -180,24 +207,25 @@ class Batcher:
             rest = choice.finish(output, text)
             work.post("done", choice.index, output, rest if work.stream else choice.final_text)
 
-        began = time.perf_counter()
-        requests = len({id(w) for w, _ in batch})
-        try:
-            outputs = self.engine.generate([c.sequence for _, c in batch], on_token, on_finish)
-        except Exception as error:  # a failed batch fails its requests, not the server
-            for work, _ in batch:
-                work.post("error", f"{type(error).__name__}: {error}")
-            print(f"[serve] batch failed: {type(error).__name__}: {error}", file=sys.stderr,
-                  flush=True)
-            return
-        seconds = time.perf_counter() - began
-        m = self.metrics
-        m.batches += 1
-        m.sequences += len(batch)
-        m.batch_sizes[len(batch)] += 1
-        m.busy_seconds += seconds
-        made = sum(len(o.tokens) for o in outputs)
-        m.generated_tokens += made
-        m.prompt_tokens += sum(len(c.sequence.prompt) for _, c in batch)
-        print(f"[serve] batch {m.batches}: {len(batch)} sequence(s) from {requests} "
-              f"request(s), {made} tokens in {seconds:.2f} s", file=sys.stderr, flush=True)
+        outputs = self.engine.generate([c.sequence for _, c in batch], on_token, on_finish)
+        return (sum(len(c.sequence.prompt) for _, c in batch),
+                sum(len(o.tokens) for o in outputs))
+
+
+@dataclass
+class Scored:
+    """One sequence of a reward request."""
+
+    ids: list[int]
+    index: int
+
+
+class ScoreBatcher(Batcher):
+    """Batches of a reward model's sequences (each request's choices are Scored); events
+    ("done", index, score, None), or ("error", message)."""
+
+    def _process(self, batch: list) -> tuple[int, int]:
+        scores = self.engine.score([c.ids for _, c in batch])
+        for (work, choice), score in zip(batch, scores):
+            work.post("done", choice.index, score, None)
+        return sum(len(c.ids) for _, c in batch), 0

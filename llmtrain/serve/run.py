@@ -29,18 +29,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(c: ServeConfig, plan: Plan, engine) -> dict:
-    """Driver: answer HTTP requests with `engine` until told to stop; return the metrics."""
-    import uvicorn
+def _application(c: ServeConfig, plan: Plan, engine, text: Text, name: str):
+    """(batcher, FastAPI application, what it serves) of a language model or a reward model."""
+    if plan.reward_model:
+        from llmtrain.serve import rewards
+        from llmtrain.serve.batcher import ScoreBatcher
 
+        batcher = ScoreBatcher(engine, text, c.batch_wait_ms / 1000)
+        return (batcher, rewards.build(batcher, text, name, plan.max_sequence_length),
+                "a reward model's scores at POST /v1/rewards")
     from llmtrain.serve.app import build
     from llmtrain.serve.batcher import Batcher
     from llmtrain.serve.openai_api import Server
 
-    text = Text.load(plan)
     batcher = Batcher(engine, text, c.batch_wait_ms / 1000)
+    return (batcher, build(batcher, Server(text, name, plan.max_sequence_length), c.log_requests),
+            "OpenAI API under /v1, Megatron-LM's PUT /api")
+
+
+def serve(c: ServeConfig, plan: Plan, engine) -> dict:
+    """Driver: answer HTTP requests with `engine` until told to stop; return the metrics."""
+    import uvicorn
+
+    text = Text.load(plan)
     name = c.served_model_name or plan.model.name
-    app = build(batcher, Server(text, name, plan.max_sequence_length), c.log_requests)
+    batcher, app, what = _application(c, plan, engine, text, name)
     sock = _bind(c.host, c.port)
     http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                          timeout_graceful_shutdown=2))
@@ -54,9 +67,9 @@ def serve(c: ServeConfig, plan: Plan, engine) -> dict:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: batcher.stopping.set())
     host, port = sock.getsockname()[:2]
-    print(f"[serve] ready: http://{host}:{port} serves {name} (OpenAI API under /v1, "
-          f"Megatron-LM's PUT /api); batches of up to {engine.max_batch_size} sequences, "
-          f"{plan.max_sequence_length} tokens each", flush=True)
+    print(f"[serve] ready: http://{host}:{port} serves {name} ({what}); batches of up to "
+          f"{engine.max_batch_size} sequences, {plan.max_sequence_length} tokens each",
+          flush=True)
     try:
         batcher.run()
     finally:
@@ -71,6 +84,7 @@ def execute(c: ServeConfig) -> dict:
     """Serve until stopped; return the metrics."""
     from llmtrain.launch.local import launch
 
-    plan = prepare(c)
+    plan = prepare(c, scores=True)
     Text.load(plan)  # a tokenizer that does not fit stops here, before any process starts
-    return launch(plan.cfg, plan.layout, entry=partial(worker.run, plan, partial(serve, c, plan)))
+    return launch(plan.cfg, plan.layout, entry=partial(worker.run, plan, partial(serve, c, plan),
+                                                 driver_stops=True))

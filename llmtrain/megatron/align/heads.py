@@ -73,6 +73,18 @@ def build_scalar_model(cfg: Config, layout: Layout, groups=None) -> list:
     return build_model(untied, layout, ScalarGPTModel, groups)
 
 
+def score_forward(device, iterator, model):
+    """Forward step of a reward model: each sequence's score at `last`, the position that
+    predicts its last token (as stage=rm trains it)."""
+    batch = next(iterator)
+    mask = batch["attention_mask"]
+    values = model(batch["tokens"].to(device), batch["position_ids"].to(device),
+                   None if mask is None else mask.to(device), output_processor=scores(model))
+    last = batch["last"].to(device)
+    return values, lambda v: (v.sum(), torch.tensor(1), {
+        "lm loss": torch.zeros(2), "score": v.gather(1, last[:, None])[:, 0].detach()})
+
+
 def scores(chunk):
     """GPTModel's output_processor for a head model: the scalar head on the last pipeline
     stage; None on the others, which pass their hidden states on."""
@@ -113,17 +125,17 @@ class Role:
 
 
 def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool, say,
-                placement: Optional[Placement] = None) -> Role:
-    """A role that is not trained: the seed's initial weights, or the latest step of `source`;
-    in the precision's format, gradients off, in eval mode; on the run's layout, or on a
-    `placement` of its own."""
+                placement: Optional[Placement] = None, step: Optional[int] = None) -> Role:
+    """A role that is not trained: the seed's initial weights, or `step` (default: the latest)
+    of `source`; in the precision's format, gradients off, in eval mode; on the run's layout, or
+    on a `placement` of its own."""
     layout, groups = role_layout(placement, layout)
     chunks = build_scalar_model(cfg, layout, groups) if scalar \
         else build_model(cfg, layout, groups=groups)
     initialize_weights(chunks, cfg.seed)
     name = "scorer" if scalar else "reference"
     if source:
-        step = checkpoint.latest_iteration(source)
+        step = checkpoint.latest_iteration(source) if step is None else step
         if step is None:
             raise FileNotFoundError(f"{source} holds no complete checkpoint step")
         checkpoint.load(source, step, chunks, None, None, weights_only=True)

@@ -38,7 +38,13 @@ from llmtrain.errors import RunStopped
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
-from llmtrain.megatron.align.heads import Role, build_scalar_model, load_frozen, scores
+from llmtrain.megatron.align.heads import (
+    Role,
+    build_scalar_model,
+    load_frozen,
+    score_forward,
+    scores,
+)
 from llmtrain.megatron.align.placement import role_layout
 from llmtrain.megatron.inference import Engine
 from llmtrain.megatron.init import initialize as initialize_weights
@@ -252,7 +258,7 @@ class RolloutTask(Task):
                   "position_ids": position_ids, "attention_mask": causal}
                  for i in range(0, n, mbs)]
         if self.scorer is not None:
-            scored = _pick(self.scorer.forward(micro, self.schedule, self._score_forward),
+            scored = _pick(self.scorer.forward(micro, self.schedule, score_forward),
                            "score")
             scores = torch.cat(scored).cpu() if scored else scores
         return micro, scores
@@ -284,7 +290,8 @@ class RolloutTask(Task):
         return torch.tensor(self._from_server(lambda: remote_rewards(
             a.reward_url, [self.tokenizer.decode(prompt.ids) for prompt, _ in rollouts],
             [self._reply_text(reply) for _, reply in rollouts],
-            [prompt.answer for prompt, _ in rollouts], a.server_timeout)))
+            [prompt.answer for prompt, _ in rollouts], a.server_timeout,
+            [(prompt.ids + reply)[:-1] for prompt, reply in rollouts])))
 
     def _remote_reference(self, rollouts: list[tuple]) -> list[torch.Tensor]:
         """The served reference's log-probability of every label, per micro-batch [mbs, seq]
@@ -323,13 +330,6 @@ class RolloutTask(Task):
         values = model(*self._inputs(batch, device), output_processor=scores(model))
         return values, lambda v: (v.sum(), torch.tensor(1), {"lm loss": torch.zeros(2),
                                                             "values": v.detach()})
-
-    def _score_forward(self, device, iterator, model):
-        batch = next(iterator)
-        values = model(*self._inputs(batch, device), output_processor=scores(model))
-        last = batch["last"].to(device)
-        return values, lambda v: (v.sum(), torch.tensor(1), {
-            "lm loss": torch.zeros(2), "score": v.gather(1, last[:, None])[:, 0].detach()})
 
     def _policy_forward(self, device, iterator, model):
         batch = next(iterator)
