@@ -107,6 +107,16 @@ def resume(args) -> None:
           f"A's loss {tail[0]:.4f} -> {tail[-1]:.4f}")
 
 
+def compare(args) -> None:
+    """Each named measure of run B beside run A's, step by step, and their largest
+    difference."""
+    a, b = (_summary(run)["metrics"] for run in (args.a, args.b))
+    for name in args.names:
+        values = ", ".join(f"{x:.6g}/{y:.6g}" for x, y in zip(a[name], b[name]))
+        largest = max(abs(x - y) for x, y in zip(a[name], b[name]))
+        print(f"{name} A/B per step: {values}; max |B - A| {largest:.3e}")
+
+
 def answers(args) -> None:
     for line in Path(args.file).read_text().splitlines():
         record = json.loads(line)
@@ -149,10 +159,15 @@ def main() -> None:
         if name == "metrics":
             command.add_argument("names", nargs="+")
         command.set_defaults(func=function)
-    compare = commands.add_parser("resume", help=resume.__doc__.split(",")[0])
+    three = commands.add_parser("resume", help=resume.__doc__.split(",")[0])
     for run in ("a", "b", "c"):
-        compare.add_argument(run)
-    compare.set_defaults(func=resume)
+        three.add_argument(run)
+    three.set_defaults(func=resume)
+    pair = commands.add_parser("compare", help=compare.__doc__.split(",")[0])
+    pair.add_argument("a")
+    pair.add_argument("b")
+    pair.add_argument("names", nargs="+")
+    pair.set_defaults(func=compare)
     show = commands.add_parser("answers", help="each prompt and its generated text")
     show.add_argument("file")
     show.set_defaults(func=answers)

@@ -259,27 +259,30 @@ step_served_rm() {
     $PY scripts/gpu_checks.py pairs --output "$WORK/pairs.jsonl" --count 1000
     $PY -m llmtrain model=tiny precision=fp32 stage=rm data=preference \
         "data.data_path=[$WORK/pairs.jsonl]" data.seq_length=64 stage.train_iters=20 \
-        stage.micro_batch_size=4 stage.global_batch_size=8 launcher.nproc_per_node=1 \
-        "hydra.run.dir=$runs/rm" "${DEVICE_ARG[@]}"
+        stage.micro_batch_size=4 stage.global_batch_size=8 optim.lr=1e-3 optim.min_lr=1e-3 \
+        launcher.nproc_per_node=1 "hydra.run.dir=$runs/rm" "${DEVICE_ARG[@]}"
     CUDA_VISIBLE_DEVICES=1 $PY -m llmtrain.serve "load=$runs/rm/checkpoints" dtype=fp32 port=0 \
         "${DEVICE_ARG[@]}" > "$runs/serve.log" 2>&1 &
     local server=$!
+    trap 'kill $server 2> /dev/null' EXIT  # a failing command must not leave it serving
     for _ in $(seq 300); do
         url=$(sed -n 's/^\[serve\] ready: \(http[^ ]*\).*/\1/p' "$runs/serve.log")
         [ -n "$url" ] || ! kill -0 $server 2> /dev/null && break
         sleep 1
     done
     [ -n "$url" ] || { cat "$runs/serve.log"; return 1; }
-    CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain.bench.layouts --metric reward --metric kl \
-        --layout "stage.alignment.reward=model stage.alignment.reward_load=$runs/rm/checkpoints" \
-        --layout "stage.alignment.reward=remote stage.alignment.reward_url=$url/v1/rewards" \
-        -- model=tiny precision=fp32 stage=grpo data=prompts data.seq_length=64 \
-        stage.train_iters=3 stage.micro_batch_size=8 stage.global_batch_size=16 \
-        stage.alignment.max_new_tokens=8 launcher.nproc_per_node=1 checkpoint.save=null \
-        "${DEVICE_ARG[@]}"
-    note "GRPO, tiny, fp32: the reward model on the training GPU, then served on the other:"
-    sed -n '/^layout /,$p' "$OUT/$CURRENT.log" | note
+    local grpo=(model=tiny precision=fp32 stage=grpo data=prompts data.seq_length=64
+                stage.train_iters=3 stage.micro_batch_size=8 stage.global_batch_size=16
+                stage.alignment.max_new_tokens=8 launcher.nproc_per_node=1 checkpoint.save=null
+                "${DEVICE_ARG[@]}")
+    CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain "${grpo[@]}" stage.alignment.reward=model \
+        "stage.alignment.reward_load=$runs/rm/checkpoints" "hydra.run.dir=$runs/local"
+    CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain "${grpo[@]}" stage.alignment.reward=remote \
+        "stage.alignment.reward_url=$url/v1/rewards" "hydra.run.dir=$runs/served"
+    note "GRPO, tiny, fp32: A the reward model on the training GPU, B served on the other:"
+    $PY scripts/gpu_checks.py compare "$runs/local" "$runs/served" reward kl | note
     kill -TERM $server && wait $server
+    trap - EXIT
     tail -n 2 "$runs/serve.log"
 }
 

@@ -72,7 +72,8 @@ def test_every_step_passes_on_the_cpu(tmp_path):
     assert len(losses) == len(measures) == 2, lines
     assert all(float(d) < 1e-5 for d in losses + [d for row in measures for d in row]), lines
     # The served reward model gives the rewards of the one loaded by the run.
-    served = re.search(r"^\[served_rm\] stage\.alignment\.reward=remote.* (\S+) +(\S+)$",
-                       lines[lines.index("[served_rm] layout: max |d metric|"):], re.M)
-    assert float(served.group(1)) < 1e-5 and float(served.group(2)) < 1e-5, lines
+    served = re.findall(r"^\[served_rm\] (reward|kl) A/B per step: .*; max \|B - A\| (\S+)$",
+                        lines, re.M)
+    assert [name for name, _ in served] == ["reward", "kl"], lines
+    assert all(float(d) < 1e-5 for _, d in served), lines
     assert "[all] 11 step(s) in" in lines and "failed: none" in lines

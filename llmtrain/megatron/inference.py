@@ -12,9 +12,9 @@ parameters, length and stop tokens, and the logits are cut to the real vocabular
 
 One rank of each model replica (its TP x PP ranks), the driver (last pipeline stage, first TP
 rank: the one that holds the whole logits), samples and broadcasts each step's tokens and
-finished flags to the replica's other ranks; they follow (`Engine.follow`). Batches reach them
-the same way, so the driver alone talks to users. Data-parallel replicas (GRPO and PPO rollouts)
-generate independently, each its own batches.
+finished flags to the replica's other ranks; they follow (`Replica.follow`, which the reward
+model's Scorer shares). Batches reach them the same way, so the driver alone talks to users.
+Data-parallel replicas (GRPO and PPO rollouts) generate independently, each its own batches.
 """
 
 from __future__ import annotations

@@ -84,10 +84,12 @@ def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastAPI:
-    """The FastAPI application of a batcher."""
+def application(batcher: Batcher, name: str, max_sequence_length: int, work: str,
+                **model) -> FastAPI:
+    """What every llmtrain server answers: errors in OpenAI's format (Megatron-LM's on PUT
+    /api; a 500 says that `work` failed), /health, /metrics, and /v1/models with `model`'s
+    fields."""
     app = FastAPI(title="llmtrain", docs_url=None, redoc_url=None)
-    text = server.text
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
@@ -104,7 +106,7 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
 
     @app.exception_handler(RuntimeError)
     async def _failed(request: Request, error: RuntimeError):
-        return openai_error(500, f"generation failed: {error}")
+        return openai_error(500, f"{work} failed: {error}")
 
     @app.get("/health")
     async def health():
@@ -117,8 +119,16 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
-            "id": server.name, "object": "model", "created": int(time.time()),
-            "owned_by": "llmtrain", "max_model_len": server.max_sequence_length}]}
+            "id": name, "object": "model", "created": int(time.time()), "owned_by": "llmtrain",
+            "max_model_len": max_sequence_length, **model}]}
+
+    return app
+
+
+def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastAPI:
+    """The FastAPI application of a batcher."""
+    app = application(batcher, server.name, server.max_sequence_length, "generation")
+    text = server.text
 
     def _note(r) -> None:
         if log_requests:

@@ -17,15 +17,13 @@ Also GET /health, /metrics and /v1/models. Malformed requests get a 400 that say
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from pydantic import BaseModel
 
 from llmtrain.generate.text import Text
-from llmtrain.serve.app import openai_error, results, submit, validation_message
+from llmtrain.serve.app import application, results, submit
 from llmtrain.serve.batcher import ScoreBatcher, Scored
 from llmtrain.serve.openai_api import RequestError
 
@@ -60,33 +58,7 @@ def sequences(r: RewardRequest, text: Text, problems) -> list[list[int]]:
 
 def build(batcher: ScoreBatcher, text: Text, name: str, max_sequence_length: int) -> FastAPI:
     """The FastAPI application of a reward model's batcher."""
-    app = FastAPI(title="llmtrain reward model", docs_url=None, redoc_url=None)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError):
-        return openai_error(400, validation_message(error))
-
-    @app.exception_handler(RequestError)
-    async def _refused(request: Request, error: RequestError):
-        return openai_error(error.status, str(error), error.param)
-
-    @app.exception_handler(RuntimeError)
-    async def _failed(request: Request, error: RuntimeError):
-        return openai_error(500, f"scoring failed: {error}")
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def metrics():
-        return batcher.metrics.as_dict()
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": int(time.time()), "owned_by": "llmtrain",
-            "max_model_len": max_sequence_length, "kind": "reward model"}]}
+    app = application(batcher, name, max_sequence_length, "scoring", kind="reward model")
 
     @app.post("/v1/rewards")
     async def rewards(r: RewardRequest):
