@@ -77,11 +77,6 @@ def _dtype_name(value) -> Optional[str]:
     return DTYPE_NAMES.get(str(value)) if value is not None else None
 
 
-def model_name(folder: Path) -> str:
-    """A config name for a model without a conf/model entry, from its folder name."""
-    return re.sub(r"[^0-9a-z]+", "_", folder.resolve().name.lower()).strip("_") or "converted"
-
-
 def _megatron_config(c: ConvertConfig, m: ModelConfig, tp: int, pp: int) -> tuple[Config, Layout]:
     seq = min(c.check_max_tokens, m.max_position_embeddings)
     cfg = Config(name=f"convert_{m.name}", seed=c.seed, device="cpu", model=m,
@@ -149,7 +144,7 @@ def _model_of(c: ConvertConfig, folder: Path):
 
     hf_config = AutoConfig.from_pretrained(str(folder))
     family = families.for_hf_config(hf_config)
-    found = ModelConfig(name=c.model.name if c.model else model_name(folder),
+    found = ModelConfig(name=c.model.name if c.model else families.model_name(folder),
                         **family.model_fields(hf_config))
     if c.model:
         _disagreement(c.model, found, f"{folder / hf_files.CONFIG}")
@@ -248,7 +243,7 @@ def _plan_megatron_to_mcore(c: ConvertConfig) -> Plan:
     args = first["args"]
     fields = legacy.model_fields(args)
     tp, pp = found_ckpt.tensor_model_parallel_size, found_ckpt.pipeline_model_parallel_size
-    found = ModelConfig(name=c.model.name if c.model else model_name(root), **fields)
+    found = ModelConfig(name=c.model.name if c.model else families.model_name(root), **fields)
     if c.model:
         padded = padded_vocab_size(c.model.vocab_size, c.model.make_vocab_size_divisible_by, tp)
         if padded != args.padded_vocab_size:

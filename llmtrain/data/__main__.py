@@ -164,11 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describe_tokenizer(cfg: TokenizerConfig | None, args) -> str:
+    from llmtrain.config.validate import padded_vocab_size
     from llmtrain.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg or TokenizerConfig())
-    padded = tokenizer.padded_vocab_size(args.make_vocab_size_divisible_by,
-                                         args.tensor_model_parallel_size)
+    padded = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                               args.tensor_model_parallel_size)
     extra = f" (+{tokenizer.extra_vocab_size} extra)" if tokenizer.extra_vocab_size else ""
     return (f"tokenizer {tokenizer.kind}: {tokenizer.vocab_size} tokens{extra}, padded to "
             f"{padded} for the model ({args.make_vocab_size_divisible_by} x TP "

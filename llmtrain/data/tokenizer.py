@@ -5,7 +5,7 @@ Kinds (data.tokenizer.tokenizer_type): `corpus` (the embedded corpus' BPE), `hug
 `sentencepiece` (a .model file) and `null` (no text: ids only, for mock data).
 
 `vocab_size` counts `extra_vocab_size` reserved ids on top of the tokenizer's own (Megatron's
---extra-vocab-size); the model pads its embedding further (`padded_vocab_size`).
+--extra-vocab-size); the model pads its embedding further (config.validate.padded_vocab_size).
 """
 
 from __future__ import annotations
@@ -76,12 +76,6 @@ class Tokenizer:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.threads = 1
         return self
-
-    def padded_vocab_size(self, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
-        """The embedding rows Megatron gives this vocabulary (see config.validate)."""
-        from llmtrain.config.validate import padded_vocab_size
-
-        return padded_vocab_size(self.vocab_size, divisible_by, tensor_parallel)
 
 
 def _file_hash(*paths: Path) -> str:

@@ -108,12 +108,11 @@ def _model(c: InferenceConfig, root: Path, run: Optional[dict]) -> ModelConfig:
 
         from llmtrain.convert import families
         from llmtrain.convert.mapping import ConversionError
-        from llmtrain.convert.plan import model_name
 
         hf_config = AutoConfig.from_pretrained(str(root))
         try:
             family = families.for_hf_config(hf_config)
-            return ModelConfig(name=model_name(root), **family.model_fields(hf_config))
+            return ModelConfig(name=families.model_name(root), **family.model_fields(hf_config))
         except ConversionError as error:
             raise InferenceError(f"{root / 'config.json'}: {error}") from None
     if run is not None:

@@ -3,7 +3,9 @@ to Megatron-Core's, and back. One module per family; `FAMILIES` lists them all."
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from llmtrain.config.schema import ModelConfig
@@ -69,3 +71,8 @@ def unsupported(family: str, features: list[str]) -> None:
     if features:
         raise ConversionError(f"this {family} config uses what llmtrain cannot convert yet: "
                               + "; ".join(features))
+
+
+def model_name(folder: Path) -> str:
+    """A config name for a model without a conf/model entry, from its folder name."""
+    return re.sub(r"[^0-9a-z]+", "_", folder.resolve().name.lower()).strip("_") or "converted"
