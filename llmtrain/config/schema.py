@@ -213,7 +213,8 @@ class AlignmentConfig:
     beta: float = 0.1
     length_normalized: bool = False
     # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits), a
-    # reward model (reward_load, a stage=rm checkpoint), or the user's server (reward_url).
+    # reward model (reward_load, a stage=rm checkpoint), or a server (reward_url: the user's, or
+    # `python -m llmtrain.serve` of a stage=rm checkpoint at <address>/v1/rewards).
     reward: str = "rule"  # rule | model | remote
     reward_load: Optional[str] = None
     reward_url: Optional[str] = None
