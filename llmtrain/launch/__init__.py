@@ -15,7 +15,8 @@ Preemption contract with the training loop (docs/launchers.md):
 - A worker that exits with REQUEUE_EXIT_CODE asks to be run again: it has saved what it must
   (or the latest checkpoint is recent enough) and the next run resumes from `checkpoint.save`.
 - The node's launcher then exits with REQUEUE_EXIT_CODE too (also when the workers died after a
-  preemption notice); under Slurm, node 0 first requeues the job (`scontrol requeue`).
+  preemption notice); under Slurm, node 0 first requeues the job (`scontrol requeue`), unless
+  the notice was scancel's SIGTERM (the workers save, and the job stays cancelled).
 """
 
 from __future__ import annotations

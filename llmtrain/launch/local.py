@@ -41,6 +41,15 @@ def worker(cfg: Config, layout: Layout, entry: Optional[Callable] = None) -> dic
         raise
 
 
+class Requeue(SystemExit):
+    """The node's workers stopped to be run again (exit status REQUEUE_EXIT_CODE); `signals`:
+    the notices this launcher received (none when a worker asked by itself)."""
+
+    def __init__(self, signals: frozenset[int]):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.signals = signals
+
+
 class PreemptionNotice:
     """While the workers run, the preemption signal and SIGTERM are recorded and passed on.
 
@@ -56,16 +65,16 @@ class PreemptionNotice:
 
     def __init__(self, training: bool = True):
         self.training = training  # other jobs (a server) just stop on the signal
-        self.received = False
+        self.signals: set[int] = set()
         self._previous = {}
         self._elastic = None
 
     def _record(self, signum, frame) -> None:
-        if not self.received:
+        if not self.signals:
             print(f"[llmtrain] {signal.Signals(signum).name}: " + (
                 "preemption notice; the workers save and stop, then the job asks to be requeued"
                 if self.training else "passed on to the workers"), flush=True)
-        self.received = True
+        self.signals.add(signum)
         for child in multiprocessing.active_children():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signum)
@@ -147,11 +156,11 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
                     port = free_port()
         except ChildFailedError as error:
             codes = {failure.exitcode for failure in error.failures.values()}
-            if REQUEUE_EXIT_CODE in codes or (notice.received and notice.training):
+            if REQUEUE_EXIT_CODE in codes or (notice.signals and notice.training):
                 print(f"[llmtrain] the workers stopped to be requeued (exit status "
                       f"{REQUEUE_EXIT_CODE}); running the same command again resumes from the "
                       f"latest checkpoint", flush=True)
-                raise SystemExit(REQUEUE_EXIT_CODE) from None
+                raise Requeue(frozenset(notice.signals)) from None
             if codes == {2}:  # a refused resume: every worker stopped before training
                 raise SystemExit(2) from None
             rank, failure = error.get_first_failure()

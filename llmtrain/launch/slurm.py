@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import ConfigError, Machine, validate
-from llmtrain.launch import PREEMPTION_SIGNAL_NAME, REQUEUE_EXIT_CODE, local
+from llmtrain.launch import PREEMPTION_SIGNAL, PREEMPTION_SIGNAL_NAME, local
 
 # Slurm's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes, days-hours:minutes:seconds.
@@ -200,7 +200,10 @@ def run_node(cfg: Config) -> dict:
           f"{layout.device} worker(s), rendezvous {master}:{port}", flush=True)
     try:
         return local.launch(cfg, layout, node_rank=node_rank, spawn=True)
-    except SystemExit as stop:
-        if stop.code == REQUEUE_EXIT_CODE and cfg.launcher.slurm.requeue and node_rank == 0:
+    except local.Requeue as stop:
+        # The preemption notice (or a worker's own request) requeues the job. scancel's
+        # SIGTERM is the user's decision: the workers save and stop, and the job stays cancelled.
+        asked = not stop.signals or PREEMPTION_SIGNAL in stop.signals
+        if asked and cfg.launcher.slurm.requeue and node_rank == 0:
             requeue(job_id)
         raise
