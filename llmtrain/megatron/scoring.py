@@ -9,7 +9,7 @@ import torch
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
-from llmtrain.megatron.align.heads import load_frozen, score_forward
+from llmtrain.megatron.align.heads import causal_inputs, load_frozen, score_forward
 from llmtrain.megatron.inference import Replica
 
 
@@ -55,12 +55,9 @@ class Scorer(Replica):
         """Every rank: one forward pass of the batch, right-padded to its longest sequence
         (padding after a position cannot change what a causal model computes there)."""
         length = max(map(len, batch))
-        tokens = torch.tensor([ids + [0] * (length - len(ids)) for ids in batch])
-        on_cpu = self.device.type == "cpu"  # Megatron's CPU attention takes an explicit mask
-        micro = {"tokens": tokens, "position_ids": torch.arange(length).expand(len(batch), -1),
+        micro = {"tokens": torch.tensor([ids + [0] * (length - len(ids)) for ids in batch]),
                  "last": torch.tensor([len(ids) - 1 for ids in batch]),
-                 "attention_mask": ~torch.tril(torch.ones((1, 1, length, length),
-                                                          dtype=torch.bool)) if on_cpu else None}
+                 **causal_inputs(len(batch), length, self.device.type)}
         schedule = dict(num_microbatches=1, seq_length=length, micro_batch_size=len(batch),
                         device=self.device.type)
         reports = self.role.forward([micro], schedule, score_forward)

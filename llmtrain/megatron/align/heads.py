@@ -73,13 +73,26 @@ def build_scalar_model(cfg: Config, layout: Layout, groups=None) -> list:
     return build_model(untied, layout, ScalarGPTModel, groups)
 
 
+def causal_inputs(rows: int, length: int, device: str) -> dict:
+    """Position ids and attention mask of `rows` right-padded sequences of `length` tokens
+    (Megatron's CPU attention takes an explicit causal mask; GPU kernels need none)."""
+    mask = ~torch.tril(torch.ones((1, 1, length, length), dtype=torch.bool)) \
+        if device == "cpu" else None
+    return {"position_ids": torch.arange(length).expand(rows, length), "attention_mask": mask}
+
+
+def model_inputs(batch: dict, device: str) -> tuple:
+    """tokens, position ids and attention mask of a micro-batch, on `device`."""
+    mask = batch["attention_mask"]
+    return (batch["tokens"].to(device), batch["position_ids"].to(device),
+            None if mask is None else mask.to(device))
+
+
 def score_forward(device, iterator, model):
     """Forward step of a reward model: each sequence's score at `last`, the position that
     predicts its last token (as stage=rm trains it)."""
     batch = next(iterator)
-    mask = batch["attention_mask"]
-    values = model(batch["tokens"].to(device), batch["position_ids"].to(device),
-                   None if mask is None else mask.to(device), output_processor=scores(model))
+    values = model(*model_inputs(batch, device), output_processor=scores(model))
     last = batch["last"].to(device)
     return values, lambda v: (v.sum(), torch.tensor(1), {
         "lm loss": torch.zeros(2), "score": v.gather(1, last[:, None])[:, 0].detach()})

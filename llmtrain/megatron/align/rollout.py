@@ -41,7 +41,9 @@ from llmtrain.megatron.align import Task
 from llmtrain.megatron.align.heads import (
     Role,
     build_scalar_model,
+    causal_inputs,
     load_frozen,
+    model_inputs,
     score_forward,
     scores,
 )
@@ -250,12 +252,9 @@ class RolloutTask(Task):
         if self.align.reward == "remote":
             scores = self._remote_scores(rollouts)
         mbs = self.cfg.stage.micro_batch_size
-        position_ids = torch.arange(s).expand(mbs, s)
-        causal = ~torch.tril(torch.ones((1, 1, s, s), dtype=torch.bool)) if device == "cpu" \
-            else None
+        shared = causal_inputs(mbs, s, device)
         micro = [{"tokens": tokens[i:i + mbs], "labels": labels[i:i + mbs],
-                  "mask": mask[i:i + mbs], "last": last[i:i + mbs],
-                  "position_ids": position_ids, "attention_mask": causal}
+                  "mask": mask[i:i + mbs], "last": last[i:i + mbs], **shared}
                  for i in range(0, n, mbs)]
         if self.scorer is not None:
             scored = _pick(self.scorer.forward(micro, self.schedule, score_forward),
@@ -308,15 +307,9 @@ class RolloutTask(Task):
 
     # Forward steps.
 
-    @staticmethod
-    def _inputs(batch: dict, device: str) -> tuple:
-        mask = batch["attention_mask"]
-        return (batch["tokens"].to(device), batch["position_ids"].to(device),
-                None if mask is None else mask.to(device))
-
     def _logprob_forward(self, device, iterator, model):
         batch = next(iterator)
-        logits = model(*self._inputs(batch, device))
+        logits = model(*model_inputs(batch, device))
         labels = batch["labels"].to(device)
         group = checkpoint.unwrap(model).tp_group  # the role's own, or the run's
 
@@ -327,13 +320,13 @@ class RolloutTask(Task):
 
     def _value_forward(self, device, iterator, model):
         batch = next(iterator)
-        values = model(*self._inputs(batch, device), output_processor=scores(model))
+        values = model(*model_inputs(batch, device), output_processor=scores(model))
         return values, lambda v: (v.sum(), torch.tensor(1), {"lm loss": torch.zeros(2),
                                                             "values": v.detach()})
 
     def _policy_forward(self, device, iterator, model):
         batch = next(iterator)
-        logits = model(*self._inputs(batch, device))
+        logits = model(*model_inputs(batch, device))
         return logits, partial(self._policy_loss, batch, device)
 
     def _policy_loss(self, batch: dict, device: str, logits: torch.Tensor):
@@ -352,7 +345,7 @@ class RolloutTask(Task):
 
     def _critic_forward(self, device, iterator, model):
         batch = next(iterator)
-        values = model(*self._inputs(batch, device), output_processor=scores(model))
+        values = model(*model_inputs(batch, device), output_processor=scores(model))
         return values, partial(self._value_loss, batch, device)
 
     def _value_loss(self, batch: dict, device: str, values: torch.Tensor):
