@@ -64,11 +64,14 @@ def corpus_tokenizer(folder: Path):
 
 
 class ServerProcess:
-    """`python -m llmtrain.serve <args> port=0` as a user starts it; `url` once it is ready."""
+    """`python -m llmtrain.serve <args> port=0` as a user starts it (or another of llmtrain's
+    servers: `module`, with `args` alone); `url` once it is ready."""
 
-    def __init__(self, *args: str, timeout: float = 600):
+    def __init__(self, *args: str, timeout: float = 600, module: str = "llmtrain.serve"):
+        if module == "llmtrain.serve":
+            args = (*args, "port=0")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "llmtrain.serve", *args, "port=0"], cwd=ROOT,
+            [sys.executable, "-m", module, *args], cwd=ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.lines: list[str] = []
@@ -78,7 +81,7 @@ class ServerProcess:
         def read():
             for line in self.process.stdout:
                 self.lines.append(line)
-                found = re.search(r"\[serve\] ready: (http://\S+)", line)
+                found = re.search(r"\[(?:serve|critic)\] ready: (http://\S+)", line)
                 if found:
                     self.url = found.group(1)
                     ready.set()

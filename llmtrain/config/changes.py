@@ -30,6 +30,8 @@ CHANGEABLE = (
     "stage.alignment.reference_tensor_model_parallel_size",
     "stage.alignment.reward_tensor_model_parallel_size",
     "stage.alignment.critic_tensor_model_parallel_size",
+    # Where the critic is served: the server resumes the critic's own steps.
+    "stage.alignment.critic_url",
     # Where the tokenizer's files are: what they hold is compared as tokenizer.identity.
     "data.tokenizer.tokenizer_model", "data.tokenizer.vocab_file", "data.tokenizer.merge_file",
 )

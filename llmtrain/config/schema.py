@@ -219,9 +219,12 @@ class AlignmentConfig:
     reward_load: Optional[str] = None
     reward_url: Optional[str] = None
     # grpo, ppo: the reference on a server of its own (`python -m llmtrain.serve` of it: its
-    # address) instead of on the training ranks. Servers answer within server_timeout seconds
-    # (llmtrain.rlhf.remote).
+    # address) instead of on the training ranks; ppo: the critic on a server of its own
+    # (`python -m llmtrain.serve.critic` with the run's settings and a layout of its own: its
+    # address). Servers answer within server_timeout seconds (setup and saves of the critic:
+    # ten times that; llmtrain.rlhf.remote).
     reference_url: Optional[str] = None
+    critic_url: Optional[str] = None
     server_timeout: float = 60.0
     reward_weights: dict[str, float] = field(default_factory=lambda: {
         "exact_match": 1.0, "format": 0.0, "digits": 0.0})

@@ -65,11 +65,12 @@ def _driver_rank(group) -> int:
 
 
 class Replica:
-    """One model replica (its TP x PP ranks) that runs batches collectively: the driver takes
-    them and hands each to the other ranks, which follow until it stops them."""
+    """One model replica (its TP x PP ranks; or every rank of `group`) that runs batches
+    collectively: the driver takes them and hands each to the other ranks, which follow until it
+    stops them."""
 
-    def __init__(self, device: str):
-        self.group = ps.get_model_parallel_group()
+    def __init__(self, device: str, group=None):
+        self.group = group or ps.get_model_parallel_group()
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" \
             else torch.device("cpu")
         self.driver = _driver_rank(self.group)

@@ -33,6 +33,9 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
     if a.reference_url and stage.name not in ("grpo", "ppo"):
         problems.append(f"stage.alignment.reference_url applies to stage=grpo or ppo, not "
                         f"stage={stage.name}: unset it")
+    if a.critic_url and stage.name != "ppo":
+        problems.append(f"stage.alignment.critic_url applies to stage=ppo, not "
+                        f"stage={stage.name}: unset it")
     if stage.name == "dpo":
         if a.loss_type not in LOSS_TYPES:
             problems.append(f"stage.alignment.loss_type={a.loss_type} is not one of: "
@@ -54,7 +57,7 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
         if a.reward == "remote" and not a.reward_url:
             problems.append("stage.alignment.reward=remote needs stage.alignment.reward_url: the "
                             "http:// or https:// address of a reward server (docs/rlhf.md)")
-        for key in ("reward_url", "reference_url"):
+        for key in ("reward_url", "reference_url", "critic_url"):
             url = getattr(a, key)
             if url and not url.startswith(("http://", "https://")):
                 problems.append(f"stage.alignment.{key}={url} is not an http:// or https:// "
@@ -63,7 +66,10 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
             problems.append("stage.alignment.reference_url serves the reference elsewhere: "
                             "unset reference_load and reference_tensor_model_parallel_size (the "
                             "server loads the reference)")
-        if (a.reward == "remote" or a.reference_url) and a.server_timeout <= 0:
+        if a.critic_url and a.critic_tensor_model_parallel_size:
+            problems.append("stage.alignment.critic_url serves the critic elsewhere, with the "
+                            "server's own layout: unset critic_tensor_model_parallel_size")
+        if (a.reward == "remote" or a.reference_url or a.critic_url) and a.server_timeout <= 0:
             problems.append(f"stage.alignment.server_timeout={a.server_timeout} must be above 0 "
                             f"(seconds)")
         if a.reward == "model" and not a.reward_load:

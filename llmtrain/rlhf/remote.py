@@ -1,6 +1,6 @@
-"""Roles on servers of their own: the reward (stage.alignment.reward=remote) and the reference
-policy (stage.alignment.reference_url), so that they run on other GPUs or machines than the
-policy.
+"""Roles on servers of their own: the reward (stage.alignment.reward=remote), the reference
+policy (stage.alignment.reference_url) and PPO's critic (stage.alignment.critic_url), so that
+they run on other GPUs or machines than the policy.
 
 Rewards come from a server of the user's: a verifier, a code sandbox, a judge or a reward
 model. The request, one per replica and step, lists every rollout of the replica:
@@ -51,11 +51,12 @@ def _post(url: str, body: bytes, timeout: float) -> bytes:
         return response.read()
 
 
-def _ask(role: str, url: str, setting: str, payload: dict, timeout: float) -> bytes:
+def _ask(role: str, url: str, setting: str, payload: dict, timeout: float,
+         tries: int = RETRIES + 1) -> bytes:
     """The server's answer to one POST, tried again after transient failures."""
     body = json.dumps(payload).encode()
     failure = None
-    for attempt in range(RETRIES + 1):
+    for attempt in range(tries):
         if attempt:
             time.sleep(attempt)
         try:
@@ -68,7 +69,8 @@ def _ask(role: str, url: str, setting: str, payload: dict, timeout: float) -> by
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
             failure = str(getattr(error, "reason", error))
     raise RoleServerError(f"the {role} server at {url} did not answer ({failure}) in "
-                          f"{RETRIES + 1} tries: start it, or fix stage.alignment.{setting}")
+                          f"{tries} tr{'ies' if tries > 1 else 'y'}: start it, or fix "
+                          f"stage.alignment.{setting}")
 
 
 def remote_rewards(url: str, prompts: list[str], replies: list[str],
@@ -114,3 +116,20 @@ def remote_logprobs(url: str, sequences: list[list[int]], timeout: float) -> lis
                               f"{len(values)} of {len(sequences)} sequences, or not for every "
                               f"token: is it an OpenAI completions server?")
     return values
+
+
+def critic_request(url: str, command: str, payload: dict, timeout: float) -> dict:
+    """The answer of a critic server (`python -m llmtrain.serve.critic`) to one command: setup,
+    values, train or save. A train request is sent once: one that timed out may have taken its
+    optimizer step."""
+    url = f"{url.rstrip('/')}/v1/critic/{command}"
+    data = _ask("critic", url, "critic_url", payload, timeout,
+                tries=1 if command == "train" else RETRIES + 1)
+    try:
+        answer = json.loads(data)
+        if not isinstance(answer, dict):
+            raise TypeError
+        return answer
+    except (ValueError, TypeError):
+        raise RoleServerError(f"the critic server at {url} answered {_excerpt(data)}; expected "
+                              f"a JSON object: is it python -m llmtrain.serve.critic?") from None

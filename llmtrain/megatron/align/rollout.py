@@ -11,18 +11,17 @@ policy (and the critic) take ppo_epochs optimizer steps on the batch through the
 own step (llmtrain.megatron.step).
 
 Roles: actor = the trained model (its checkpoints are the run's), reference and reward model
-frozen, critic (PPO) a value-head model trained beside the actor with its own optimizer and
-checkpoints (<save>/critic). By default all are colocated: every rank holds its TP x PP share of
-each. The roles beside the actor may take a tensor-parallel layout of their own
-(llmtrain.megatron.align.placement), and the reward and the reference may run on servers of
-their own (llmtrain.rlhf.remote).
+frozen, critic (PPO) a value-head model trained in step with the actor, with its own optimizer
+and checkpoints (<save>/critic; llmtrain.megatron.align.critic). By default all are colocated:
+every rank holds its TP x PP share of each. The roles beside the actor may take a
+tensor-parallel layout of their own (llmtrain.megatron.align.placement), and the reward, the
+reference and the critic may run on servers of their own (llmtrain.rlhf.remote).
 With data parallelism each replica takes its share of the step's prompts (whole groups), makes
 and scores their rollouts on its own, and the replicas meet in the gradient reduction.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import numpy as np
@@ -38,20 +37,16 @@ from llmtrain.errors import RunStopped
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
+from llmtrain.megatron.align.critic import Critic, ServedCritic
 from llmtrain.megatron.align.heads import (
     Role,
-    build_scalar_model,
     causal_inputs,
     load_frozen,
     model_inputs,
     score_forward,
-    scores,
 )
-from llmtrain.megatron.align.placement import role_layout
 from llmtrain.megatron.inference import Engine
-from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
-from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from llmtrain.megatron.step import StepResult, train_step
 from llmtrain.rlhf import advantages, losses
 from llmtrain.rlhf.pairs import pad_id
@@ -99,7 +94,7 @@ class RolloutTask(Task):
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        self.critic = self.critic_checkpoints = None
+        self.critic = None  # ppo: a Critic, or a ServedCritic
         self._order = (-1, None)  # (epoch, prompt order)
 
     def build_model(self) -> list:
@@ -138,55 +133,32 @@ class RolloutTask(Task):
                              cfg.data.seq_length, self.layout.device, cfg.seed)
 
     def _setup_critic(self, start: int, save_dir) -> None:
-        cfg, a = self.cfg, self.align
-        lr = a.critic_lr or cfg.optim.lr
-        own = save_dir / "critic" if save_dir else None
-        if start and own is not None and start in checkpoint.listing(own).complete:
-            # Resuming: the critic of the actor's step, even where a later critic save
-            # committed and the actor's did not (a crash between the two).
-            load = dict(load=str(own), finetune=False, load_step=start)
-        else:
-            load = dict(load=a.critic_load or a.reward_load or cfg.checkpoint.load,
-                        finetune=True, load_step=None)
-        critic_cfg = dataclasses.replace(
-            cfg, optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
-            checkpoint=dataclasses.replace(cfg.checkpoint, **load))
-        placement = self.placement(a.critic_tensor_model_parallel_size)
-        layout, groups = role_layout(placement, self.layout)
-        chunks = build_scalar_model(critic_cfg, layout, groups)
-        initialize_weights(chunks, cfg.seed)
-        self.critic = Role(wrap_ddp(critic_cfg, chunks, groups), placement)
-        self.critic_optimizer = build_optimizer(critic_cfg, self.critic.chunks, groups)
-        self.critic_scheduler = build_scheduler(critic_cfg, self.critic_optimizer)
-        self.critic_checkpoints = checkpoint.Checkpoints(
-            critic_cfg, layout, self.tokenizer, own, lambda text: self.say(f"critic: {text}"))
-        restored = self.critic_checkpoints.restore(self.critic.chunks, self.critic_optimizer,
-                                                   self.critic_scheduler)
-        if placement is not None:
-            self.say(f"critic: tensor parallel {placement.tensor_parallel} over every rank, its "
-                     f"own layout")
-        if start and restored.iteration != start:
-            self.say(f"warning: the critic resumes from step {restored.iteration}, the actor "
-                     f"from step {start}")
+        a = self.align
+        if a.critic_url:
+            self.critic = ServedCritic(a.critic_url, a.server_timeout, start, self.say)
+            return
+        self.critic = Critic(self.cfg, self.layout, self.tokenizer, start,
+                             save_dir / "critic" if save_dir else None,
+                             self.placement(a.critic_tensor_model_parallel_size),
+                             lambda text: self.say(f"critic: {text}"))
 
     def batches(self, start: int) -> list:
         return [None]  # rollouts are made in `step`, from the step's own prompts
 
     def save(self, iteration: int, blocking: bool) -> None:
-        if self.critic_checkpoints is not None:
-            self.critic_checkpoints.save(iteration, self.critic.chunks, self.critic_optimizer,
-                                         self.critic_scheduler, blocking=blocking)
+        if self.critic is not None:
+            self.critic.save(iteration, blocking)
 
     def poll(self) -> None:
-        if self.critic_checkpoints is not None:
-            self.critic_checkpoints.poll()
+        if self.critic is not None:
+            self.critic.poll()
 
     def saving(self) -> bool:
-        return self.critic_checkpoints is not None and self.critic_checkpoints.pending is not None
+        return self.critic is not None and self.critic.saving()
 
     def wait(self) -> None:
-        if self.critic_checkpoints is not None:
-            self.critic_checkpoints.wait()
+        if self.critic is not None:
+            self.critic.wait()
 
     # Rollouts.
 
@@ -318,12 +290,6 @@ class RolloutTask(Task):
             return logp.sum(), torch.tensor(1), {"lm loss": torch.zeros(2), "logp": logp}
         return logits, keep
 
-    def _value_forward(self, device, iterator, model):
-        batch = next(iterator)
-        values = model(*model_inputs(batch, device), output_processor=scores(model))
-        return values, lambda v: (v.sum(), torch.tensor(1), {"lm loss": torch.zeros(2),
-                                                            "values": v.detach()})
-
     def _policy_forward(self, device, iterator, model):
         batch = next(iterator)
         logits = model(*model_inputs(batch, device))
@@ -343,17 +309,6 @@ class RolloutTask(Task):
             "lm loss": _stat(per_token, mask), "metric/kl": _stat(kl, mask),
             "metric/entropy": _stat(entropy, mask), "metric/clipfrac": _stat(clipped, mask)}
 
-    def _critic_forward(self, device, iterator, model):
-        batch = next(iterator)
-        values = model(*model_inputs(batch, device), output_processor=scores(model))
-        return values, partial(self._value_loss, batch, device)
-
-    def _value_loss(self, batch: dict, device: str, values: torch.Tensor):
-        mask = batch["mask"].to(device)
-        loss = losses.clipped_value(values, batch["old_values"], batch["returns"],
-                                    self.align.value_clip)
-        return (loss * mask).sum(), mask.sum().to(torch.int), {"lm loss": _stat(loss, mask)}
-
     # The step.
 
     def step(self, iteration, model, optimizer, scheduler, iterators, guard):
@@ -364,8 +319,7 @@ class RolloutTask(Task):
         old = _pick(Role(model).forward(micro, self.schedule, self._logprob_forward), "logp")
         ref = self._remote_reference(rollouts) if self.align.reference_url else \
             _pick(self.reference.forward(micro, self.schedule, self._logprob_forward), "logp")
-        values = _pick(self.critic.forward(micro, self.schedule, self._value_forward), "values") \
-            if self.ppo else None
+        values = self.critic.values(micro, self.schedule) if self.ppo else None
         if self.last_stage:
             self._advantages(micro, scores, old, ref, values)
         result = StepResult(None, 0)
@@ -373,10 +327,9 @@ class RolloutTask(Task):
             result = train_step(model, optimizer, scheduler, [iter(micro)], **self.schedule,
                                 guard=guard, forward=self._policy_forward)
             if self.ppo:
-                critic = self.critic.train(self.critic_optimizer, self.critic_scheduler, micro,
-                                           self.schedule, self._critic_forward)
-                if critic.loss is not None:
-                    result.metrics["value_loss"] = critic.loss
+                value_loss = self.critic.train(micro, self.schedule)
+                if value_loss is not None:
+                    result.metrics["value_loss"] = value_loss
         # Means over every replica's rollouts.
         totals = torch.tensor([float(scores.sum()), float(sum(len(r) for _, r in rollouts)),
                                float(len(rollouts))], device=self.layout.device)
