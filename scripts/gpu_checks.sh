@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
 #   bash scripts/gpu_checks.sh convert sft generate genbench dpo grpo resume vpp roles \
-#       preference served_rm
+#       preference served_rm served_critic
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
 # Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
@@ -249,6 +249,18 @@ step_preference() {
     done
 }
 
+ready_url() {
+    # The address a server ($2, logging to $1) prints once it is ready; its log if it stops.
+    local url=""
+    for _ in $(seq 300); do
+        url=$(sed -n 's/^\[[a-z]*\] ready: \(http[^ ]*\).*/\1/p' "$1")
+        [ -n "$url" ] || ! kill -0 "$2" 2> /dev/null && break
+        sleep 1
+    done
+    [ -n "$url" ] || { cat "$1" >&2; return 1; }
+    echo "$url"
+}
+
 step_served_rm() {
     # docs/rlhf.md, "Rewards from a server": a stage=rm model served by llmtrain.serve on the
     # second GPU scores GRPO on the first (reward=remote); the rewards must equal the same
@@ -265,12 +277,7 @@ step_served_rm() {
         "${DEVICE_ARG[@]}" > "$runs/serve.log" 2>&1 &
     local server=$!
     trap 'kill $server 2> /dev/null' EXIT  # a failing command must not leave it serving
-    for _ in $(seq 300); do
-        url=$(sed -n 's/^\[serve\] ready: \(http[^ ]*\).*/\1/p' "$runs/serve.log")
-        [ -n "$url" ] || ! kill -0 $server 2> /dev/null && break
-        sleep 1
-    done
-    [ -n "$url" ] || { cat "$runs/serve.log"; return 1; }
+    url=$(ready_url "$runs/serve.log" $server) || return 1
     local grpo=(model=tiny precision=fp32 stage=grpo data=prompts data.seq_length=64
                 stage.train_iters=3 stage.micro_batch_size=8 stage.global_batch_size=16
                 stage.alignment.max_new_tokens=8 launcher.nproc_per_node=1 checkpoint.save=null
@@ -286,7 +293,35 @@ step_served_rm() {
     tail -n 2 "$runs/serve.log"
 }
 
-ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp roles preference served_rm)
+step_served_critic() {
+    # docs/rlhf.md, "The critic on ranks of its own": PPO's critic served by
+    # llmtrain.serve.critic on the second GPU trains in step with the actor on the first; the
+    # run must follow the run whose critic is on the training GPU.
+    two_gpus "a critic server beside the run" || return 0
+    local runs="$WORK/served_critic" url=""
+    rm -rf "$runs" && mkdir -p "$runs"
+    local ppo=(model=tiny precision=fp32 stage=ppo data=prompts data.seq_length=64
+               stage.train_iters=4 stage.micro_batch_size=8 stage.global_batch_size=16
+               stage.alignment.max_new_tokens=8 stage.alignment.critic_lr=1e-3
+               checkpoint.save_interval=2 launcher.nproc_per_node=1 "${DEVICE_ARG[@]}")
+    CUDA_VISIBLE_DEVICES=1 $PY -m llmtrain.serve.critic "${ppo[@]}" "hydra.run.dir=$runs/served" \
+        stage.alignment.critic_url=http://127.0.0.1:0 > "$runs/critic.log" 2>&1 &
+    local server=$!
+    trap 'kill $server 2> /dev/null' EXIT
+    url=$(ready_url "$runs/critic.log" $server) || return 1
+    CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain "${ppo[@]}" "hydra.run.dir=$runs/local"
+    CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain "${ppo[@]}" "stage.alignment.critic_url=$url" \
+        "hydra.run.dir=$runs/served"
+    note "PPO, tiny, fp32: A the critic on the training GPU, B served on the other:"
+    $PY scripts/gpu_checks.py compare "$runs/local" "$runs/served" value_loss reward kl | note
+    ls "$runs/served/checkpoints/critic" | note
+    kill -TERM $server && wait $server
+    trap - EXIT
+    tail -n 3 "$runs/critic.log"
+}
+
+ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp roles preference served_rm
+           served_critic)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing
     # command, and `timeout` can end it with everything it started.

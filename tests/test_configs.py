@@ -335,3 +335,10 @@ def test_roles_on_servers_need_their_addresses():
     assert refused("stage=dpo", "data=preference",
                    "stage.alignment.reference_url=http://ref:5000") == [
         "stage.alignment.reference_url applies to stage=grpo or ppo, not stage=dpo: unset it"]
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.critic_url=http://c:5002") == [
+        "stage.alignment.critic_url applies to stage=ppo, not stage=grpo: unset it"]
+    assert refused("stage=ppo", "data=prompts", "stage.alignment.critic_url=c:5002",
+                   "stage.alignment.critic_tensor_model_parallel_size=1") == [
+        "stage.alignment.critic_url serves the critic elsewhere, with the server's own layout: "
+        "unset critic_tensor_model_parallel_size",
+        "stage.alignment.critic_url=c:5002 is not an http:// or https:// address"]

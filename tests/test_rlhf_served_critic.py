@@ -10,8 +10,8 @@ from conftest import run_llmtrain, summary
 from inference_helpers import ServerProcess
 from rlhf_helpers import ROLLOUTS, TINY, arithmetic_prompts
 
-SERVER = ["parallel=tp2pp1", "launcher.nproc_per_node=2",
-          "stage.alignment.critic_url=http://127.0.0.1:0"]
+LISTEN = "stage.alignment.critic_url=http://127.0.0.1:0"
+TWO = ["launcher.nproc_per_node=2", "parallel=tp1pp1"]  # two data-parallel replicas
 
 
 def ppo_args(data, run) -> list[str]:
@@ -20,13 +20,19 @@ def ppo_args(data, run) -> list[str]:
             "checkpoint.save_interval=2", "stage.alignment.critic_lr=1e-3"]
 
 
-def test_ppo_with_a_served_critic_follows_a_colocated_one_and_resumes(tmp_path):
+@pytest.mark.parametrize("actor, critic, critic_layout", [
+    ([], ["parallel=tp2pp1", "launcher.nproc_per_node=2"], "TP 2 x PP 1 x DP 1"),
+    (TWO, TWO, "TP 1 x PP 1 x DP 2")], ids=["actor1-critic_tp2", "actor_dp2-critic_dp2"])
+def test_ppo_with_a_served_critic_follows_a_colocated_one_and_resumes(tmp_path, actor, critic,
+                                                                      critic_layout):
+    """One request carries every actor replica's rollouts; the critic's replicas share them."""
     data = arithmetic_prompts(tmp_path / "prompts.jsonl")
     run = tmp_path / "served"
-    args = ppo_args(data, run)
-    server = ServerProcess(*args, *SERVER, module="llmtrain.serve.critic")
+    args = ppo_args(data, run) + actor
+    server = ServerProcess(*ppo_args(data, run), *critic, LISTEN, module="llmtrain.serve.critic")
+    replicas = 2 if "DP 2" in critic_layout else 1
     try:
-        assert "TP 2 x PP 1 x DP 1 on 2 cpu process(es)" in server.output
+        assert f"{critic_layout} on 2 cpu process(es)" in server.output
         status, answer = server.send("/v1/critic/values", {"rows": [{"tokens": [1, 2],
                                                                      "start": 1}]})
         assert status == 409 and answer["error"]["message"].startswith(
@@ -34,21 +40,20 @@ def test_ppo_with_a_served_critic_follows_a_colocated_one_and_resumes(tmp_path):
 
         url = f"stage.alignment.critic_url={server.url}"
         out = run_llmtrain(*args, url, "stage.train_iters=2").stdout
-        assert f"critic: served at {server.url}, TP 2 x PP 1 x DP 1" in out
+        assert f"critic: served at {server.url}, {critic_layout}" in out
         critic = run / "checkpoints" / "critic"
         assert (critic / "iter_0000002").is_dir() and (run / "checkpoints" / "iter_0000002").is_dir()
         assert server.get("/v1/critic")["step"] == 2
         first = summary(run)["metrics"]
 
         status, answer = server.send("/v1/critic/train", {"rows": [
-            {"tokens": [1, 2, 3], "start": 1, "old_values": [0.0], "returns": [1.0]}] * 3})
+            {"tokens": [1, 2, 3], "start": 1, "old_values": [0.0], "returns": [1.0]}] * 2})
         assert status == 400 and answer["error"]["message"] == (
-            "3 rows: send a positive multiple of 4 (micro batch size 4 x 1 data-parallel "
-            "replica(s) of the critic): the PPO run's stage.global_batch_size, with the same "
-            "stage.micro_batch_size; row 0: train needs old_values and returns for each of its "
-            "2 positions from start; row 1: train needs old_values and returns for each of its "
-            "2 positions from start; row 2: train needs old_values and returns for each of its "
-            "2 positions from start"), answer
+            f"2 rows: send a positive multiple of {4 * replicas} (micro batch size 4 x "
+            f"{replicas} data-parallel replica(s) of the critic): the PPO run's "
+            f"stage.global_batch_size, with the same stage.micro_batch_size; row 0: train "
+            f"needs old_values and returns for each of its 2 positions from start; row 1: train "
+            f"needs old_values and returns for each of its 2 positions from start"), answer
 
         out = run_llmtrain(*args, url, "stage.train_iters=3").stdout
         assert "resuming after step 2" in out
@@ -60,7 +65,7 @@ def test_ppo_with_a_served_critic_follows_a_colocated_one_and_resumes(tmp_path):
 
     # The same three steps with the critic on the training ranks, in one go.
     local = tmp_path / "local"
-    run_llmtrain(*ppo_args(data, local), "stage.train_iters=3")
+    run_llmtrain(*ppo_args(data, local), *actor, "stage.train_iters=3")
     expected = summary(local)["metrics"]
     for name in ("reward", "value_loss", "kl"):
         assert first[name] + resumed[name] == pytest.approx(expected[name], rel=1e-4,
