@@ -303,16 +303,22 @@ step_served_critic() {
     local ppo=(model=tiny precision=fp32 stage=ppo data=prompts data.seq_length=64
                stage.train_iters=4 stage.micro_batch_size=8 stage.global_batch_size=16
                stage.alignment.max_new_tokens=8 stage.alignment.critic_lr=1e-3
+               stage.alignment.reward_weights.digits=1.0
                checkpoint.save_interval=2 launcher.nproc_per_node=1 "${DEVICE_ARG[@]}")
-    CUDA_VISIBLE_DEVICES=1 $PY -m llmtrain.serve.critic "${ppo[@]}" "hydra.run.dir=$runs/served" \
-        stage.alignment.critic_url=http://127.0.0.1:0 > "$runs/critic.log" 2>&1 &
+    # CRITIC_GPUS="0,1" CRITIC_LAYOUT="parallel=tp1pp2 launcher.nproc_per_node=2": the critic
+    # with a layout of its own, on GPUs it shares with the actor.
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES=${CRITIC_GPUS:-1} $PY -m llmtrain.serve.critic "${ppo[@]}" \
+        "hydra.run.dir=$runs/served" stage.alignment.critic_url=http://127.0.0.1:0 \
+        ${CRITIC_LAYOUT:-} > "$runs/critic.log" 2>&1 &
     local server=$!
     trap 'kill $server 2> /dev/null' EXIT
     url=$(ready_url "$runs/critic.log" $server) || return 1
     CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain "${ppo[@]}" "hydra.run.dir=$runs/local"
     CUDA_VISIBLE_DEVICES=0 $PY -m llmtrain "${ppo[@]}" "stage.alignment.critic_url=$url" \
         "hydra.run.dir=$runs/served"
-    note "PPO, tiny, fp32: A the critic on the training GPU, B served on the other:"
+    note "PPO, tiny, fp32: A the critic on the training GPU, B served:" \
+        "$(grep -o 'serves the critic.*' "$runs/critic.log")"
     $PY scripts/gpu_checks.py compare "$runs/local" "$runs/served" value_loss reward kl | note
     ls "$runs/served/checkpoints/critic" | note
     kill -TERM $server && wait $server

@@ -315,6 +315,9 @@ def test_rollout_stages_keep_sequences_whole_under_tensor_parallelism(stage):
     assert refused(*rollout, "parallel.sequence_parallel=true", machine=gpus) == [
         f"stage={stage} generates its rollouts with the trained model, which cannot run under "
         f"sequence parallelism: set parallel.sequence_parallel=false (or leave it unset)"]
+    # A PPO critic server generates nothing: its layout splits sequences as training's does.
+    if stage == "ppo":
+        assert validate(compose_config(*rollout), gpus, generates=False).sequence_parallel
 
 
 def test_roles_on_servers_need_their_addresses():

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 STEPS = ["convert", "sft", "generate", "genbench", "dpo", "grpo", "resume", "vpp", "roles",
-         "preference", "served_rm"]
+         "preference", "served_rm", "served_critic"]
 
 
 def gpu_checks(tmp_path, *steps: str, **env: str) -> subprocess.CompletedProcess:
@@ -76,4 +76,10 @@ def test_every_step_passes_on_the_cpu(tmp_path):
                         lines, re.M)
     assert [name for name, _ in served] == ["reward", "kl"], lines
     assert all(float(d) < 1e-5 for _, d in served), lines
-    assert "[all] 11 step(s) in" in lines and "failed: none" in lines
+    # The served critic trains as the one on the training ranks, and saves with the actor.
+    served = re.findall(r"^\[served_critic\] (value_loss|reward|kl) A/B per step: .*; "
+                        r"max \|B - A\| (\S+)$", lines, re.M)
+    assert [name for name, _ in served] == ["value_loss", "reward", "kl"], lines
+    assert all(float(d) < 1e-5 for _, d in served), lines
+    assert "[served_critic] iter_0000004" in lines
+    assert "[all] 12 step(s) in" in lines and "failed: none" in lines

@@ -116,8 +116,10 @@ def te_op_fuser_fits(cfg: Config, use_te: bool) -> bool:
             and not m.parallel_attention_mlp and not cfg.parallel.cpu_offloading)
 
 
-def validate(cfg: Config, machine: Machine) -> Layout:
-    """Return the layout of a runnable config, or raise ConfigError listing every problem."""
+def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
+    """Return the layout of a runnable config, or raise ConfigError listing every problem.
+    `generates`: whether a grpo or ppo config's processes generate rollouts (a critic server's
+    do not)."""
     problems: list[str] = []
     m, par, prec, data, stage, optim = (
         cfg.model, cfg.parallel, cfg.precision, cfg.data, cfg.stage, cfg.optim)
@@ -188,7 +190,7 @@ def validate(cfg: Config, machine: Machine) -> Layout:
                         "with llmtrain[gpu] installed); leave it unset to choose automatically")
     # GRPO and PPO generate their rollouts with the trained model itself, and Megatron's
     # inference does not split sequences (a decode step is one token long).
-    rollouts = stage.name in ("grpo", "ppo")
+    rollouts = stage.name in ("grpo", "ppo") and generates
     if par.sequence_parallel and rollouts:
         problems.append(f"stage={stage.name} generates its rollouts with the trained model, which "
                         f"cannot run under sequence parallelism: set "

@@ -298,7 +298,7 @@ def _main(dcfg: DictConfig) -> None:
     try:
         cfg = resolve_run(dcfg)
         port = critic_address(cfg)
-        layout = validate(cfg, target_machine(cfg))
+        layout = validate(cfg, target_machine(cfg), generates=False)
     except ConfigError as error:
         print(f"llmtrain.serve.critic: {error}", file=sys.stderr)
         sys.exit(2)
