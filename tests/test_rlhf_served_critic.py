@@ -1,7 +1,8 @@
 """PPO's critic on ranks of its own: `python -m llmtrain.serve.critic`, started with the PPO run's
-settings and a layout of its own (here TP=2 over two processes, while the actor runs on one),
-trains the critic in step with the actor as a colocated critic does, saves its steps with the
-actor's, and gives a resumed run the critic of its step."""
+settings and a layout of its own (TP=2 over two processes for an actor of two pipeline stages;
+two data-parallel replicas on each side), trains the critic in step with the actor as a
+colocated critic does, saves its steps with the actor's, and gives a resumed run the critic of
+its step."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ def ppo_args(data, run) -> list[str]:
 
 
 @pytest.mark.parametrize("actor, critic, critic_layout", [
-    ([], ["parallel=tp2pp1", "launcher.nproc_per_node=2"], "TP 2 x PP 1 x DP 1"),
-    (TWO, TWO, "TP 1 x PP 1 x DP 2")], ids=["actor1-critic_tp2", "actor_dp2-critic_dp2"])
+    (["parallel=tp1pp2", "launcher.nproc_per_node=2"],
+     ["parallel=tp2pp1", "launcher.nproc_per_node=2"], "TP 2 x PP 1 x DP 1"),
+    (TWO, TWO, "TP 1 x PP 1 x DP 2")], ids=["actor_pp2-critic_tp2", "actor_dp2-critic_dp2"])
 def test_ppo_with_a_served_critic_follows_a_colocated_one_and_resumes(tmp_path, actor, critic,
                                                                       critic_layout):
     """One request carries every actor replica's rollouts; the critic's replicas share them."""
