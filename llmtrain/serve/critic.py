@@ -35,7 +35,6 @@ import queue
 import signal
 import sys
 import threading
-import time
 import warnings
 from typing import Optional
 from urllib.parse import urlparse
@@ -222,32 +221,14 @@ def build(commands: Commands, service):
 
 def serve(cfg: Config, service, port: int) -> dict:
     """Driver: answer requests until SIGINT or SIGTERM."""
-    import uvicorn
-
-    from llmtrain.serve.run import _bind
+    from llmtrain.serve.run import listening
 
     commands = Commands()
-    sock = _bind("0.0.0.0", port)
-    http = uvicorn.Server(uvicorn.Config(build(commands, service), log_level="warning",
-                                         lifespan="off", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True,
-                              name="http")
-    thread.start()
-    while not http.started:
-        if not thread.is_alive():
-            raise ConfigError(["the HTTP server failed to start (its error is above)"])
-        time.sleep(0.01)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: commands.stopping.set())
-    host = urlparse(cfg.stage.alignment.critic_url).hostname
-    print(f"[critic] ready: http://{host}:{sock.getsockname()[1]} (listening on every "
-          f"interface) serves the critic of {cfg.model.name}, {service.describe()}", flush=True)
-    try:
+    with listening(build(commands, service), "0.0.0.0", port, commands.stopping.set) as (_, port):
+        host = urlparse(cfg.stage.alignment.critic_url).hostname
+        print(f"[critic] ready: http://{host}:{port} (listening on every interface) serves the "
+              f"critic of {cfg.model.name}, {service.describe()}", flush=True)
         commands.run(service)
-    finally:
-        http.should_exit = True
-        thread.join(timeout=5)
-        sock.close()
     print("[critic] stopped", flush=True)
     return {}
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import sys
 import threading
 import time
 from functools import partial
+from typing import Callable
 
 from llmtrain.generate import worker
 from llmtrain.generate.plan import InferenceError, Plan, prepare
@@ -47,35 +49,42 @@ def _application(c: ServeConfig, plan: Plan, engine, text: Text, name: str):
             "OpenAI API under /v1, Megatron-LM's PUT /api")
 
 
-def serve(c: ServeConfig, plan: Plan, engine) -> dict:
-    """Driver: answer HTTP requests with `engine` until told to stop; return the metrics."""
+@contextlib.contextmanager
+def listening(app, host: str, port: int, stop: Callable[[], None]):
+    """Serve `app` at host:port (port 0: a free one) from a uvicorn thread while the body runs,
+    which gets the (host, port) bound; SIGINT and SIGTERM call `stop`."""
     import uvicorn
 
-    text = Text.load(plan)
-    name = c.served_model_name or plan.model.name
-    batcher, app, what = _application(c, plan, engine, text, name)
-    sock = _bind(c.host, c.port)
+    sock = _bind(host, port)
     http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                          timeout_graceful_shutdown=2))
     thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="http")
     thread.start()
-    while not http.started:
-        if not thread.is_alive():
-            raise InferenceError("the HTTP server failed to start (its error is above)")
-        time.sleep(0.01)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: batcher.stopping.set())
-    host, port = sock.getsockname()[:2]
-    print(f"[serve] ready: http://{host}:{port} serves {name} ({what}); batches of up to "
-          f"{engine.max_batch_size} sequences, {plan.max_sequence_length} tokens each",
-          flush=True)
     try:
-        batcher.run()
+        while not http.started:
+            if not thread.is_alive():
+                raise InferenceError("the HTTP server failed to start (its error is above)")
+            time.sleep(0.01)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop())
+        yield sock.getsockname()[:2]
     finally:
         http.should_exit = True
         thread.join(timeout=5)
         sock.close()
+
+
+def serve(c: ServeConfig, plan: Plan, engine) -> dict:
+    """Driver: answer HTTP requests with `engine` until told to stop; return the metrics."""
+    text = Text.load(plan)
+    name = c.served_model_name or plan.model.name
+    batcher, app, what = _application(c, plan, engine, text, name)
+    with listening(app, c.host, c.port, batcher.stopping.set) as (host, port):
+        print(f"[serve] ready: http://{host}:{port} serves {name} ({what}); batches of up to "
+              f"{engine.max_batch_size} sequences, {plan.max_sequence_length} tokens each",
+              flush=True)
+        batcher.run()
     print(f"[serve] stopped: {batcher.metrics.as_dict()}", file=sys.stderr, flush=True)
     return {"metrics": batcher.metrics.as_dict()}
 
