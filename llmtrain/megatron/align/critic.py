@@ -171,7 +171,7 @@ class ServedCritic:
     the training ranks. The server sets itself up at the actor's step `start`."""
 
     def __init__(self, url: str, timeout: float, start: int, say):
-        self.url, self.timeout = url, timeout
+        self.url, self.timeout, self.say = url, timeout, say
         self.talker = _talker()
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         answer = self._call("setup", lambda: {"step": start}, slow=True)
@@ -224,7 +224,9 @@ class ServedCritic:
     def save(self, iteration: int, blocking: bool) -> None:
         """The server saves and commits the step before it answers: the actor's commit comes
         after it."""
-        self._call("save", lambda: {"step": iteration}, slow=True)
+        if self._call("save", lambda: {"step": iteration}, slow=True)["saved"] is None:
+            self.say(f"warning: the critic server saved nothing at step {iteration} (its "
+                     f"checkpoint.save is null): a resumed run would start the critic afresh")
 
     def poll(self) -> None:
         pass
