@@ -320,6 +320,16 @@ def test_rollout_stages_keep_sequences_whole_under_tensor_parallelism(stage):
         assert validate(compose_config(*rollout), gpus, generates=False).sequence_parallel
 
 
+def test_a_critic_server_shares_its_rollouts_among_its_replicas_without_whole_groups():
+    """Its replicas split the step's micro-batches; only generating replicas need whole groups."""
+    ppo = ["stage=ppo", "data=prompts", "parallel=tp1pp1", "launcher.nproc_per_node=4",
+           "stage.alignment.group_size=4", "stage.global_batch_size=8", "stage.micro_batch_size=2"]
+    assert refused(*ppo) == [
+        "stage=ppo gives each data-parallel replica whole groups: the 2 prompts of a step "
+        "(global_batch_size / group_size) must divide among DP 4"]
+    assert validate(compose_config(*ppo), CPU, generates=False).data_parallel_size == 4
+
+
 def test_roles_on_servers_need_their_addresses():
     grpo = ["stage=grpo", "data=prompts", "stage.alignment.reward=remote"]
     assert refused(*grpo, "stage.alignment.server_timeout=0") == [

@@ -363,7 +363,7 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                             f"data.tokenizer.{key} (the tokenizer the data was made with)")
 
     problems += checkpoint_problems(cfg)
-    problems += alignment_problems(cfg, dp)
+    problems += alignment_problems(cfg, dp, generates)
     padded_vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
     problems += role_layout_problems(cfg, world, padded_vocab)
 

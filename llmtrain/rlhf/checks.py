@@ -8,7 +8,9 @@ from llmtrain.rlhf.losses import LOSS_TYPES
 from llmtrain.rlhf.records import STAGE_DATA
 
 
-def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
+def alignment_problems(cfg: Config, data_parallel_size: int, generates: bool = True
+                       ) -> list[str]:
+    """`generates`: whether the processes generate rollouts (a critic server's do not)."""
     stage, data, a = cfg.stage, cfg.data, cfg.stage.alignment
     problems = []
     wanted = STAGE_DATA.get(stage.name)
@@ -47,7 +49,7 @@ def alignment_problems(cfg: Config, data_parallel_size: int) -> list[str]:
                             f"one of: on_the_fly, precomputed")
     if stage.name in ("grpo", "ppo"):
         prompts = stage.global_batch_size // max(a.group_size, 1)
-        if prompts % data_parallel_size:
+        if generates and prompts % data_parallel_size:
             problems.append(f"stage={stage.name} gives each data-parallel replica whole groups: "
                             f"the {prompts} prompts of a step (global_batch_size / group_size) "
                             f"must divide among DP {data_parallel_size}")
