@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from llmtrain.errors import RunStopped
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.align.heads import (
     Role,
@@ -31,10 +30,11 @@ from llmtrain.megatron.align.heads import (
     scores,
 )
 from llmtrain.megatron.align.placement import role_layout
+from llmtrain.megatron.align.servers import from_server
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from llmtrain.rlhf import losses
-from llmtrain.rlhf.remote import RoleServerError, critic_request
+from llmtrain.rlhf.remote import critic_request
 
 
 def _value_forward(device, iterator, model):
@@ -117,14 +117,19 @@ class Critic:
         self.checkpoints.wait()
 
 
+def reply_span(batch: dict, row: int) -> tuple[int, int]:
+    """(start, end) of a micro-batch row's reply positions: from the first masked one to the
+    last position the model reads."""
+    return int(batch["mask"][row].argmax()), int(batch["last"][row]) + 1
+
+
 def rows(micro: list[dict], returns: bool = False) -> list[dict]:
     """The micro-batches' rollouts as a server reads them (with their old values and returns:
     the train request)."""
     out = []
     for batch in micro:
         for r in range(batch["tokens"].size(0)):
-            length = int(batch["last"][r]) + 1
-            start = int(batch["mask"][r].argmax())
+            start, length = reply_span(batch, r)
             row = {"tokens": batch["tokens"][r, :length].tolist(), "start": start}
             if returns:
                 row["old_values"] = batch["old_values"][r, start:length].tolist()
@@ -181,44 +186,35 @@ class ServedCritic:
 
     def _call(self, command: str, payload, slow: bool = False):
         """`payload()` (on the talker) POSTed to the server's /v1/critic/<command>; its answer,
-        on every rank. A failure stops every rank with the server's words."""
-        answer = failure = None
-        if dist.get_rank() == self.talker:
-            try:
-                answer = critic_request(self.url, command, payload(),
-                                        self.timeout * (10 if slow else 1))
-            except RoleServerError as error:
-                failure = str(error)
-        box = [(answer, failure)]
-        dist.broadcast_object_list(box, src=self.talker)
-        answer, failure = box[0]
-        if failure:
-            raise RunStopped(failure)
-        return answer
+        on every rank."""
+        return from_server(lambda: critic_request(self.url, command, payload(),
+                                                  self.timeout * (10 if slow else 1)),
+                           self.talker)
 
-    def _every_replica(self, micro: list[dict], returns: bool = False) -> list:
+    def _every_replica(self, mine: list[dict]) -> list:
         """Every data-parallel replica's rows, in replica order (on the last pipeline stage)."""
         if not self.last_stage:
             return []
         shares = [None] * ps.get_data_parallel_world_size()
-        dist.all_gather_object(shares, rows(micro, returns), group=ps.get_data_parallel_group())
+        dist.all_gather_object(shares, mine, group=ps.get_data_parallel_group())
         return [row for share in shares for row in share]
 
     def values(self, micro: list[dict], schedule: dict) -> list[torch.Tensor]:
-        every = self._every_replica(micro)
+        mine = rows(micro) if self.last_stage else []
+        every = self._every_replica(mine)
         answer = self._call("values", lambda: {"rows": every})["values"]
         if not self.last_stage:
             return []
-        count = sum(b["tokens"].size(0) for b in micro)
-        mine = answer[ps.get_data_parallel_rank() * count:][:count]
+        count = len(mine)
+        values = answer[ps.get_data_parallel_rank() * count:][:count]
         table = torch.zeros(count, schedule["seq_length"])
-        for i, (row, value) in enumerate(zip(rows(micro), mine)):
+        for i, (row, value) in enumerate(zip(mine, values)):
             table[i, row["start"]:row["start"] + len(value)] = torch.tensor(value)
         mbs = schedule["micro_batch_size"]
         return [table[at:at + mbs].to(schedule["device"]) for at in range(0, count, mbs)]
 
     def train(self, micro: list[dict], schedule: dict) -> Optional[float]:
-        every = self._every_replica(micro, returns=True)
+        every = self._every_replica(rows(micro, returns=True) if self.last_stage else [])
         return self._call("train", lambda: {"rows": every})["value_loss"]
 
     def save(self, iteration: int, blocking: bool) -> None:

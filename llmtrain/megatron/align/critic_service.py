@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from llmtrain.megatron import checkpoint
-from llmtrain.megatron.align.critic import Critic, micro_batches
+from llmtrain.megatron.align.critic import Critic, micro_batches, reply_span
 from llmtrain.megatron.inference import Replica
 
 
@@ -82,7 +82,7 @@ class CriticService(Replica):
     def _values(self, payload: dict) -> dict:
         micro = self._share(payload["rows"])
         values = self.critic.values(micro, self._schedule(micro))
-        mine = [v[r, int(b["mask"][r].argmax()):int(b["last"][r]) + 1].tolist()
+        mine = [v[r, slice(*reply_span(b, r))].tolist()
                 for b, v in zip(micro, values) for r in range(v.size(0))]
         shares = [None] * self.replicas
         dist.all_gather_object(shares, mine, group=ps.get_data_parallel_group())

@@ -33,7 +33,6 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError
-from llmtrain.errors import RunStopped
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align import Task
@@ -45,13 +44,14 @@ from llmtrain.megatron.align.heads import (
     model_inputs,
     score_forward,
 )
+from llmtrain.megatron.align.servers import from_server
 from llmtrain.megatron.inference import Engine
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.step import StepResult, train_step
 from llmtrain.rlhf import advantages, losses
 from llmtrain.rlhf.pairs import pad_id
 from llmtrain.rlhf.records import encode_prompts
-from llmtrain.rlhf.remote import RoleServerError, remote_logprobs, remote_rewards
+from llmtrain.rlhf.remote import remote_logprobs, remote_rewards
 from llmtrain.rlhf.rewards import reward
 
 
@@ -238,23 +238,9 @@ class RolloutTask(Task):
         return self.tokenizer.decode([t for t in reply if t not in self.stop_ids])
 
     def _from_server(self, ask):
-        """`ask()` of a role's server (llmtrain.rlhf.remote), once per replica by the engine's
-        driver; its answer is shared with the replica's other ranks, and a failure stops every
-        rank with the server's words."""
-        answer = failure = None
-        if self.engine.is_driver:
-            try:
-                answer = ask()
-            except RoleServerError as error:
-                failure = str(error)
-        box = [(answer, failure)]
-        dist.broadcast_object_list(box, src=self.engine.driver, group=self.engine.group)
-        failures = [None] * dist.get_world_size()
-        dist.all_gather_object(failures, box[0][1])
-        failure = next((f for f in failures if f), None)
-        if failure:
-            raise RunStopped(failure)
-        return box[0][0]
+        """`ask()` of a role's server, once per replica by the engine's driver; its answer on
+        the replica's every rank."""
+        return from_server(ask, self.engine.driver, self.engine.group)
 
     def _remote_scores(self, rollouts: list[tuple]) -> torch.Tensor:
         a = self.align
