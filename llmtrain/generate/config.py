@@ -38,6 +38,10 @@ class InferenceConfig:
     # Longest prompt + generation; null: the model's max_position_embeddings, at most 4096.
     inference_max_seq_length: Optional[int] = None
     seed: int = 1234
+    # auto: the decode engine (continuous batching, CUDA-graph decode) where it covers the model
+    # on one rank per replica, else Megatron-Core's (static batches; any TP x PP and family).
+    # megatron: Megatron-Core's always.
+    engine: str = "auto"
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 

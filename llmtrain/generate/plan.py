@@ -53,6 +53,7 @@ class Plan:
     max_batch_size: int
     max_sequence_length: int
     seed: int
+    engine: str = "auto"
     # A reward model (a scalar head in place of the output layer): it scores, it cannot generate.
     reward_model: bool = False
 
@@ -198,6 +199,8 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True,
     if c.inference_max_batch_size < 1:
         problems.append(f"inference_max_batch_size={c.inference_max_batch_size} must be at "
                         f"least 1")
+    if c.engine not in ("auto", "megatron"):
+        problems.append(f"engine={c.engine} is not one of: auto, megatron")
     if c.device not in (None, "cpu", "cuda"):
         problems.append(f"device={c.device} is not one of: cpu, cuda")
     if problems:
@@ -236,7 +239,7 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True,
     return Plan(root=str(root.resolve()), iteration=iteration, model=model, tokenizer=tokenizer,
                 tokenizer_folder=folder, cfg=cfg, layout=layout,
                 max_batch_size=c.inference_max_batch_size, max_sequence_length=seq, seed=c.seed,
-                reward_model=reward_model)
+                engine=c.engine, reward_model=reward_model)
 
 
 def generation_eos_ids(folder: Optional[str]) -> list[int]:

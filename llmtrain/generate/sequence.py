@@ -80,3 +80,19 @@ def sampling_problems(s: Sampling, vocab_size: int) -> list[str]:
     if s.repetition_penalty <= 0:
         problems.append(f"repetition_penalty={s.repetition_penalty} must be above 0 (1: off)")
     return problems
+
+
+def check_batch(batch: list[Sequence], max_batch_size: int, max_sequence_length: int,
+                vocab_size: int) -> None:
+    """What every engine refuses before it runs anything."""
+    if not 0 < len(batch) <= max_batch_size:
+        raise ValueError(f"a batch holds 1 to {max_batch_size} sequences, not {len(batch)}")
+    for s in batch:
+        if not s.prompt:
+            raise ValueError("a prompt needs at least one token")
+        if len(s.prompt) + s.max_new_tokens > max_sequence_length:
+            raise ValueError(f"{len(s.prompt)} prompt tokens + {s.max_new_tokens} to generate "
+                             f"exceed the {max_sequence_length} tokens of the KV cache "
+                             f"(max_sequence_length)")
+        if max(s.prompt) >= vocab_size or min(s.prompt) < 0:
+            raise ValueError(f"prompt token ids must lie in 0..{vocab_size - 1}")

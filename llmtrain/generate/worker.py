@@ -26,14 +26,16 @@ def run(plan: Plan, task: Callable, cfg: Config, layout: Layout, driver_stops: b
     # torch's checkpoint reader warns about its own argument order and process groups.
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     from llmtrain.megatron import parallel
-    from llmtrain.megatron.inference import Engine
+    from llmtrain.megatron.inference import load_engine
     from llmtrain.megatron.scoring import Scorer
 
     parallel.initialize(layout, cfg.seed)
     try:
         began = time.perf_counter()
-        engine = (Scorer if plan.reward_model else Engine).load(
-            cfg, layout, plan.root, plan.iteration, plan.max_batch_size, plan.max_sequence_length)
+        sizes = (plan.max_batch_size, plan.max_sequence_length)
+        engine = Scorer.load(cfg, layout, plan.root, plan.iteration, *sizes) \
+            if plan.reward_model else load_engine(cfg, layout, plan.root, plan.iteration,
+                                                  *sizes, plan.engine)
         # The model's objects live as long as the process: the garbage collector stops scanning
         # them, which it would otherwise do many times per generated token.
         gc.freeze()
@@ -45,8 +47,9 @@ def run(plan: Plan, task: Callable, cfg: Config, layout: Layout, driver_stops: b
         print(f"[llmtrain] loaded {plan.model.name} step {plan.iteration} from {plan.root} in "
               f"{time.perf_counter() - began:.1f} s on {layout.world_size} {layout.device} "
               f"process(es) (TP {layout.tensor_model_parallel_size} x PP "
-              f"{layout.pipeline_model_parallel_size}, {cfg.precision.name})", file=sys.stderr,
-              flush=True)
+              f"{layout.pipeline_model_parallel_size}, {cfg.precision.name})"
+              + (f"; {engine.description}" if hasattr(engine, "description") else ""),
+              file=sys.stderr, flush=True)
         try:
             return task(engine)
         finally:

@@ -29,16 +29,14 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
     GPTInferenceWrapper,
 )
-from megatron.core.inference.sampling.torch_sampling import TorchSampling
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
-from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence
+from llmtrain.generate.sampler import Mode, RowSampling, row_keys
+from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence, check_batch
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.model import build_model, params_dtype
-
-_STOP = "stop"  # what the driver sends followers when it is done
-
+from llmtrain.megatron.replica import Replica
 
 def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.nn.Module:
     """The training builder's model with its weights from a checkpoint, every tensor in the
@@ -55,49 +53,6 @@ def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.
     return chunks[0]
 
 
-def _driver_rank(group) -> int:
-    """The global rank of this replica's last pipeline stage's first TP rank."""
-    mine = (ps.is_pipeline_last_stage(ignore_virtual=True)
-            and ps.get_tensor_model_parallel_rank() == 0)
-    flags = [None] * dist.get_world_size(group)
-    dist.all_gather_object(flags, mine, group=group)
-    return dist.get_global_rank(group, flags.index(True))
-
-
-class Replica:
-    """One model replica (its TP x PP ranks; or every rank of `group`) that runs batches
-    collectively: the driver takes them and hands each to the other ranks, which follow until it
-    stops them."""
-
-    def __init__(self, device: str, group=None):
-        self.group = group or ps.get_model_parallel_group()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" \
-            else torch.device("cpu")
-        self.driver = _driver_rank(self.group)
-        self.is_driver = dist.get_rank() == self.driver
-
-    def _run_batch(self, batch):
-        """Every rank: run one batch (what `follow` does with each the driver sends)."""
-        raise NotImplementedError
-
-    def follow(self) -> None:
-        """Other ranks: run every batch the driver sends, until it stops."""
-        while True:
-            batch = self._broadcast_object(None)
-            if batch == _STOP:
-                return
-            self._run_batch(batch)
-
-    def stop_followers(self) -> None:
-        """Driver: release the ranks waiting in `follow`."""
-        self._broadcast_object(_STOP)
-
-    def _broadcast_object(self, obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.driver, group=self.group)
-        return box[0]
-
-
 class Engine(Replica):
     """Batches of sequences through the model, collectively on every rank of the model."""
 
@@ -111,40 +66,46 @@ class Engine(Replica):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.wrapper = GPTInferenceWrapper(model, self.context)
-        self.generator = torch.Generator(self.device)
-        self.generator.manual_seed(seed)
-
-    @classmethod
-    def load(cls, cfg: Config, layout: Layout, root: str, iteration: int, max_batch_size: int,
-             max_sequence_length: int) -> "Engine":
-        """The engine of a checkpoint (on every rank, after parallel.initialize)."""
-        model = load_model(cfg, layout, root, iteration)
-        return cls(model, cfg.model.vocab_size, max_batch_size, max_sequence_length,
-                   layout.device, cfg.seed)
+        self.generator = torch.Generator().manual_seed(seed)  # keys of unseeded sequences
+        self.waiting: list = []  # (sequence, on_token, on_finish) queued by `add`
 
     def generate(self, batch: list[Sequence], on_token: Optional[OnToken] = None,
                  on_finish: Optional[OnFinish] = None) -> list[Output]:
         """Driver: run one batch (at most max_batch_size sequences) on every rank."""
-        self._check(batch)
+        check_batch(batch, self.max_batch_size, self.max_sequence_length, self.vocab_size)
         self._broadcast_object(batch)
         return self._run(batch, on_token, on_finish)
 
+    # The interface of the continuously batching engine (llmtrain.megatron.decode_engine), on
+    # static batches: what waits when one starts joins the next.
+
+    def add(self, sequence: Sequence, on_token=None, on_finish=None) -> None:
+        """Driver: queue a sequence; `on_token(token, logprob, top) -> stop?` and
+        `on_finish(Output)` are called from `advance`."""
+        check_batch([sequence], self.max_batch_size, self.max_sequence_length, self.vocab_size)
+        self.waiting.append((sequence, on_token, on_finish))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting)
+
+    def advance(self) -> None:
+        """Driver: run the next batch of waiting sequences to its end."""
+        batch, self.waiting = (self.waiting[:self.max_batch_size],
+                               self.waiting[self.max_batch_size:])
+
+        def on_token(row, token, logprob, top):
+            call = batch[row][1]
+            return call is not None and call(token, logprob, top)
+
+        def on_finish(row, output):
+            if batch[row][2] is not None:
+                batch[row][2](output)
+
+        self.generate([s for s, _, _ in batch], on_token, on_finish)
+
     def _run_batch(self, batch: list[Sequence]) -> None:
         self._run(batch, None, None)
-
-    def _check(self, batch: list[Sequence]) -> None:
-        if not 0 < len(batch) <= self.max_batch_size:
-            raise ValueError(f"a batch holds 1 to {self.max_batch_size} sequences, not "
-                             f"{len(batch)}")
-        for s in batch:
-            if not s.prompt:
-                raise ValueError("a prompt needs at least one token")
-            if len(s.prompt) + s.max_new_tokens > self.max_sequence_length:
-                raise ValueError(f"{len(s.prompt)} prompt tokens + {s.max_new_tokens} to "
-                                 f"generate exceed the {self.max_sequence_length} tokens of the "
-                                 f"KV cache (max_sequence_length)")
-            if max(s.prompt) >= self.vocab_size or min(s.prompt) < 0:
-                raise ValueError(f"prompt token ids must lie in 0..{self.vocab_size - 1}")
 
     # The generation loop ----------------------------------------------------------------------
 
@@ -174,6 +135,11 @@ class Engine(Replica):
         self.wrapper.prep_model_for_inference()  # eval mode, KV cache offsets reset
         inputs = self.wrapper.prep_inference_input(tokens)
         all_logits = any(s.prompt_logprobs for s in batch)
+        sampling, mode = None, Mode.of([s.sampling for s in batch])
+        if self.is_driver:
+            sampling = RowSampling(size, self.vocab_size, self.device)
+            sampling.set(torch.arange(size, device=self.device), [s.sampling for s in batch],
+                         row_keys(batch, self.generator), [s.prompt for s in batch])
         while True:
             self.context.config.materialize_only_last_token_logits = not (all_logits and
                                                                           start == 0)
@@ -184,7 +150,7 @@ class Engine(Replica):
                 if logits.size(1) > 1:
                     self._prompt_logprobs(batch, outputs, logits[:, :-1], tokens, start)
                 chosen, finished = self._step(batch, outputs, logits[:, -1], tokens, end, done,
-                                              on_token)
+                                              on_token, sampling, mode)
             else:
                 chosen = torch.empty(size, dtype=torch.long, device=self.device)
                 finished = None
@@ -241,7 +207,7 @@ class Engine(Replica):
         values, ids = torch.topk(log_probs, n, dim=-1)
         return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
-    def _step(self, batch, outputs, last, tokens, end, done, on_token):
+    def _step(self, batch, outputs, last, tokens, end, done, on_token, sampling, mode):
         """Driver: the token of position `end` for every row (its own prompt token while it
         still reads its prompt), log-probabilities where asked, and which rows are finished."""
         size = len(batch)
@@ -252,8 +218,11 @@ class Engine(Replica):
                   if not reading[r] and not done[r] and s.max_new_tokens > 0]
         if active:
             index = torch.tensor(active, device=self.device)
-            chosen[index] = self._sample([batch[r] for r in active], last[index],
-                                         tokens[index, :end])
+            # The same draws as the decode engine's: keyed by the input token's position.
+            drawn = sampling.choose(last, torch.full((size,), end - 1, device=self.device), mode)
+            chosen[index] = drawn[index]
+            if mode.penalty:
+                sampling.saw(chosen, torch.isin(torch.arange(size, device=self.device), index))
         # Log-probabilities: of generated tokens, and of prompt tokens when scoring.
         need = [r for r in range(size) if (r in active and batch[r].logprobs is not None)
                 or (reading[r] and batch[r].prompt_logprobs)]
@@ -291,36 +260,34 @@ class Engine(Replica):
                 finished[row] = True
         return chosen, finished
 
-    def _sample(self, batch: list[Sequence], logits: torch.Tensor,
-                seen: torch.Tensor) -> torch.Tensor:
-        """Next tokens of some rows from their last logits [rows, vocab]; `seen` holds each row's
-        tokens so far (for the repetition penalty)."""
-        penalized = [i for i, s in enumerate(batch) if s.sampling.repetition_penalty != 1.0]
-        if penalized:
-            logits = logits.clone()
-            for i in penalized:
-                penalty = batch[i].sampling.repetition_penalty
-                previous = logits[i].gather(0, seen[i])
-                logits[i].scatter_(0, seen[i], torch.where(previous > 0, previous / penalty,
-                                                           previous * penalty))
-        chosen = torch.argmax(logits, dim=-1)
-        groups: dict = {}
-        for i, s in enumerate(batch):
-            if not s.sampling.greedy:
-                key = (s.sampling.temperature, s.sampling.top_k, s.sampling.top_p)
-                groups.setdefault(key if s.sampling.seed is None else (key, i), []).append(i)
-        for rows in groups.values():
-            p = batch[rows[0]].sampling
-            index = torch.tensor(rows, device=self.device)
-            # Megatron's filter takes top-k or top-p: both apply one after the other.
-            filtered = TorchSampling.filter_logits(logits[index], p.temperature, p.top_k, 0.0,
-                                                   vocab_size=self.vocab_size)
-            if 0.0 < p.top_p < 1.0:
-                filtered = TorchSampling.filter_logits(filtered, 1.0, 0, float(p.top_p))
-            generator = self.generator
-            if p.seed is not None:  # its own stream: the same whatever it is batched with
-                generator = torch.Generator(self.device)
-                generator.manual_seed(p.seed + seen.size(1))
-            chosen[index] = torch.multinomial(filtered.softmax(dim=-1), 1,
-                                              generator=generator).flatten()
-        return chosen
+
+ENGINES = ("auto", "megatron")
+
+
+def make_engine(model: torch.nn.Module, vocab_size: int, max_batch_size: int,
+                max_sequence_length: int, device: str, seed: int, kind: str = "auto"):
+    """The decode engine (continuous batching, CUDA graphs on a GPU) where it covers the model
+    and its layout, else Megatron-Core's (`kind`: auto | megatron). `.description` says which,
+    and why."""
+    from llmtrain.megatron.decode_engine import DecodeEngine
+    from llmtrain.megatron.kv_model import unsupported
+
+    why = unsupported(model) if kind == "auto" else f"engine={kind}"
+    if why is None:
+        engine = DecodeEngine(model, vocab_size, max_batch_size, max_sequence_length, device,
+                              seed)
+        engine.description = ("decode engine, continuous batching"
+                              + (", CUDA graphs" if engine.graphs else ""))
+        return engine
+    engine = Engine(model, vocab_size, max_batch_size, max_sequence_length, device, seed)
+    engine.description = f"Megatron-Core's engine, static batches ({why})"
+    return engine
+
+
+def load_engine(cfg: Config, layout: Layout, root: str, iteration: int, max_batch_size: int,
+                max_sequence_length: int, kind: str = "auto"):
+    """The engine of a checkpoint (on every rank, after parallel.initialize)."""
+    model = load_model(cfg, layout, root, iteration)
+    return make_engine(model, cfg.model.vocab_size, max_batch_size, max_sequence_length,
+                       layout.device, cfg.seed, kind)
+

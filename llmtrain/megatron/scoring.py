@@ -10,7 +10,7 @@ import torch
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.megatron.align.heads import causal_inputs, load_frozen, score_forward
-from llmtrain.megatron.inference import Replica
+from llmtrain.megatron.replica import Replica
 
 
 class Scorer(Replica):

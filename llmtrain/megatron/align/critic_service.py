@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align.critic import Critic, micro_batches, reply_span
-from llmtrain.megatron.inference import Replica
+from llmtrain.megatron.replica import Replica
 
 
 class CommandError(RuntimeError):

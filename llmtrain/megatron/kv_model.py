@@ -1,0 +1,262 @@
+"""A Megatron-Core GPT model's forward for generation, on its own tensors, over a static KV cache
+written through device-side indices: the decode step has fixed shapes, so it can be captured in
+a CUDA graph (llmtrain.megatron.decode_engine).
+
+Megatron-Core's static inference context writes the cache at Python-int offsets (a new graph for
+every position) and its dynamic engine needs flash-attention's paged kernels, which the GPU image
+cannot install. This module reads the model's parameters in place (no copy: a rollout sees every
+optimizer step at once) and computes what Megatron's layers compute for the architectures it
+covers, the pre-norm Llama shape: RMSNorm or LayerNorm, rotary positions (any fraction of the head,
+interleaved or not, Llama 3 scaling, as the model's own RotaryEmbedding makes them), grouped-query
+attention with or without QKV bias and Q/K norms, a gated or plain MLP of SiLU or GELU, tied or
+untied output. Anything else is `unsupported` and generates on Megatron-Core's own path
+(llmtrain.megatron.inference.Engine), as does a model split over more than one rank.
+
+Attention over the cache masks each row past its own position, so rows at different positions
+share a step (continuous batching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+
+@dataclass
+class _Norm:
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    eps: float
+    rms: bool
+    shift: float  # 1.0 for zero-centred gammas
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """In fp32, as Transformer Engine's norms compute, then back to the model's dtype."""
+        w = self.weight.float() + self.shift
+        if self.rms:
+            y = F.rms_norm(x.float(), (x.size(-1),), w, self.eps)
+        else:
+            b = self.bias.float() if self.bias is not None else None
+            y = F.layer_norm(x.float(), (x.size(-1),), w, b, self.eps)
+        return y.to(x.dtype)
+
+
+@dataclass
+class _Layer:
+    norm1: _Norm
+    qkv_w: torch.Tensor
+    qkv_b: Optional[torch.Tensor]
+    q_norm: Optional[_Norm]
+    k_norm: Optional[_Norm]
+    proj_w: torch.Tensor
+    proj_b: Optional[torch.Tensor]
+    norm2: _Norm
+    fc1_w: torch.Tensor
+    fc1_b: Optional[torch.Tensor]
+    fc2_w: torch.Tensor
+    fc2_b: Optional[torch.Tensor]
+
+
+def _bias(module) -> Optional[torch.Tensor]:
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, torch.Tensor) and b.numel() else None
+
+
+def _plain(t) -> bool:
+    """A parameter held as an ordinary tensor (not an FP8 or other subclass)."""
+    return isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def unsupported(model: torch.nn.Module) -> Optional[str]:
+    """Why this model cannot run here (None: it can)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    c = model.config
+    if ps.get_tensor_model_parallel_world_size() > 1 or \
+            ps.get_pipeline_model_parallel_world_size() > 1:
+        return "the model is split over several ranks (TP or PP > 1)"
+    if getattr(model, "position_embedding_type", None) != "rope" or \
+            type(getattr(model, "rotary_pos_emb", None)) is not RotaryEmbedding:
+        return "positions other than rotary embeddings (learned, ALiBi, YaRN)"
+    if c.num_moe_experts or c.multi_latent_attention:
+        return "mixture-of-experts or multi-latent attention"
+    if c.window_size is not None:
+        return "sliding-window attention"
+    if c.activation_func not in (F.silu, F.gelu) or c.apply_residual_connection_post_layernorm \
+            or c.fp32_residual_connection:
+        return "an activation or residual layout other than pre-norm SiLU/GELU"
+    if hasattr(model.embedding, "layernorm"):
+        return "an embedding norm"
+    for layer in model.decoder.layers:
+        if type(layer).__name__ != "TransformerLayer" or \
+                not isinstance(getattr(layer.mlp, "linear_fc1", None), torch.nn.Module):
+            return f"a layer of type {type(layer).__name__} or a fused MLP"
+        if not isinstance(layer.self_attention.linear_qkv, torch.nn.Module):
+            return "an attention without a fused QKV projection"
+        for name in ("linear_qkv", "linear_proj"):
+            if not _plain(getattr(layer.self_attention, name).weight):
+                return "FP8 or quantized weights"
+        if not isinstance(layer.pre_cross_attn_layernorm, IdentityOp):
+            return "cross-attention"
+    return None
+
+
+def _norm(config, fused_linear, separate) -> _Norm:
+    """A layer's norm: fused into the next linear layer (Transformer Engine) or a module."""
+    rms = config.normalization == "RMSNorm"
+    shift = 1.0 if config.layernorm_zero_centered_gamma else 0.0
+    if getattr(fused_linear, "layer_norm_weight", None) is not None:
+        return _Norm(fused_linear.layer_norm_weight, getattr(fused_linear, "layer_norm_bias", None),
+                     config.layernorm_epsilon, rms, shift)
+    return _Norm(separate.weight, _bias(separate), config.layernorm_epsilon, rms, shift)
+
+
+def _head_norm(config, module) -> Optional[_Norm]:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    return _Norm(weight, _bias(module), config.layernorm_epsilon,
+                 config.normalization == "RMSNorm", 0.0)
+
+
+class KVModel:
+    """The model's tensors and the forward of generation over a KV cache of `max_batch_size`
+    rows x `max_sequence_length` positions (allocated once)."""
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int):
+        c = model.config
+        self.config = c
+        self.dtype = model.embedding.word_embeddings.weight.dtype
+        self.device = model.embedding.word_embeddings.weight.device
+        self.heads = c.num_attention_heads
+        self.groups = c.num_query_groups or c.num_attention_heads
+        self.head_dim = c.kv_channels
+        self.scale = c.softmax_scale or self.head_dim ** -0.5
+        self.gated = c.gated_linear_unit
+        self.activation = c.activation_func
+        self.embedding = model.embedding.word_embeddings.weight
+        self.output = model.shared_embedding_or_output_weight() \
+            if model.share_embeddings_and_output_weights else model.output_layer.weight
+        self.final_norm = _norm(c, None, model.decoder.final_layernorm)
+        self.layers = []
+        for layer in model.decoder.layers:
+            a, m = layer.self_attention, layer.mlp
+            self.layers.append(_Layer(
+                _norm(c, a.linear_qkv, layer.input_layernorm), a.linear_qkv.weight,
+                _bias(a.linear_qkv), _head_norm(c, a.q_layernorm), _head_norm(c, a.k_layernorm),
+                a.linear_proj.weight, _bias(a.linear_proj),
+                _norm(c, m.linear_fc1, layer.pre_mlp_layernorm), m.linear_fc1.weight,
+                _bias(m.linear_fc1), m.linear_fc2.weight, _bias(m.linear_fc2)))
+        rotary = model.rotary_pos_emb
+        with torch.no_grad():
+            freqs = rotary.get_freqs_non_repeated(max_sequence_length).float().to(self.device)
+        self.rotary_interleaved = rotary.rotary_interleaved
+        self.cos, self.sin = freqs.cos(), freqs.sin()  # [positions, rotary dim / 2]
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        shape = (len(self.layers), max_batch_size, self.groups, max_sequence_length,
+                 self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # Pieces ---------------------------------------------------------------------------------
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary positions on [..., heads, head_dim] at `positions` (the shape of x[..., 0, 0]),
+        as Megatron's apply_rotary_pos_emb: the first rotary dims, cos/sin in the model's dtype."""
+        half = self.cos.size(-1)
+        cos = self.cos[positions].to(x.dtype).unsqueeze(-2)  # [..., 1, half]
+        sin = self.sin[positions].to(x.dtype).unsqueeze(-2)
+        rot, rest = x[..., :2 * half], x[..., 2 * half:]
+        if self.rotary_interleaved:
+            cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        else:
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+            x1, x2 = rot.chunk(2, dim=-1)
+            rotated = torch.cat((-x2, x1), dim=-1)
+        return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+    def _qkv(self, layer: _Layer, h: torch.Tensor, positions: torch.Tensor):
+        """q [..., heads, d], k and v [..., groups, d], normed and rotated as Megatron does."""
+        qkv = F.linear(layer.norm1(h), layer.qkv_w, layer.qkv_b)
+        per_group = self.heads // self.groups
+        qkv = qkv.view(*h.shape[:-1], self.groups, per_group + 2, self.head_dim)
+        q = qkv[..., :per_group, :].flatten(-3, -2)
+        k, v = qkv[..., per_group, :], qkv[..., per_group + 1, :]
+        if layer.q_norm is not None:
+            q = layer.q_norm(q)
+        if layer.k_norm is not None:
+            k = layer.k_norm(k)
+        return self._rotate(q, positions), self._rotate(k, positions), v
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(layer.norm2(x), layer.fc1_w, layer.fc1_b)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.activation(gate) * up
+        else:
+            h = self.activation(h)
+        return F.linear(h, layer.fc2_w, layer.fc2_b)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(x), self.output)
+
+    # Prefill ----------------------------------------------------------------------------------
+
+    def prefill(self, slots: torch.Tensor, tokens: torch.Tensor, want_logits: bool
+                ) -> Optional[torch.Tensor]:
+        """Rows `slots` [n] of the cache from their prompts `tokens` [n, length] (right-padded:
+        padding comes after every real token, so causal attention never reads it for them);
+        the logits of every position [n, length, padded vocab] when `want_logits`."""
+        n, length = tokens.shape
+        positions = torch.arange(length, device=tokens.device).expand(n, length)
+        x = F.embedding(tokens, self.embedding)
+        per_group = self.heads // self.groups
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, positions)  # [n, length, heads|groups, d]
+            self.keys[i, slots, :, :length] = k.transpose(1, 2)
+            self.values[i, slots, :, :length] = v.transpose(1, 2)
+            # Each group's keys repeated for its query heads: the fused kernels then apply.
+            attn = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.repeat_interleave(per_group, 2).transpose(1, 2),
+                v.repeat_interleave(per_group, 2).transpose(1, 2), is_causal=True,
+                scale=self.scale)
+            attn = attn.transpose(1, 2).reshape(n, length, -1)
+            x = x + F.linear(attn, layer.proj_w, layer.proj_b)
+            x = x + self._mlp(layer, x)
+        return self.logits(x) if want_logits else None
+
+    # Decode -----------------------------------------------------------------------------------
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """One position for cache rows 0..n-1: `tokens` [n] at `positions` [n] (each row its
+        own); their keys and values are written at those positions, attention reads the first
+        `span` positions of each row up to its own. Returns the logits [n, padded vocab].
+        Fixed shapes and no host synchronisation: capturable in a CUDA graph."""
+        n = tokens.size(0)
+        rows = torch.arange(n, device=tokens.device)
+        x = F.embedding(tokens, self.embedding)  # [n, hidden]
+        per_group = self.heads // self.groups
+        visible = torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]
+        mask = torch.zeros(n, 1, 1, span, dtype=torch.float32, device=tokens.device)
+        mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, positions)  # q [n, heads, d], k/v [n, groups, d]
+            self.keys[i, rows, :, positions] = k
+            self.values[i, rows, :, positions] = v
+            keys = self.keys[i, :n, :, :span]  # [n, groups, span, d]
+            values = self.values[i, :n, :, :span]
+            q = q.view(n, self.groups, per_group, self.head_dim)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale + mask
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [n, groups, per_group, span]
+            attn = torch.matmul(probs, values).reshape(n, -1)
+            x = x + F.linear(attn, layer.proj_w, layer.proj_b)
+            x = x + self._mlp(layer, x)
+        return self.logits(x)
