@@ -138,6 +138,30 @@ def test_sampling_stays_within_top_k_and_top_p_and_is_seeded(tiny_llama, tmp_pat
     assert run("other", "sampling.top_p=0.002", "seed=8") != top_p
 
 
+@pytest.mark.parametrize("options", [
+    ["sampling.top_k=5", "sampling.top_p=0.9", "seed=3"],
+    ["sampling.temperature=0.8", "sampling.repetition_penalty=1.2", "seed=4"]])
+def test_both_engines_draw_the_same_samples(tiny_llama, tmp_path, options):
+    """The decode engine (continuous batching) and Megatron-Core's (engine=megatron, static
+    batches) draw each sequence's tokens from the same keyed stream: one is the other's
+    reference, in ragged batches of 3."""
+    hf, mcore = tiny_llama
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+
+    def run(engine, expected):
+        out = tmp_path / f"{engine}.jsonl"
+        summary = generate(f"load={mcore}", f"input={prompts}", f"output={out}",
+                           f"engine={engine}", "sampling.num_tokens_to_generate=12",
+                           "inference_max_batch_size=3", *options, **QUIET)
+        assert summary["engine"].startswith(expected), summary
+        return [r["generated_tokens"] for r in _read(out)]
+
+    decoded = run("auto", "decode engine, continuous batching")
+    assert decoded == run("megatron", "Megatron-Core's engine")
+    assert len({tuple(t) for t in decoded}) == len(PROMPTS)
+
+
 def test_bad_input_is_refused_with_what_to_do(tiny_llama, tmp_path):
     hf, mcore = tiny_llama
     bad = tmp_path / "bad.jsonl"

@@ -4,9 +4,11 @@
 The model is a Hugging Face folder (--hf) or a model of the zoo with random weights (model=<name>,
 saved as a Hugging Face folder first); it is converted to a Megatron-Core checkpoint, then each
 batch size runs on transformers (greedy `generate`, SDPA attention, its KV cache) and on
-llmtrain's engine (Megatron-Core, Transformer Engine's layers on a GPU), both generating exactly
---new-tokens tokens per sequence after --prompt-length random prompt tokens. Figures are medians
-over --repeats timed runs after one warm-up. Not a test: nothing here asserts a speed.
+llmtrain's engine (the decode engine where it covers the model, else Megatron-Core's; --engine),
+both generating exactly --new-tokens tokens per sequence after --prompt-length random prompt
+tokens. Figures are medians over --repeats timed runs after one warm-up, printed with the
+weight-bandwidth bound of batch 1 (the model's bytes over a device copy's bandwidth, measured in
+the same run). Not a test: nothing here asserts a speed.
 
     python -m llmtrain.generate.bench model=llama3_2_1b --batch-sizes 1,32
     python -m llmtrain.generate.bench --hf /models/Llama-3.2-1B --batch-sizes 1,32
@@ -69,6 +71,28 @@ def random_hf(model, folder: Path, dtype: torch.dtype, **hf_fields) -> Path:
     return folder
 
 
+def converted(hf: Path, mcore: Path, dtype: str) -> Path:
+    """The Megatron-Core checkpoint of a Hugging Face folder. In a process of its own: a
+    conversion runs on the CPU, and the CPU stand-ins it installs (llmtrain.megatron.cpu) must
+    not reach this process's GPU work."""
+    subprocess.run([sys.executable, "-m", "llmtrain.convert", f"input={hf}", f"output={mcore}",
+                    "check=false", f"dtype={dtype}"], check=True, stdout=subprocess.DEVNULL)
+    return mcore
+
+
+def word_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """A tokenizer of `vocab_size` words ("<|endoftext|>" and "w1" ...) beside a random model,
+    for the tools that need one (a server)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -108,15 +132,29 @@ def transformers_peer(folder: Path, prompts: list[list[int]], args, device: str)
     return results
 
 
+def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float:
+    """Bytes per second a device-to-device copy moves (each byte read and written once): what
+    reading the weights once per token can reach at best."""
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = statistics.median(_time(lambda: dst.copy_(src), 5, device.type))
+    return 2 * size / seconds
+
+
 def engine_peer(prompts: list[list[int]], args, engine) -> dict:
-    """Driver: the same on llmtrain's engine."""
+    """Driver: the same on llmtrain's engine; and the weight-bandwidth bound of batch 1 (the
+    model's bytes read once per token at the measured copy bandwidth)."""
     results = {}
     for size in args.batch_sizes:
         batch = [Sequence(p, args.new_tokens, Sampling(temperature=0.0)) for p in prompts[:size]]
         outputs = []
         results[size] = (_time(lambda: outputs.append(engine.generate(batch)[0].tokens),
                                args.repeats, engine.device.type), outputs[-1])
-    return results
+    model = engine.model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(engine.device)
+    return {"results": results, "engine": engine.description, "weight_bytes": weights,
+            "bandwidth": bandwidth}
 
 
 def main() -> None:
@@ -132,6 +170,8 @@ def main() -> None:
                         help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--engine", choices=["auto", "megatron"], default="auto",
+                        help="auto: the decode engine where it covers the model")
     parser.add_argument("overrides", nargs="*", help="model=<name> (conf/model/)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,15 +188,11 @@ def main() -> None:
         else:
             model = zoo_model(args.overrides)
             hf = random_hf(model, Path(scratch) / model.name, DTYPES[args.dtype])
-        mcore = Path(scratch) / "mcore"
-        # In a process of its own: a conversion runs on the CPU, and the CPU stand-ins it
-        # installs (llmtrain.megatron.cpu) must not reach this process's GPU work.
-        subprocess.run([sys.executable, "-m", "llmtrain.convert", f"input={hf}",
-                        f"output={mcore}", "check=false", f"dtype={args.dtype}"],
-                       check=True, stdout=subprocess.DEVNULL)
+        mcore = converted(hf, Path(scratch) / "mcore", args.dtype)
         plan = prepare(InferenceConfig(
             load=str(mcore), dtype=args.dtype, inference_max_batch_size=max(args.batch_sizes),
-            inference_max_seq_length=args.prompt_length + args.new_tokens, seed=args.seed),
+            inference_max_seq_length=args.prompt_length + args.new_tokens, seed=args.seed,
+            engine=args.engine),
             needs_tokenizer=False)
         generator = torch.Generator().manual_seed(args.seed)
         prompts = torch.randint(0, plan.model.vocab_size,
@@ -169,20 +205,26 @@ def main() -> None:
             worker.run, plan, partial(engine_peer, prompts, args)))
     name = plan.model.name
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    bound = ours["bandwidth"] / ours["weight_bytes"]
     print(f"\n{name}, {args.dtype}, prompts of {args.prompt_length} tokens, "
-          f"{args.new_tokens} new tokens each (greedy), {where}; median of {args.repeats} runs "
-          f"after a warm-up", file=sys.stderr)
+          f"{args.new_tokens} new tokens each (greedy), {where}; {ours['engine']}; median of "
+          f"{args.repeats} runs after a warm-up", file=sys.stderr)
     print(f"{'batch':>6}{'llmtrain tokens/s':>20}{'transformers tokens/s':>24}{'ratio':>8}"
           f"{'same greedy prefix':>21}")
     for size in args.batch_sizes:
-        mine, theirs = ours[size], hf_results[size]
+        mine, theirs = ours["results"][size], hf_results[size]
         speed = size * args.new_tokens / statistics.median(mine[0])
         peer = size * args.new_tokens / statistics.median(theirs[0])
         # Greedy tokens agree up to the first that differs (after it, the contexts differ).
         same = next((i for i, (a, b) in enumerate(zip(mine[1], theirs[1])) if a != b),
                     args.new_tokens) / args.new_tokens
         print(f"{size:>6}{speed:>20,.1f}{peer:>24,.1f}{speed / peer:>7.2f}x{same:>20.0%}")
-
+        if size == 1:
+            at_one = speed
+    print(f"weight-bandwidth bound of batch 1: {ours['weight_bytes'] / 1e9:.2f} GB of weights "
+          f"at {ours['bandwidth'] / 1e9:,.0f} GB/s (a device copy, measured) = {bound:,.0f} "
+          f"tokens/s" + (f"; llmtrain at batch 1 reaches {at_one / bound:.0%} of it"
+                         if 1 in args.batch_sizes else ""))
 
 if __name__ == "__main__":
     main()

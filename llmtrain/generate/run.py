@@ -44,21 +44,30 @@ def _sequences(c: GenerateConfig, plan: Plan, text: Text, ids: list[list[int]]
 
 
 def generate_all(sequences: list[Sequence], engine) -> dict:
-    """Driver: every sequence, in batches of similar prompt lengths; outputs in input order."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt))
-    outputs = [None] * len(sequences)
-    began = time.perf_counter()
+    """Driver: every sequence through the engine, shortest prompts first (the decode engine
+    refills each row as its sequence finishes; Megatron-Core's runs static batches of what
+    waits); outputs in input order."""
+    outputs: list = [None] * len(sequences)
+    began = last = time.perf_counter()
     made = 0
-    size = engine.max_batch_size
-    for first in range(0, len(order), size):
-        chunk = order[first:first + size]
-        for i, out in zip(chunk, engine.generate([sequences[i] for i in chunk])):
-            outputs[i] = out
-            made += len(out.tokens)
-        seconds = time.perf_counter() - began
-        print(f"[generate] {first + len(chunk)}/{len(order)} prompts, {made} tokens, "
-              f"{made / seconds:.1f} tokens/s", file=sys.stderr, flush=True)
-    return {"outputs": outputs, "seconds": time.perf_counter() - began, "tokens": made}
+
+    def finished(i: int, output) -> None:
+        nonlocal made
+        outputs[i] = output
+        made += len(output.tokens)
+
+    for i in sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt)):
+        engine.add(sequences[i], None, partial(finished, i))
+    while engine.busy:
+        engine.advance()
+        now = time.perf_counter()
+        if now - last > 2 or not engine.busy:
+            last = now
+            done = sum(o is not None for o in outputs)
+            print(f"[generate] {done}/{len(sequences)} prompts, {made} tokens, "
+                  f"{made / (now - began):.1f} tokens/s", file=sys.stderr, flush=True)
+    return {"outputs": outputs, "seconds": time.perf_counter() - began, "tokens": made,
+            "engine": engine.description}
 
 
 def execute(c: GenerateConfig, say=print) -> dict:
@@ -82,7 +91,7 @@ def execute(c: GenerateConfig, say=print) -> dict:
     summary = {"prompts": len(out), "tokens": result["tokens"],
                "seconds": round(result["seconds"], 2),
                "tokens_per_second": round(result["tokens"] / max(result["seconds"], 1e-9), 1),
-               "output": c.output}
+               "engine": result["engine"], "output": c.output}
     say(f"[generate] wrote {len(out)} generations ({summary['tokens']} tokens, "
         f"{summary['tokens_per_second']} tokens/s) to {c.output}")
     return summary

@@ -1,10 +1,13 @@
 """Next tokens for many sequences at once, each with its own sampling parameters, on the device,
 with no host synchronisation (so that a decode step and its sampling fit in one CUDA graph).
 
-Randomness is a counter-based hash of (the sequence's seed key, its position): a seeded sequence
-draws the same tokens whatever it is batched with, and sequences with different seeds draw
-independent streams. One uniform per row picks the token by inverse CDF over the filtered
-distribution, which is exact multinomial sampling.
+Randomness is a counter-based hash of (the sequence's seed key, its position, the token id): a
+seeded sequence draws the same tokens whatever it is batched with, and sequences with different
+seeds draw independent streams. A token is the argmax of its logit plus Gumbel noise (the
+Gumbel-max trick: exact sampling from the softmax). Unlike one uniform through the CDF, whose
+choice moves when rounding anywhere in the vocabulary shifts the sum before it, this choice
+changes only when two candidates nearly tie: rollouts on another layout (other rounding) draw
+the same tokens.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One number in (0, 1) per row from (key, position)."""
-    h = _mix(_mix(keys) ^ ((positions * 0x9E3779B1) & _MASK))
-    return ((h >> 8).to(torch.float64) + 0.5) / float(1 << 24)
+def gumbel(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel noise [rows, vocab] (fp32) from (key, position) of each row and the token id."""
+    row = _mix(_mix(keys) ^ ((positions * 0x9E3779B1) & _MASK))
+    ids = torch.arange(vocab_size, device=keys.device)
+    h = _mix(row[:, None] ^ ((ids * 0x85EBCA77 + 0x27D4EB2F) & _MASK)[None, :])
+    u = ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1), 24 exact bits
+    return -torch.log(-torch.log(u))
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,6 @@ class RowSampling:
         greedy = self.greedy[:n]
         temperature = torch.where(greedy, 1.0, self.temperature[:n]).clamp_min(1e-6)
         scaled = logits / temperature[:, None]
-        u = uniform(self.key[:n], positions)
         if mode.filter:
             values, order = scaled.sort(dim=-1, descending=True)
             ranks = torch.arange(values.size(1), device=values.device)[None, :]
@@ -123,14 +128,10 @@ class RowSampling:
             top_p = torch.where((top_p > 0) & (top_p < 1), top_p, 2.0)
             # The smallest set whose probability reaches top_p (its first token always).
             keep &= (probs.cumsum(dim=-1) - probs) < top_p[:, None]
-            probs = probs * keep
-        else:
-            probs = torch.softmax(scaled, dim=-1)
-        cdf = probs.to(torch.float64).cumsum(dim=-1)
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(cdf.size(1) - 1)
-        if mode.filter:
-            picked = order.gather(1, picked)
-        return torch.where(greedy, chosen, picked[:, 0])
+            scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(1, order, keep),
+                                        float("-inf"))
+        picked = (scaled + gumbel(self.key[:n], positions, scaled.size(1))).argmax(dim=-1)
+        return torch.where(greedy, chosen, picked)
 
     def saw(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
         """Rows 0..n-1 produced `tokens` (their repetition penalty counts them from now on)."""

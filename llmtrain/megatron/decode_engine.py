@@ -59,6 +59,7 @@ class DecodeEngine(Replica):
                  max_sequence_length: int, device: str, seed: int = 1234,
                  graphs: Optional[bool] = None, sync_every: int = 8):
         super().__init__(device)
+        self.model = model
         self.kv = KVModel(model, max_batch_size, max_sequence_length)
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
@@ -116,6 +117,12 @@ class DecodeEngine(Replica):
         for r in live:
             self.rows[r].position += steps
         self._deliver(live)
+
+    def abort(self) -> None:
+        """Drop every sequence, waiting or running, unanswered (after a failed `advance`)."""
+        self.waiting.clear()
+        self.rows = [None] * self.max_batch_size
+        self.active.zero_()
 
     def generate(self, batch: list[Sequence], on_token: Optional[OnToken] = None,
                  on_finish: Optional[OnFinish] = None) -> list[Output]:

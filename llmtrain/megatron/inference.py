@@ -59,6 +59,7 @@ class Engine(Replica):
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_batch_size: int,
                  max_sequence_length: int, device: str, seed: int = 1234):
         super().__init__(device)
+        self.model = model
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
@@ -103,6 +104,10 @@ class Engine(Replica):
                 batch[row][2](output)
 
         self.generate([s for s, _, _ in batch], on_token, on_finish)
+
+    def abort(self) -> None:
+        """Driver: drop what waits, unanswered (after a failed `advance`)."""
+        self.waiting = []
 
     def _run_batch(self, batch: list[Sequence]) -> None:
         self._run(batch, None, None)

@@ -3,9 +3,9 @@ together in batches on the engine, and hands each token and result back to the r
 handler as soon as it exists.
 
 The loop runs on the driver's main thread (where the model runs; the HTTP server has its own
-thread and event loop). A batch is static: it starts with what is queued (waiting `wait_s` for
-more to join once the first request is in) and runs until its last sequence finishes; sequences
-that finish earlier are answered at once. Requests arriving meanwhile form the next batch.
+thread and event loop). Generation is batched by the engine itself: each request's sequences
+are added as they arrive and each is answered as soon as it finishes. A reward model's scores
+are static batches (ScoreBatcher).
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ class Work:
 
 
 class Metrics:
-    """What the server has done, for /metrics and the log."""
+    """What the server has done, for /metrics and the log. `batches` counts the engine's
+    rounds (`advance` calls: a whole static batch, or a few decode steps of a continuous one)
+    and `batch_sizes` the sequences in flight during each."""
 
     def __init__(self):
         self.requests = 0
@@ -104,16 +106,14 @@ class Metrics:
                 "busy_seconds": round(self.busy_seconds, 3)}
 
 
-class Batcher:
-    """Queue in, batches through the engine, events out: generation (`_run`), or a reward
-    model's scores (ScoreBatcher)."""
+class _Loop:
+    """Requests queued by the HTTP thread for the loop on the driver's main thread."""
 
     def __init__(self, engine, text: Text, wait_s: float):
         self.engine = engine
         self.text = text
         self.wait_s = wait_s
         self.pending: "queue.Queue[Work]" = queue.Queue()
-        self.leftover: deque = deque()  # (work, choice) of requests bigger than a batch
         self.metrics = Metrics()
         self.stopping = threading.Event()
 
@@ -122,8 +122,117 @@ class Batcher:
         self.metrics.requests += 1
         self.pending.put(work)
 
+
+class Batcher(_Loop):
+    """Queue in, sequences through the engine, events out. Requests join the engine as they
+    arrive (`engine.add`), and the loop advances it while it has work: with the decode engine a
+    request that arrives while others generate joins them within a few steps; Megatron-Core's
+    engine runs what waits as its next static batch."""
+
+    def __init__(self, engine, text: Text, wait_s: float):
+        super().__init__(engine, text, wait_s)
+        self.in_flight: dict = {}  # id(choice) -> work, of sequences in the engine
+
     def run(self) -> None:
         """The loop (driver's main thread) until `stopping` is set."""
+        while not self.stopping.is_set():
+            self._take()
+            if self.in_flight:
+                self._advance()
+
+    def _take(self) -> None:
+        """Hand queued requests to the engine. An idle engine waits for the first one, then
+        `wait_s` for more to start with it."""
+        works, block_s, deadline = [], 0.0 if self.in_flight else 0.1, None
+        while True:
+            try:
+                work = self.pending.get(timeout=block_s) if block_s > 0 \
+                    else self.pending.get_nowait()
+            except queue.Empty:
+                if deadline is None or time.perf_counter() >= deadline:
+                    break
+                block_s = min(deadline - time.perf_counter(), 0.005)
+                continue
+            if not work.cancelled:
+                works.append(work)
+            if deadline is None and not self.in_flight:
+                deadline = time.perf_counter() + self.wait_s
+            block_s = 0.0
+        sequences = 0
+        for work in works:
+            sequences += self._add(work)
+        if works:
+            print(f"[serve] {sequences} sequence(s) from {len(works)} request(s) join "
+                  f"{len(self.in_flight) - sequences} in flight", file=sys.stderr, flush=True)
+
+    def _add(self, work: Work) -> int:
+        """The request's sequences into the engine; how many."""
+        text = self.text
+        for choice in work.choices:
+            def on_token(token: int, logprob, top, choice=choice) -> bool:
+                if work.cancelled:
+                    return True
+                delta, stopped = choice.feed(token, text) if choice.watch else ("", False)
+                if work.stream:
+                    work.post("token", choice.index, token, logprob, top, delta)
+                return stopped
+
+            def on_finish(output: Output, choice=choice) -> None:
+                del self.in_flight[id(choice)]
+                self.metrics.generated_tokens += len(output.tokens)
+                rest = choice.finish(output, text)
+                work.post("done", choice.index, output,
+                          rest if work.stream else choice.final_text)
+
+            try:
+                self.engine.add(choice.sequence, on_token, on_finish)
+            except ValueError as error:  # the HTTP side checks first: this is a last guard
+                work.cancelled = True
+                work.post("error", str(error))
+                return 0
+            self.in_flight[id(choice)] = work
+            self.metrics.sequences += 1
+            self.metrics.prompt_tokens += len(choice.sequence.prompt)
+        return len(work.choices)
+
+    def _advance(self) -> None:
+        """One round of the engine; a failure fails the requests in flight, not the server."""
+        began = time.perf_counter()
+        running = len(self.in_flight)
+        try:
+            self.engine.advance()
+        except Exception as error:
+            for work in {id(w): w for w in self.in_flight.values()}.values():
+                work.post("error", f"{type(error).__name__}: {error}")
+            self.in_flight.clear()
+            self.engine.abort()
+            print(f"[serve] generation failed: {type(error).__name__}: {error}",
+                  file=sys.stderr, flush=True)
+            return
+        m = self.metrics
+        m.batches += 1
+        m.batch_sizes[running] += 1
+        m.busy_seconds += time.perf_counter() - began
+
+
+@dataclass
+class Scored:
+    """One sequence of a reward request."""
+
+    ids: list[int]
+    index: int
+
+
+class ScoreBatcher(_Loop):
+    """Static batches of a reward model's sequences (each request's choices are Scored):
+    what is queued when one starts (waiting `wait_s` for more once the first is in); events
+    ("done", index, score, None), or ("error", message)."""
+
+    def __init__(self, engine, text: Text, wait_s: float):
+        super().__init__(engine, text, wait_s)
+        self.leftover: deque = deque()  # (work, choice) of requests bigger than a batch
+
+    def run(self) -> None:
         while not self.stopping.is_set():
             batch = self._next_batch()
             if batch:
@@ -168,64 +277,20 @@ class Batcher:
         """One batch; a failure fails its requests, not the server."""
         began = time.perf_counter()
         try:
-            tokens, made = self._process(batch)
+            scores = self.engine.score([c.ids for _, c in batch])
         except Exception as error:
             for work, _ in batch:
                 work.post("error", f"{type(error).__name__}: {error}")
             print(f"[serve] batch failed: {type(error).__name__}: {error}", file=sys.stderr,
                   flush=True)
             return
-        seconds = time.perf_counter() - began
+        for (work, choice), score in zip(batch, scores):
+            work.post("done", choice.index, score, None)
         m = self.metrics
         m.batches += 1
         m.sequences += len(batch)
         m.batch_sizes[len(batch)] += 1
-        m.busy_seconds += seconds
-        m.prompt_tokens += tokens
-        m.generated_tokens += made
-        requests = len({id(w) for w, _ in batch})
-        print(f"[serve] batch {m.batches}: {len(batch)} sequence(s) from {requests} "
-              f"request(s), {tokens} prompt and {made} generated tokens in {seconds:.2f} s",
-              file=sys.stderr, flush=True)
-
-    def _process(self, batch: list) -> tuple[int, int]:
-        """Generate the batch, answering each sequence as it finishes; (prompt tokens, tokens
-        made)."""
-        text = self.text
-
-        def on_token(row: int, token: int, logprob, top) -> bool:
-            work, choice = batch[row]
-            if work.cancelled:
-                return True
-            delta, stopped = choice.feed(token, text) if choice.watch else ("", False)
-            if work.stream:
-                work.post("token", choice.index, token, logprob, top, delta)
-            return stopped
-
-        def on_finish(row: int, output: Output) -> None:
-            work, choice = batch[row]
-            rest = choice.finish(output, text)
-            work.post("done", choice.index, output, rest if work.stream else choice.final_text)
-
-        outputs = self.engine.generate([c.sequence for _, c in batch], on_token, on_finish)
-        return (sum(len(c.sequence.prompt) for _, c in batch),
-                sum(len(o.tokens) for o in outputs))
-
-
-@dataclass
-class Scored:
-    """One sequence of a reward request."""
-
-    ids: list[int]
-    index: int
-
-
-class ScoreBatcher(Batcher):
-    """Batches of a reward model's sequences (each request's choices are Scored); events
-    ("done", index, score, None), or ("error", message)."""
-
-    def _process(self, batch: list) -> tuple[int, int]:
-        scores = self.engine.score([c.ids for _, c in batch])
-        for (work, choice), score in zip(batch, scores):
-            work.post("done", choice.index, score, None)
-        return sum(len(c.ids) for _, c in batch), 0
+        m.busy_seconds += time.perf_counter() - began
+        m.prompt_tokens += sum(len(c.ids) for _, c in batch)
+        print(f"[serve] batch {m.batches}: {len(batch)} sequence(s) from "
+              f"{len({id(w) for w, _ in batch})} request(s) scored", file=sys.stderr, flush=True)

@@ -16,6 +16,9 @@ class ServeConfig(InferenceConfig):
     `PUT /api`. The KV cache settings (inference_max_batch_size, inference_max_seq_length) bound
     every batch."""
 
+    # Sequences generated together: clients come and go, and the decode engine admits each
+    # into a free row of the KV cache as it arrives (generate's default is 8).
+    inference_max_batch_size: int = 64
     # Megatron-LM's text generation server listens on 0.0.0.0:5000; here only this machine
     # reaches it unless host=0.0.0.0. port=0: a free port (printed when ready).
     host: str = "127.0.0.1"

@@ -22,6 +22,7 @@ and scores their rollouts on its own, and the replicas meet in the gradient redu
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import numpy as np
@@ -45,7 +46,7 @@ from llmtrain.megatron.align.heads import (
     score_forward,
 )
 from llmtrain.megatron.align.servers import from_server
-from llmtrain.megatron.inference import Engine
+from llmtrain.megatron.inference import make_engine
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.step import StepResult, train_step
 from llmtrain.rlhf import advantages, losses
@@ -83,6 +84,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) ->
     return -vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
                                          labels.transpose(0, 1).contiguous(),
                                          tp_group=tp_group).transpose(0, 1)
+
+
+def _keep_tokens(replies: list, i: int, output) -> None:
+    replies[i] = output.tokens
 
 
 class RolloutTask(Task):
@@ -128,9 +133,10 @@ class RolloutTask(Task):
         ) if a.reward == "model" else None
         if self.ppo:
             self._setup_critic(start, save_dir)
-        self.engine = Engine(checkpoint.unwrap(model[0]), cfg.model.vocab_size,
-                             a.generation_batch_size or cfg.stage.global_batch_size,
-                             cfg.data.seq_length, self.layout.device, cfg.seed)
+        self.engine = make_engine(checkpoint.unwrap(model[0]), cfg.model.vocab_size,
+                                  a.generation_batch_size or cfg.stage.global_batch_size,
+                                  cfg.data.seq_length, self.layout.device, cfg.seed)
+        self.say(f"rollouts: {self.engine.description}")
 
     def _setup_critic(self, start: int, save_dir) -> None:
         a = self.align
@@ -186,10 +192,11 @@ class RolloutTask(Task):
                                           + 7919 * self.dp_rank)
         replies = None
         if self.engine.is_driver:
-            replies = []
-            size = self.engine.max_batch_size
-            for at in range(0, len(sequences), size):
-                replies += [o.tokens for o in self.engine.generate(sequences[at:at + size])]
+            replies = [None] * len(sequences)
+            for i, s in enumerate(sequences):
+                self.engine.add(s, None, partial(_keep_tokens, replies, i))
+            while self.engine.busy:
+                self.engine.advance()
             self.engine.stop_followers()
         else:
             self.engine.follow()
@@ -299,8 +306,11 @@ class RolloutTask(Task):
 
     def step(self, iteration, model, optimizer, scheduler, iterators, guard):
         a = self.align
+        clock = [self._now()]
         rollouts = self._generate(iteration, model)
+        clock.append(self._now())
         micro, scores = self._experience(rollouts)
+        clock.append(self._now())
         # Collected on the last pipeline stage, the one that computes the losses.
         old = _pick(Role(model).forward(micro, self.schedule, self._logprob_forward), "logp")
         ref = self._remote_reference(rollouts) if self.align.reference_url else \
@@ -308,6 +318,7 @@ class RolloutTask(Task):
         values = self.critic.values(micro, self.schedule) if self.ppo else None
         if self.last_stage:
             self._advantages(micro, scores, old, ref, values)
+        clock.append(self._now())
         result = StepResult(None, 0)
         for _ in range(a.ppo_epochs):
             result = train_step(model, optimizer, scheduler, [iter(micro)], **self.schedule,
@@ -322,7 +333,20 @@ class RolloutTask(Task):
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         result.metrics.update(reward=float(totals[0] / totals[2]),
                               reply_length=float(totals[1] / totals[2]))
+        clock.append(self._now())
+        # Where the step's time goes (this rank's clock): generation, scoring, log-probabilities
+        # (old, reference and values), the update; and the rollout's tokens/s (this replica's).
+        for name, began, ended in zip(("rollout", "reward", "logprobs", "update"), clock,
+                                      clock[1:]):
+            result.metrics[f"seconds_{name}"] = ended - began
+        result.metrics["rollout_tokens_per_second"] = \
+            sum(len(r) for _, r in rollouts) / max(clock[1] - clock[0], 1e-9)
         return result
+
+    def _now(self) -> float:
+        if self.layout.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def _advantages(self, micro, scores, old, ref, values) -> None:
         """Advantages (and for PPO returns) of every reply token, into the micro-batches."""
