@@ -2,8 +2,8 @@
 # The GPU checklist: the open measurements of docs/ in one command, with the commands users run.
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
-#   bash scripts/gpu_checks.sh convert sft generate genbench dpo grpo resume vpp roles \
-#       preference served_rm served_critic
+#   bash scripts/gpu_checks.sh convert sft generate genbench servebench dpo grpo resume vpp \
+#       roles preference served_rm served_critic
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
 # Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
@@ -25,6 +25,7 @@ if [ -n "${GPU_CHECKS_TINY:-}" ]; then
     : "${MODEL:=tiny}" "${DEVICE:=cpu}" "${PRECISION:=fp32}" "${HF_DTYPE:=fp32}"
     : "${SFT_SEQ:=96}" "${SFT_EPOCHS:=20}" "${SFT_BATCH:=8}" "${SFT_LR:=2e-3}" "${SFT_MIN_LR:=1e-4}"
     : "${GENBENCH_ARGS:=model=tiny --batch-sizes 1,4 --prompt-length 16 --new-tokens 16 --repeats 1}"
+    : "${SERVEBENCH_ARGS:=model=tiny --concurrency 1,4 --prompt-length 16 --new-tokens 16}"
     : "${DPO_STEPS:=6}" "${DPO_SEQ:=64}" "${DPO_MICRO:=4}" "${DPO_BATCH:=8}" "${DPO_LR:=1e-4}"
     : "${GRPO_STEPS:=6}" "${GRPO_SEQ:=64}" "${GRPO_MICRO:=16}" "${GRPO_BATCH:=32}"
     : "${GRPO_NEW_TOKENS:=8}" "${GRPO_LR:=5e-3}"
@@ -35,7 +36,8 @@ else
     # parameters), bf16; each step one to three minutes (docs/gpu_checks.md).
     : "${MODEL:=llama3_2_1b}" "${DEVICE:=}" "${PRECISION:=bf16}" "${HF_DTYPE:=bf16}"
     : "${SFT_SEQ:=256}" "${SFT_EPOCHS:=40}" "${SFT_BATCH:=8}" "${SFT_LR:=2e-4}" "${SFT_MIN_LR:=2e-5}"
-    : "${GENBENCH_ARGS:=model=llama3_2_1b --batch-sizes 1,32 --repeats 2}"
+    : "${GENBENCH_ARGS:=model=llama3_2_1b --batch-sizes 1,32,256 --repeats 3}"
+    : "${SERVEBENCH_ARGS:=model=llama3_2_1b --concurrency 1,8,64}"
     : "${DPO_STEPS:=40}" "${DPO_SEQ:=128}" "${DPO_MICRO:=8}" "${DPO_BATCH:=16}" "${DPO_LR:=1e-5}"
     : "${GRPO_STEPS:=30}" "${GRPO_SEQ:=128}" "${GRPO_MICRO:=16}" "${GRPO_BATCH:=64}"
     : "${GRPO_NEW_TOKENS:=16}" "${GRPO_LR:=5e-4}"
@@ -172,7 +174,15 @@ step_grpo() {
         "hydra.run.dir=$WORK/grpo_$MODEL"
     note "from $MCORE"
     $PY scripts/gpu_checks.py loss "$WORK/grpo_$MODEL" | note
-    $PY scripts/gpu_checks.py metrics "$WORK/grpo_$MODEL" reward kl entropy reply_length | note
+    $PY scripts/gpu_checks.py metrics "$WORK/grpo_$MODEL" reward kl entropy reply_length \
+        seconds_rollout seconds_reward seconds_logprobs seconds_update rollout_tokens_per_second \
+        | note
+}
+
+step_servebench() {
+    # shellcheck disable=SC2086  # SERVEBENCH_ARGS is a list of arguments
+    $PY -m llmtrain.serve.bench $SERVEBENCH_ARGS --logs "$OUT"
+    sed -n '/streamed tokens per request/,$p' "$OUT/$CURRENT.log" | note
 }
 
 # Pretraining on the embedded corpus, shared by the resume and vpp steps.
@@ -326,8 +336,8 @@ step_served_critic() {
     tail -n 3 "$runs/critic.log"
 }
 
-ALL_STEPS=(convert sft generate genbench dpo grpo resume vpp roles preference served_rm
-           served_critic)
+ALL_STEPS=(convert sft generate genbench servebench dpo grpo resume vpp roles preference
+           served_rm served_critic)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing
     # command, and `timeout` can end it with everything it started.

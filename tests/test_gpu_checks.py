@@ -13,8 +13,8 @@ import pytest
 
 from conftest import ROOT
 
-STEPS = ["convert", "sft", "generate", "genbench", "dpo", "grpo", "resume", "vpp", "roles",
-         "preference", "served_rm", "served_critic"]
+STEPS = ["convert", "sft", "generate", "genbench", "servebench", "dpo", "grpo", "resume", "vpp",
+         "roles", "preference", "served_rm", "served_critic"]
 
 
 def gpu_checks(tmp_path, *steps: str, **env: str) -> subprocess.CompletedProcess:
@@ -54,8 +54,12 @@ def test_every_step_passes_on_the_cpu(tmp_path):
     assert last < first / 4, lines
     assert "[generate] 'Who are you?' -> 'I am Xiaohuang" in lines
     assert re.search(r"\[genbench\] +4 +[\d,.]+ +[\d,.]+ +[\d.]+x +100%", lines), lines
+    assert re.search(r"\[genbench\] weight-bandwidth bound of batch 1: .* tokens/s", lines), lines
+    for engine in ("auto", "megatron"):  # the load bench's figures, beside each other
+        assert re.search(rf"\[servebench\] +{engine} +4 +[\d.]+ +[\d.]+ +[\d,.]+$", lines,
+                         re.M), lines
     assert float(re.search(r"\[dpo\] margin 0 -> (\S+),", lines).group(1)) > 0.5, lines
-    assert re.search(r"\[grpo\] reward \S+ -> \S+, kl 0 -> ", lines), lines
+    assert re.search(r"\[grpo\] reward \S+ -> \S+, kl 0 -> .*, seconds_rollout ", lines), lines
     # On the CPU a resumed run is bitwise the run that never stopped.
     assert re.search(r"\[resume\] steps 5-8: max \|loss C - A\| 0\.000e\+00", lines), lines
     assert re.search(r"\[vpp\] parallel=tp1pp2 parallel\.virtual.* [0-9.]+e-0[5-9] ", lines), lines
@@ -82,4 +86,4 @@ def test_every_step_passes_on_the_cpu(tmp_path):
     assert [name for name, _ in served] == ["value_loss", "reward", "kl"], lines
     assert all(float(d) < 1e-5 for _, d in served), lines
     assert "[served_critic] iter_0000004" in lines
-    assert "[all] 12 step(s) in" in lines and "failed: none" in lines
+    assert "[all] 13 step(s) in" in lines and "failed: none" in lines

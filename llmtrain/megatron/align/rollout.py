@@ -188,6 +188,11 @@ class RolloutTask(Task):
         sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         sequences = [Sequence(p.ids, a.max_new_tokens, sampling, tuple(self.stop_ids))
                      for p in prompts]
+        if self.cfg.parallel.overlap_param_gather:
+            # The last step's weights are gathered by the next forward's hooks, which the
+            # decode engine (it reads the tensors directly) does not run: gather them now.
+            for chunk in model:
+                chunk.start_param_sync(force_sync=True)
         self.engine.generator.manual_seed(self.cfg.seed * 100003 + iteration
                                           + 7919 * self.dp_rank)
         replies = None
