@@ -52,13 +52,18 @@ def _model(name: str) -> ModelConfig:
 def test_every_published_dense_model_is_in_the_zoo():
     assert sorted(PUBLISHED) == DENSE
     assert set(CONVERSION_ZOO) <= set(ZOO)
+    # Each is a named size of one family.
+    assert sorted(size for f in families.registered() for size in f.sizes) == DENSE
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_count_is_the_published_one(name):
     m = _model(name)
     assert m.name == name
-    assert count_parameters(m, m.vocab_size).total == PUBLISHED[name]
+    family = families.by_name(m.family)
+    assert name in family.sizes
+    assert {key: getattr(m, key) for key in family.defaults} == family.defaults
+    assert family.parameters(m) == count_parameters(m, m.vocab_size).total == PUBLISHED[name]
 
 
 @pytest.mark.parametrize("name", ZOO)
