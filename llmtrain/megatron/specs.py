@@ -110,9 +110,10 @@ def gpt_layer_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool = False) -> M
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts),
-            use_te_op_fuser=te_op_fuser)
+            qk_layernorm=m.qk_layernorm, use_te_op_fuser=te_op_fuser)
     else:
         spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
+                                        qk_layernorm=m.qk_layernorm,
                                         normalization=m.normalization)
     if m.position_embedding_type == "alibi":
         spec.submodules.self_attention.submodules.core_attention = AlibiDotProductAttention
