@@ -1,6 +1,7 @@
 """Conversions on several processes, run as a user runs them (`python -m llmtrain.convert`):
 TP=2 x PP=2 and back (Qwen3), tensor-parallel ALiBi and parallel attention, a Megatron-LM
-checkpoint split over TP ranks, and training started from a converted checkpoint under another layout."""
+checkpoint split over TP ranks, and training started from a converted checkpoint under another
+layout."""
 
 from __future__ import annotations
 

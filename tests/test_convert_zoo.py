@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose_config
 from llmtrain.cli import CONF_DIR
-from llmtrain.config.plan import count_parameters
+from llmtrain.config.plan import count_parameters, describe, memory_plan
 from llmtrain.config.schema import ModelConfig
 from llmtrain.config.validate import ConfigError, Machine, validate
 from llmtrain.convert import families
@@ -165,3 +165,19 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
     hf_config = getattr(transformers, class_name)(**fields)
     family = families.for_hf_config(hf_config)
     assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
+
+
+def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
+    """The largest Qwen3 at TP 8 with the distributed optimizer: the plan `dry_run=true` prints
+    fits an 80 GB GPU."""
+    cfg = compose_config("model=qwen3_32b", "parallel=tp8pp1", "device=cuda", "precision=bf16",
+                         "data=mock", "data.seq_length=4096", "stage.micro_batch_size=1",
+                         "stage.global_batch_size=64", "parallel.use_distributed_optimizer=true")
+    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
+    plan = describe(cfg, layout)
+    # 32.762 B as published, plus 640 rows each for the embedding and the output layer that pad
+    # the vocabulary to a multiple of 128 x TP 8.
+    assert "qwen3_32b: 32.769 B parameters (64 layers, hidden 5120, vocab 151936 padded to " \
+           "152576)" in plan
+    assert "TP 8  PP 1  CP 1  EP 1  DP 1" in plan
+    assert memory_plan(cfg, layout).total < 80
