@@ -20,6 +20,7 @@ def _config(kind: str):
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
+        Qwen3Config,
     )
 
     small = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -44,12 +45,15 @@ def _config(kind: str):
         "falcon40b": lambda: FalconConfig(vocab_size=VOCAB, **dict(small, num_attention_heads=8),
                                           num_kv_heads=2, new_decoder_architecture=True),
         # GLM-4: RoPE on interleaved pairs of half the channels, Q/K/V biases, fused gate/up.
+        # Qwen3: Q/K norms, a head size (32) that is not hidden / heads (16), tied embeddings.
+        "qwen3": lambda: Qwen3Config(**llama, head_dim=32, tie_word_embeddings=True),
         "glm": lambda: GlmConfig(**llama, head_dim=16, partial_rotary_factor=0.5,
                                  pad_token_id=None),
     }[kind]()
 
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm")
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm",
+            "qwen3")
 
 
 def tiny_hf(kind: str, folder: Path, dtype: torch.dtype = torch.float32,

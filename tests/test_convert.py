@@ -145,7 +145,8 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     assert "architecture OPTForCausalLM (model_type opt) is not supported" in error
     for supported in ("LlamaForCausalLM (llama)", "Qwen2ForCausalLM (qwen2)",
                       "MistralForCausalLM (mistral)", "GPT2LMHeadModel (gpt2)",
-                      "BloomForCausalLM (bloom)", "FalconForCausalLM (falcon)"):
+                      "BloomForCausalLM (bloom)", "FalconForCausalLM (falcon)",
+                      "Qwen3ForCausalLM (qwen3)"):
         assert supported in error
 
 

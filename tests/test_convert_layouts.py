@@ -1,6 +1,7 @@
 """Conversions on several processes, run as a user runs them (`python -m llmtrain.convert`):
-TP=2 x PP=2 and back, tensor-parallel ALiBi and parallel attention, a Megatron-LM checkpoint
-split over TP ranks, and training started from a converted checkpoint under another layout."""
+TP=2 x PP=2 and back (Qwen3), tensor-parallel ALiBi and parallel attention, a Megatron-LM
+checkpoint split over TP ranks, and training started from a converted checkpoint under another
+layout."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def _tight(check: dict) -> None:
 
 
 def test_tp2_pp2_and_back_under_another_layout(tmp_path):
-    """Tied embeddings on both pipeline stages, GQA and the gated MLP split over TP ranks."""
-    hf = tiny_hf("qwen2", tmp_path / "hf")
+    """Tied embeddings on both pipeline stages, GQA with a head size of its own (Qwen3's), the
+    Q/K norms on every TP rank and the gated MLP split over TP ranks."""
+    hf = tiny_hf("qwen3", tmp_path / "hf")
     mcore, back = tmp_path / "mcore", tmp_path / "back"
     out = _convert(f"input={hf}", f"output={mcore}", "tensor_model_parallel_size=2",
                    "pipeline_model_parallel_size=2")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose_config
 from llmtrain.cli import CONF_DIR
-from llmtrain.config.plan import count_parameters
+from llmtrain.config.plan import count_parameters, describe, memory_plan
 from llmtrain.config.schema import ModelConfig
 from llmtrain.config.validate import ConfigError, Machine, validate
 from llmtrain.convert import families
@@ -31,13 +31,18 @@ PUBLISHED = {
     "bloom_560m": 559_214_592, "bloom_1b7": 1_722_408_960, "bloom_7b1": 7_069_016_064,
     "bloom_176b": 176_247_271_424,
     "falcon_7b": 6_921_720_704, "falcon_40b": 41_303_293_952,
+    # Qwen3 counted once where tied (the Hub's 0.6B and 1.7B files store the output layer too:
+    # their 752M and 2.03B count it twice).
+    "qwen3_0_6b": 596_049_920, "qwen3_1_7b": 1_720_574_976, "qwen3_4b": 4_022_468_096,
+    "qwen3_8b": 8_190_735_360, "qwen3_14b": 14_768_307_200, "qwen3_32b": 32_762_123_264,
 }
 # Entries added with conversion (the others came with training and its tests).
 CONVERSION_ZOO = (
     "gpt2", "gpt2_large", "gpt2_xl", "llama2_7b", "llama2_13b", "llama2_70b", "llama3_1_70b",
     "llama3_2_3b", "mistral_7b", "mistral_7b_v0_3", "qwen2_0_5b", "qwen2_1_5b", "qwen2_5_0_5b",
     "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
-    "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b")
+    "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b",
+    "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # Families with a Hugging Face mapping (MoE models convert later).
 DENSE = [name for name in ZOO if name not in ("tiny", "tiny_moe", "mixtral_8x7b",
@@ -52,13 +57,18 @@ def _model(name: str) -> ModelConfig:
 def test_every_published_dense_model_is_in_the_zoo():
     assert sorted(PUBLISHED) == DENSE
     assert set(CONVERSION_ZOO) <= set(ZOO)
+    # Each is a named size of one family.
+    assert sorted(size for f in families.registered() for size in f.sizes) == DENSE
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_count_is_the_published_one(name):
     m = _model(name)
     assert m.name == name
-    assert count_parameters(m, m.vocab_size).total == PUBLISHED[name]
+    family = families.by_name(m.family)
+    assert name in family.sizes
+    assert {key: getattr(m, key) for key in family.defaults} == family.defaults
+    assert family.parameters(m) == count_parameters(m, m.vocab_size).total == PUBLISHED[name]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -117,6 +127,19 @@ HUB_CONFIGS = {
         "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
         "use_sliding_window": False, "vocab_size": 151936}),
+    # Head size 128 on a hidden size of 1024 (16 heads: 2048 query channels), Q/K norms.
+    "qwen3_0_6b": ("Qwen3Config", {
+        "attention_bias": False, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+        "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
+        "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000, "sliding_window": None,
+        "tie_word_embeddings": True, "use_sliding_window": False, "vocab_size": 151936}),
+    "qwen3_32b": ("Qwen3Config", {
+        "attention_bias": False, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+        "intermediate_size": 25600, "max_position_embeddings": 40960, "max_window_layers": 64,
+        "num_attention_heads": 64, "num_hidden_layers": 64, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000, "sliding_window": None,
+        "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936}),
     "bloom_560m": ("BloomConfig", {
         "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
         "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
@@ -142,3 +165,19 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
     hf_config = getattr(transformers, class_name)(**fields)
     family = families.for_hf_config(hf_config)
     assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
+
+
+def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
+    """The largest Qwen3 at TP 8 with the distributed optimizer: the plan `dry_run=true` prints
+    fits an 80 GB GPU."""
+    cfg = compose_config("model=qwen3_32b", "parallel=tp8pp1", "device=cuda", "precision=bf16",
+                         "data=mock", "data.seq_length=4096", "stage.micro_batch_size=1",
+                         "stage.global_batch_size=64", "parallel.use_distributed_optimizer=true")
+    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
+    plan = describe(cfg, layout)
+    # 32.762 B as published, plus 640 rows each for the embedding and the output layer that pad
+    # the vocabulary to a multiple of 128 x TP 8.
+    assert "qwen3_32b: 32.769 B parameters (64 layers, hidden 5120, vocab 151936 padded to " \
+           "152576)" in plan
+    assert "TP 8  PP 1  CP 1  EP 1  DP 1" in plan
+    assert memory_plan(cfg, layout).total < 80

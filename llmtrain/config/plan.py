@@ -56,6 +56,8 @@ def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
     bias = m.add_bias_linear
     attention = h * (q_width + 2 * kv_width) + q_width * h
     attention += (q_width + 2 * kv_width) * (m.add_qkv_bias or bias) + h * bias
+    if m.qk_layernorm:  # the Q and K norms: one head-sized weight each, shared by the heads
+        attention += 2 * (norm // h) * head
     gated = 2 if m.activation == "swiglu" else 1
     ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
     mlp = h * ffn * gated + ffn * h + (ffn * gated + h) * bias

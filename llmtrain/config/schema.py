@@ -37,6 +37,8 @@ class ModelConfig:
     activation: str = "swiglu"  # swiglu | gelu | gelu_tanh | relu
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
+    # Qwen3: RMSNorm (or LayerNorm) over each query and key head before RoPE.
+    qk_layernorm: bool = False
     position_embedding_type: str = "rope"  # rope | learned_absolute | alibi | none
     # Bloom: a LayerNorm right after the word embeddings.
     embedding_layernorm: bool = False

@@ -168,7 +168,7 @@ def model_fields(args) -> dict:
     normalization = arg("normalization", "LayerNorm")
     return {
         "family": _guess_family(swiglu, normalization, position, arg("add_qkv_bias", False),
-                                arg("add_bias_linear", True)),
+                                arg("add_bias_linear", True), arg("qk_layernorm", False)),
         "num_layers": args.num_layers,
         "hidden_size": hidden,
         "ffn_hidden_size": arg("ffn_hidden_size", 4 * hidden),
@@ -184,6 +184,7 @@ def model_fields(args) -> dict:
                                                else "gelu"),
         "add_bias_linear": arg("add_bias_linear", True),
         "add_qkv_bias": arg("add_qkv_bias", False),
+        "qk_layernorm": bool(arg("qk_layernorm", False)),
         "position_embedding_type": position,
         "rotary_base": int(arg("rotary_base", 10000)),
         "rotary_percent": float(arg("rotary_percent", 1.0)),
@@ -194,10 +195,12 @@ def model_fields(args) -> dict:
     }
 
 
-def _guess_family(swiglu, normalization, position, qkv_bias, bias) -> str:
+def _guess_family(swiglu, normalization, position, qkv_bias, bias, qk_layernorm) -> str:
     """The Hugging Face family a Megatron-LM model most likely came from (model= overrides)."""
     if position == "learned_absolute" and normalization == "LayerNorm":
         return "gpt2"
     if swiglu and normalization == "RMSNorm":
+        if qk_layernorm:
+            return "qwen3"
         return "qwen2" if qkv_bias and not bias else "llama"
     return "llama"

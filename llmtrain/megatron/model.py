@@ -55,6 +55,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         gated_linear_unit=gated,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         window_size=tuple(m.window_size) if m.window_size else None,
         rotary_interleaved=m.rotary_interleaved,
         attention_dropout=m.attention_dropout,

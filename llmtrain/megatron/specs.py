@@ -75,6 +75,7 @@ def _backend(use_te: bool):
 def _parallel_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
     backend = _backend(use_te)
     norm = backend.layer_norm(rms_norm=m.normalization == "RMSNorm")
+    qk_norm = backend.layer_norm(rms_norm=m.normalization == "RMSNorm", for_qk=True)
     core_attention = (AlibiDotProductAttention if m.position_embedding_type == "alibi"
                       else backend.core_attention())
     return ModuleSpec(
@@ -88,8 +89,8 @@ def _parallel_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
                     linear_qkv=backend.column_parallel_linear(),
                     core_attention=core_attention,
                     linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm if m.qk_layernorm else IdentityOp,
+                    k_layernorm=qk_norm if m.qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -110,9 +111,10 @@ def gpt_layer_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool = False) -> M
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts),
-            use_te_op_fuser=te_op_fuser)
+            qk_layernorm=m.qk_layernorm, use_te_op_fuser=te_op_fuser)
     else:
         spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
+                                        qk_layernorm=m.qk_layernorm,
                                         normalization=m.normalization)
     if m.position_embedding_type == "alibi":
         spec.submodules.self_attention.submodules.core_attention = AlibiDotProductAttention

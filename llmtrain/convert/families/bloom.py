@@ -18,20 +18,13 @@ def _fields(c) -> dict:
         problems.append("apply_residual_connection_post_layernorm=true")
     unsupported("Bloom", problems)
     return {
-        "family": "bloom",
         "num_layers": c.n_layer,
         "hidden_size": c.hidden_size,
         "ffn_hidden_size": 4 * c.hidden_size,
         "num_attention_heads": c.n_head,
         "vocab_size": c.vocab_size,
         "max_position_embeddings": TRAINED_LENGTH,
-        "normalization": "LayerNorm",
         "layernorm_epsilon": c.layer_norm_epsilon,
-        "activation": "gelu_tanh",
-        "add_bias_linear": True,
-        "add_qkv_bias": True,
-        "position_embedding_type": "alibi",
-        "embedding_layernorm": True,
         "share_embeddings_and_output_weights": bool(c.tie_word_embeddings),
     }
 
@@ -64,5 +57,9 @@ def _rules(m: ModelConfig) -> list[Rule]:
 
 
 BLOOM = Family(name="bloom", architecture="BloomForCausalLM", model_type="bloom",
-               base_prefix="transformer.", layers="transformer.h", model_fields=_fields,
-               hf_config=_hf, rules=_rules)
+               base_prefix="transformer.", layers="transformer.h", from_hf=_fields,
+               hf_config=_hf, rules=_rules,
+               defaults=dict(normalization="LayerNorm", activation="gelu_tanh",
+                             add_bias_linear=True, add_qkv_bias=True,
+                             position_embedding_type="alibi", embedding_layernorm=True),
+               sizes=("bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b"))

@@ -28,7 +28,6 @@ def _fields(c) -> dict:
     parallel = bool(c.parallel_attn or c.new_decoder_architecture)
     groups = _groups(c)
     return {
-        "family": "falcon",
         "num_layers": c.num_hidden_layers,
         "hidden_size": c.hidden_size,
         "ffn_hidden_size": c.ffn_hidden_size or 4 * c.hidden_size,
@@ -36,9 +35,7 @@ def _fields(c) -> dict:
         "num_query_groups": None if groups == c.num_attention_heads else groups,
         "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_position_embeddings,
-        "normalization": "LayerNorm",
         "layernorm_epsilon": c.layer_norm_epsilon,
-        "activation": "gelu",
         "add_bias_linear": bool(c.bias),
         "add_qkv_bias": bool(c.bias),
         "parallel_attention_mlp": parallel,
@@ -91,5 +88,7 @@ def _rules(m: ModelConfig) -> list[Rule]:
 
 
 FALCON = Family(name="falcon", architecture="FalconForCausalLM", model_type="falcon",
-                base_prefix="transformer.", layers="transformer.h", model_fields=_fields,
-                hf_config=_hf, rules=_rules)
+                base_prefix="transformer.", layers="transformer.h", from_hf=_fields,
+                hf_config=_hf, rules=_rules,
+                defaults=dict(normalization="LayerNorm", activation="gelu"),
+                sizes=("falcon_7b", "falcon_40b"))

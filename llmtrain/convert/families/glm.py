@@ -9,14 +9,14 @@ from functools import partial
 
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.families import Family, unsupported
-from llmtrain.convert.families.llama import common_hf, decoder_fields, rules
+from llmtrain.convert.families.llama import DECODER, common_hf, decoder_fields, rules
 
 
 def _fields(c) -> dict:
     problems: list[str] = []
-    fields = decoder_fields(c, "glm", problems, partial_rotary=True)
+    fields = decoder_fields(c, problems, partial_rotary=True)
     unsupported("GLM", problems)
-    return {**fields, "add_qkv_bias": bool(c.attention_bias), "rotary_interleaved": True}
+    return {**fields, "add_qkv_bias": bool(c.attention_bias)}
 
 
 def _hf(m: ModelConfig):
@@ -26,5 +26,6 @@ def _hf(m: ModelConfig):
 
 
 GLM = Family(name="glm", architecture="GlmForCausalLM", model_type="glm", base_prefix="model.",
-             layers="model.layers", model_fields=_fields, hf_config=_hf,
-             rules=partial(rules, fused_gate_up=True), ignored=(r"rotary_emb\.inv_freq$",))
+             layers="model.layers", from_hf=_fields, hf_config=_hf,
+             rules=partial(rules, fused_gate_up=True), ignored=(r"rotary_emb\.inv_freq$",),
+             defaults=dict(DECODER, rotary_interleaved=True))

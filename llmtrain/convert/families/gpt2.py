@@ -22,19 +22,14 @@ def _fields(c) -> dict:
         problems.append("scale_attn_weights=false")
     unsupported("GPT-2", problems)
     return {
-        "family": "gpt2",
         "num_layers": c.n_layer,
         "hidden_size": c.n_embd,
         "ffn_hidden_size": c.n_inner or 4 * c.n_embd,
         "num_attention_heads": c.n_head,
         "vocab_size": c.vocab_size,
         "max_position_embeddings": c.n_positions,
-        "normalization": "LayerNorm",
         "layernorm_epsilon": c.layer_norm_epsilon,
         "activation": ACTIVATIONS[c.activation_function],
-        "add_bias_linear": True,
-        "add_qkv_bias": True,
-        "position_embedding_type": "learned_absolute",
         "share_embeddings_and_output_weights": bool(c.tie_word_embeddings),
     }
 
@@ -71,5 +66,8 @@ def _rules(m: ModelConfig) -> list[Rule]:
 
 
 GPT2 = Family(name="gpt2", architecture="GPT2LMHeadModel", model_type="gpt2",
-              base_prefix="transformer.", layers="transformer.h", model_fields=_fields,
-              hf_config=_hf, rules=_rules, ignored=(r"\.attn\.(bias|masked_bias)$",))
+              base_prefix="transformer.", layers="transformer.h", from_hf=_fields,
+              hf_config=_hf, rules=_rules, ignored=(r"\.attn\.(bias|masked_bias)$",),
+              defaults=dict(normalization="LayerNorm", add_bias_linear=True,
+                            add_qkv_bias=True, position_embedding_type="learned_absolute"),
+              sizes=("gpt2", "gpt2_345m", "gpt2_large", "gpt2_xl"))

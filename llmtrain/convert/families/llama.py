@@ -50,14 +50,17 @@ def hf_rope(m: ModelConfig) -> dict:
     return rope
 
 
-def decoder_fields(c, family: str, problems: list[str], partial_rotary: bool = False) -> dict:
-    """The ModelConfig fields every family of this module shares."""
+# The fields these decoders share (defaults of their families).
+DECODER = dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope")
+
+
+def decoder_fields(c, problems: list[str], partial_rotary: bool = False) -> dict:
+    """The ModelConfig fields a Hugging Face config of these families sets."""
     heads, kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     if c.hidden_act != "silu":
         problems.append(f"hidden_act={c.hidden_act} (these families use silu, SwiGLU)")
     return {
-        "family": family,
         "num_layers": c.num_hidden_layers,
         "hidden_size": c.hidden_size,
         "ffn_hidden_size": c.intermediate_size,
@@ -66,9 +69,7 @@ def decoder_fields(c, family: str, problems: list[str], partial_rotary: bool = F
         "kv_channels": None if head_dim * heads == c.hidden_size else head_dim,
         "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_position_embeddings,
-        "normalization": "RMSNorm",
         "layernorm_epsilon": c.rms_norm_eps,
-        "activation": "swiglu",
         "share_embeddings_and_output_weights": bool(c.tie_word_embeddings),
         **rope_fields(c, problems, partial_rotary),
     }
@@ -76,7 +77,7 @@ def decoder_fields(c, family: str, problems: list[str], partial_rotary: bool = F
 
 def _llama_fields(c) -> dict:
     problems: list[str] = []
-    fields = decoder_fields(c, "llama", problems)
+    fields = decoder_fields(c, problems)
     attention_bias, mlp_bias = bool(c.attention_bias), bool(getattr(c, "mlp_bias", False))
     if attention_bias != mlp_bias:
         problems.append("biases on attention but not MLP projections or the reverse "
@@ -88,7 +89,7 @@ def _llama_fields(c) -> dict:
 
 def _mistral_fields(c) -> dict:
     problems: list[str] = []
-    fields = decoder_fields(c, "mistral", problems)
+    fields = decoder_fields(c, problems)
     if c.sliding_window:
         fields["window_size"] = [c.sliding_window - 1, 0]
     unsupported("Mistral", problems)
@@ -97,10 +98,9 @@ def _mistral_fields(c) -> dict:
 
 def _qwen2_fields(c) -> dict:
     problems: list[str] = []
-    fields = decoder_fields(c, "qwen2", problems)
+    fields = decoder_fields(c, problems)
     if c.use_sliding_window:
         problems.append("sliding-window attention on some layers (use_sliding_window)")
-    fields["add_qkv_bias"] = True
     unsupported("Qwen2", problems)
     return fields
 
@@ -163,11 +163,19 @@ def rules(m: ModelConfig, fused_gate_up: bool = False) -> list[Rule]:
     return result
 
 
-_SHARED = dict(base_prefix="model.", layers="model.layers", rules=rules,
-               ignored=(r"rotary_emb\.inv_freq$",))
+# What every family of this layout shares.
+SHARED = dict(base_prefix="model.", layers="model.layers", rules=rules,
+              ignored=(r"rotary_emb\.inv_freq$",))
 LLAMA = Family(name="llama", architecture="LlamaForCausalLM", model_type="llama",
-               model_fields=_llama_fields, hf_config=_llama_hf, **_SHARED)
+               from_hf=_llama_fields, hf_config=_llama_hf, defaults=DECODER,
+               sizes=("llama2_7b", "llama2_13b", "llama2_70b", "llama3_8b", "llama3_70b",
+                      "llama3_1_8b", "llama3_1_70b", "llama3_2_1b", "llama3_2_3b"), **SHARED)
 MISTRAL = Family(name="mistral", architecture="MistralForCausalLM", model_type="mistral",
-                 model_fields=_mistral_fields, hf_config=_mistral_hf, **_SHARED)
+                 from_hf=_mistral_fields, hf_config=_mistral_hf, defaults=DECODER,
+                 sizes=("mistral_7b", "mistral_7b_v0_3"), **SHARED)
 QWEN2 = Family(name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2",
-               model_fields=_qwen2_fields, hf_config=_qwen2_hf, **_SHARED)
+               from_hf=_qwen2_fields, hf_config=_qwen2_hf,
+               defaults=dict(DECODER, add_qkv_bias=True),
+               sizes=("qwen2_0_5b", "qwen2_1_5b", "qwen2_7b", "qwen2_5_0_5b", "qwen2_5_1_5b",
+                      "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b"),
+               **SHARED)
