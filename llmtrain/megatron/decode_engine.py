@@ -26,8 +26,9 @@ from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence, chec
 from llmtrain.megatron.replica import Replica
 from llmtrain.megatron.kv_model import KVModel
 
-# The decode step's shapes: rows and attended positions rounded up to these (powers of two).
-_MIN_SPAN = 64
+# The decode step's shapes (a CUDA graph each): rows rounded up to a power of two, attended
+# positions to a multiple of _SPAN (attention reads the whole span of every row).
+_SPAN = 128
 _STOP_WIDTH = 8  # stop ids per row (grows, in powers of two, for sequences with more)
 _MAX_TOP = 20  # top log-probabilities kept per token (OpenAI's limit)
 _PREFILL_TOKENS = 16384  # prompt tokens (rows x padded length) in one prefill
@@ -106,8 +107,8 @@ class DecodeEngine(Replica):
         steps = min(self.sync_every, max(self.rows[r].sequence.max_new_tokens -
                                          self.rows[r].delivered for r in live))
         n = _bucket(live[-1] + 1, 1, self.max_batch_size)
-        span = _bucket(max(self.rows[r].position for r in live) + steps, _MIN_SPAN,
-                       self.max_sequence_length)
+        longest = max(self.rows[r].position for r in live) + steps
+        span = min(-(-longest // _SPAN) * _SPAN, self.max_sequence_length)
         top = max((self.rows[r].sequence.logprobs for r in live
                    if self.rows[r].sequence.logprobs is not None), default=None)
         mode = (Mode.of([self.rows[r].sequence.sampling for r in live]), top is not None)

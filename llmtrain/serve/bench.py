@@ -1,5 +1,5 @@
 """`python -m llmtrain.serve.bench`: a serving load benchmark. A real `python -m llmtrain.serve`
-process and the official `openai` client streaming completions from threads, at each
+process and clients streaming completions over HTTP (httpx, from threads), at each
 --concurrency level: time to first token (p50, p99) and output tokens/s, for the decode engine
 (continuous batching) beside Megatron-Core's engine (engine=megatron: static batches) on the same
 checkpoint, in the same run.
@@ -63,33 +63,39 @@ class Server:
         self.log.close()
 
 
-def one_request(client, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds to the last, tokens) of one streamed completion."""
+def one_request(client, url: str, prompt: list[int], new_tokens: int
+                ) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds to the last, tokens) of one streamed completion
+    (server-sent events, as OpenAI's clients read them)."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     began = time.perf_counter()
     first, tokens = None, 0
-    for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens,
-                                           temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True},
-                                           stream_options={"include_usage": True}):
-        if first is None and chunk.choices:
-            first = time.perf_counter() - began
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if first is None and chunk.get("choices"):
+                first = time.perf_counter() - began
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     return first, time.perf_counter() - began, tokens
 
 
 def load(url: str, concurrency: int, requests: int, prompts: list[list[int]],
          new_tokens: int) -> dict:
     """`requests` completions from `concurrency` clients at once."""
-    import openai
+    import httpx
 
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
-                           timeout=3600)
-    began = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        done = list(pool.map(lambda i: one_request(client, prompts[i % len(prompts)],
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(timeout=3600, limits=limits) as client, \
+            ThreadPoolExecutor(concurrency) as pool:
+        began = time.perf_counter()
+        done = list(pool.map(lambda i: one_request(client, url, prompts[i % len(prompts)],
                                                    new_tokens), range(requests)))
-    seconds = time.perf_counter() - began
+        seconds = time.perf_counter() - began
     firsts = sorted(d[0] for d in done)
     return {"ttft_p50": statistics.median(firsts),
             "ttft_p99": firsts[min(len(firsts) - 1, round(0.99 * (len(firsts) - 1)))],
