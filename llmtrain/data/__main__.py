@@ -43,6 +43,9 @@ def _add_tokenizer(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-model", help="tokenizer directory, tokenizer.json or .model")
     group.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
     group.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
+    group.add_argument("--eod-token",
+                       help="the end-of-document token (default: the tokenizer's eos_token, "
+                            "then sep_token, from tokenizer_config.json)")
     group.add_argument("--extra-vocab-size", type=int, default=0,
                        help="ids reserved on top of the tokenizer's vocabulary")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -57,11 +60,13 @@ def _tokenizer_cfg(args) -> TokenizerConfig | None:
             kind = "gpt2bpe"
         elif args.tokenizer_model:
             kind = "sentencepiece" if args.tokenizer_model.endswith(".model") else "huggingface"
+        elif args.eod_token or args.extra_vocab_size:
+            kind = "corpus"
         else:
             return None
     return TokenizerConfig(tokenizer_type=kind, tokenizer_model=args.tokenizer_model,
                            vocab_file=args.vocab_file, merge_file=args.merge_file,
-                           extra_vocab_size=args.extra_vocab_size)
+                           extra_vocab_size=args.extra_vocab_size, eod_token=args.eod_token)
 
 
 def _add_sft(parser: argparse.ArgumentParser, flag_help: str) -> None:
@@ -171,9 +176,11 @@ def _describe_tokenizer(cfg: TokenizerConfig | None, args) -> str:
     padded = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                args.tensor_model_parallel_size)
     extra = f" (+{tokenizer.extra_vocab_size} extra)" if tokenizer.extra_vocab_size else ""
+    eod = (f"; documents end with {tokenizer.eod_note} (id {tokenizer.eod_id})"
+           if not args.sft and args.append_eod and tokenizer.eod_id is not None else "")
     return (f"tokenizer {tokenizer.kind}: {tokenizer.vocab_size} tokens{extra}, padded to "
             f"{padded} for the model ({args.make_vocab_size_divisible_by} x TP "
-            f"{args.tensor_model_parallel_size})")
+            f"{args.tensor_model_parallel_size}){eod}")
 
 
 def run(args) -> None:
@@ -246,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (DataError, FileNotFoundError, ValueError) as error:  # bad input: nothing published
         print(f"llmtrain.data {args.verb}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"llmtrain.data {args.verb}: interrupted; nothing partial was published",
               file=sys.stderr)

@@ -74,6 +74,8 @@ def tokenize_files(inputs: Sequence[str | Path], output_prefix: str | Path,
                    ) -> TokenizeSummary:
     """Tokenize every document of `inputs` into one indexed dataset per key."""
     tokenizer = load_tokenizer(tokenizer_cfg)
+    if append_eod:
+        tokenizer.eod  # refused here, before anything is read, when the tokenizer has none
     keys = tuple(json_keys)
     summary = TokenizeSummary(empty={key: 0 for key in keys})
     writers = {key: IndexedDatasetWriter(dataset_prefix(output_prefix, key), tokenizer.vocab_size)

@@ -1,0 +1,161 @@
+"""The data command on the tokenizers and mistakes users bring: tokenizers saved with truncation
+or padding, end-of-document tokens declared by the tokenizer, Megatron-LM's special tokens,
+empty and truncated inputs, unwritable outputs, and merge / inspect as shells use them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from data_helpers import conversations, documents, train_bpe, write_jsonl
+from llmtrain.data.__main__ import main
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def data_cmd(capsys):
+    """`python -m llmtrain.data ARGS` in this process (its start-up is most of a small run)."""
+
+    def run(*args: str, check: bool = True) -> Done:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        out, err = capsys.readouterr()
+        if check and code:
+            raise AssertionError(f"llmtrain.data {' '.join(args)} failed ({code}):\n{err}")
+        return Done(code, out, err)
+
+    return run
+
+
+def megatron_documents(prefix) -> list[list[int]]:
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def train_wordpiece(directory, truncate: int | None = None):
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP]) saved as tokenizer.json with the
+    tokenizer_config.json a BERT checkpoint brings (no eos_token); `truncate` saves it with
+    truncation and padding on, as tokenizers saved after a fine-tune carry them."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(documents(200), trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=BERT_SPECIALS, show_progress=False))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    if truncate:
+        tokenizer.enable_truncation(truncate)
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]",
+         "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}))
+    return directory
+
+
+def untruncated(directory):
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bpe")
+    train_bpe(directory)
+    return directory
+
+
+# Tokenizers saved with truncation or padding: never applied.
+
+def test_truncation_and_padding_of_tokenizer_json_are_not_applied(data_cmd, tmp_path):
+    wordpiece = train_wordpiece(tmp_path / "bert", truncate=8)
+    docs = documents(30)
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    data_cmd("tokenize", "--input", str(source), "--output-prefix", str(tmp_path / "bert"),
+             "--tokenizer-model", str(wordpiece), "--workers", "1", "--no-append-eod")
+    backend = untruncated(wordpiece)
+    expected = [backend.encode(d, add_special_tokens=False).ids for d in docs]
+    assert max(map(len, expected)) > 8  # the tokenizer.json would have cut these
+    assert megatron_documents(tmp_path / "bert_text_document") == expected
+
+
+def test_sft_ignores_the_truncation_of_tokenizer_json(data_cmd, tmp_path, bpe_dir):
+    from tokenizers import Tokenizer
+
+    from llmtrain.data import sft
+
+    truncating = tmp_path / "truncating"
+    truncating.mkdir()
+    backend = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    backend.enable_truncation(6)
+    backend.enable_padding(pad_id=0)
+    backend.save(str(truncating / "tokenizer.json"))
+    source = write_jsonl(tmp_path / "chat.jsonl", conversations())
+    for directory, name in ((truncating, "cut"), (bpe_dir, "whole")):
+        data_cmd("tokenize", "--sft", "--input", str(source), "--output-prefix",
+                 str(tmp_path / name), "--tokenizer-model", str(directory / "tokenizer.json"),
+                 "--workers", "1")
+    cut, whole = sft.TokenizedSFT([tmp_path / "cut"]), sft.TokenizedSFT([tmp_path / "whole"])
+    assert len(cut) == len(whole) == 3
+    for i in range(3):
+        assert [a.tolist() for a in cut[i]] == [a.tolist() for a in whole[i]]
+
+
+# The end-of-document token: the one the tokenizer declares.
+
+def test_documents_end_with_the_declared_eos_token(data_cmd, tmp_path, bpe_dir):
+    """The tokenizer declares <|im_end|> (tokenizer_config.json) and also holds <|endoftext|>:
+    documents end with <|im_end|>, as Megatron-LM's HuggingFaceTokenizer.eod gives."""
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in documents(5)])
+    out = data_cmd("tokenize", "--input", str(source), "--output-prefix", str(tmp_path / "q"),
+                   "--tokenizer-model", str(bpe_dir / "hf"), "--workers", "1").stdout
+    im_end = untruncated(bpe_dir).token_to_id("<|im_end|>")
+    assert f"documents end with its eos_token '<|im_end|>' (id {im_end})" in out
+    assert {d[-1] for d in megatron_documents(tmp_path / "q_text_document")} == {im_end}
+
+
+def test_a_tokenizer_without_an_end_of_document_token(data_cmd, tmp_path):
+    directory = train_wordpiece(tmp_path / "bert")
+    config = directory / "tokenizer_config.json"
+    config.write_text(json.dumps({"unk_token": "[UNK]", "pad_token": "[PAD]"}))  # no eos, no sep
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in documents(5)])
+    args = ["tokenize", "--input", str(source), "--tokenizer-model", str(directory),
+            "--workers", "1"]
+    refused = data_cmd(*args, "--output-prefix", str(tmp_path / "a"), check=False)
+    assert refused.returncode == 2
+    assert (f"the tokenizer declares no eos_token or sep_token: pass --eod-token TOKEN "
+            f"(data.tokenizer.eod_token=TOKEN in training) naming a token of its vocabulary, or "
+            f"add \"eos_token\": \"TOKEN\" to {config}; with --no-append-eod no "
+            f"end-of-document token is needed") in refused.stderr
+    assert not list(tmp_path.glob("a_*"))
+
+    data_cmd(*args, "--output-prefix", str(tmp_path / "b"), "--no-append-eod")
+    data_cmd(*args, "--output-prefix", str(tmp_path / "c"), "--eod-token", "[SEP]")
+    sep = untruncated(directory).token_to_id("[SEP]")
+    assert ([d + [sep] for d in megatron_documents(tmp_path / "b_text_document")]
+            == megatron_documents(tmp_path / "c_text_document"))
