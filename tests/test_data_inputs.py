@@ -99,7 +99,7 @@ def test_truncation_and_padding_of_tokenizer_json_are_not_applied(data_cmd, tmp_
     data_cmd("tokenize", "--input", str(source), "--output-prefix", str(tmp_path / "bert"),
              "--tokenizer-model", str(wordpiece), "--workers", "1", "--no-append-eod")
     backend = untruncated(wordpiece)
-    expected = [backend.encode(d, add_special_tokens=False).ids for d in docs]
+    expected = [backend.encode(d).ids for d in docs]  # [CLS] ... [SEP], whole
     assert max(map(len, expected)) > 8  # the tokenizer.json would have cut these
     assert megatron_documents(tmp_path / "bert_text_document") == expected
 
@@ -159,3 +159,65 @@ def test_a_tokenizer_without_an_end_of_document_token(data_cmd, tmp_path):
     sep = untruncated(directory).token_to_id("[SEP]")
     assert ([d + [sep] for d in megatron_documents(tmp_path / "b_text_document")]
             == megatron_documents(tmp_path / "c_text_document"))
+
+
+# Megatron-LM's preprocess_data.py, byte for byte.
+
+def llama_style(bpe_dir, directory):
+    """The test BPE with a Llama 3-style template: <|begin_of_text|> before every text."""
+    from tokenizers import Tokenizer, processors
+
+    directory.mkdir()
+    backend = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, backend.token_to_id(bos))])
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
+         "eos_token": "<|endoftext|>"}))
+    return directory
+
+
+def megatron_preprocess(directory, docs, prefix, include_special_tokens: bool) -> None:
+    """What tools/preprocess_data.py --append-eod writes, with Megatron-Core's own tokenizer
+    (HuggingFaceTokenizer) and builder. A tokenizer without an eos_token (BERT) ends documents
+    with its sep_token, as llmtrain does (Megatron-LM has no end of document for it)."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.tokenizers.text.libraries.huggingface_tokenizer import (
+        HuggingFaceTokenizer)
+
+    tokenizer = HuggingFaceTokenizer(str(directory),
+                                     include_special_tokens=include_special_tokens)
+    eod = tokenizer.eod if tokenizer.eod is not None else tokenizer.sep_id
+    builder = IndexedDatasetBuilder(f"{prefix}.bin",
+                                    dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    for text in docs:
+        builder.add_item(torch.IntTensor(tokenizer.text_to_ids(text) + [eod]))
+        builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_tokens_are_byte_identical_to_megatron_preprocess_data(data_cmd, tmp_path, bpe_dir,
+                                                               kind):
+    directory = (llama_style(bpe_dir, tmp_path / "llama") if kind == "bpe"
+                 else train_wordpiece(tmp_path / "bert", truncate=8))
+    docs = documents(40)
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    for name, flags in (("default", []), ("plain", ["--tokenizer-hf-no-include-special-tokens"])):
+        data_cmd("tokenize", "--input", str(source), "--output-prefix", str(tmp_path / name),
+                 "--tokenizer-model", str(directory), "--append-eod", "--workers", "1", *flags)
+        megatron_preprocess(directory, docs, tmp_path / f"megatron_{name}", not flags)
+        for ext in ("bin", "idx"):
+            ours = (tmp_path / f"{name}_text_document.{ext}").read_bytes()
+            assert ours == (tmp_path / f"megatron_{name}.{ext}").read_bytes(), (name, ext)
+    first = megatron_documents(tmp_path / "default_text_document")[0]
+    plain = megatron_documents(tmp_path / "plain_text_document")[0]
+    backend = untruncated(directory)
+    if kind == "bpe":
+        assert first == [backend.token_to_id("<|begin_of_text|>")] + plain
+    else:
+        cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+        assert first == [cls] + plain[:-1] + [sep, sep]  # [CLS] text [SEP], then eod [SEP]

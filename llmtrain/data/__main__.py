@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keys to tokenize, one dataset each (default: text)")
     tokenize.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                           help="end every document with the end-of-document token")
+    tokenize.add_argument("--tokenizer-hf-no-include-special-tokens", action="store_true",
+                          help="do not add the tokenizer's template tokens (BOS of Llama-style "
+                               "tokenizers, [CLS]/[SEP] of BERT-style ones) to documents; "
+                               "Megatron-LM's default, and llmtrain's, adds them")
     tokenize.add_argument("--log-interval", type=float, default=None,
                           help="seconds between progress lines (default: live on a terminal, "
                                "30 s otherwise)")
@@ -221,7 +225,8 @@ def run(args) -> None:
 
         s = tokenize_files(args.input, args.output_prefix, cfg, args.json_keys,
                            append_eod=args.append_eod, workers=args.workers,
-                           skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval)
+                           skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval,
+                           special_tokens=not args.tokenizer_hf_no_include_special_tokens)
         empty = ", ".join(f"{n} empty {key}" for key, n in s.empty.items())
         print(f"tokenize: {s.documents} documents, {s.tokens} tokens in {s.seconds:.1f} s "
               f"({s.documents / s.seconds:,.0f} docs/s, {s.tokens / s.seconds:,.0f} tokens/s); "

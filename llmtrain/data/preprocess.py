@@ -40,9 +40,10 @@ _worker: dict = {}
 
 
 def _init_worker(cfg: TokenizerConfig, keys: tuple[str, ...], append_eod: bool,
-                 skip_bad_lines: bool) -> None:
+                 special_tokens: bool, skip_bad_lines: bool) -> None:
     _worker.update(tokenizer=load_tokenizer(cfg).single_threaded(), keys=keys,
-                   append_eod=append_eod, skip_bad_lines=skip_bad_lines)
+                   append_eod=append_eod, special_tokens=special_tokens,
+                   skip_bad_lines=skip_bad_lines)
 
 
 def flatten(ids: list[list[int]], dtype, eod: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +63,8 @@ def _tokenize_chunk(chunk: Chunk):
     for key in _worker["keys"]:
         texts = [text_field(record, key, where) for where, record in parsed.records]
         kept = [t for t in texts if t.strip()]
-        flat, lengths = flatten(tokenizer.encode_batch(kept), np.int32, eod)
+        flat, lengths = flatten(tokenizer.encode_batch(kept, _worker["special_tokens"]),
+                                np.int32, eod)
         out[key] = (flat, lengths, len(texts) - len(kept))
     return out, len(parsed.records), parsed.bad_lines
 
@@ -70,9 +72,12 @@ def _tokenize_chunk(chunk: Chunk):
 def tokenize_files(inputs: Sequence[str | Path], output_prefix: str | Path,
                    tokenizer_cfg: TokenizerConfig, json_keys: Sequence[str] = ("text",),
                    append_eod: bool = True, workers: int = 1, skip_bad_lines: bool = False,
-                   progress: bool = True, log_interval: Optional[float] = None
-                   ) -> TokenizeSummary:
-    """Tokenize every document of `inputs` into one indexed dataset per key."""
+                   progress: bool = True, log_interval: Optional[float] = None,
+                   special_tokens: bool = True) -> TokenizeSummary:
+    """Tokenize every document of `inputs` into one indexed dataset per key. As Megatron-LM's
+    tools/preprocess_data.py: `special_tokens` adds the tokenizer's template tokens to every
+    document (its default; off is its --tokenizer-hf-no-include-special-tokens), then
+    `append_eod` the end-of-document token."""
     tokenizer = load_tokenizer(tokenizer_cfg)
     if append_eod:
         tokenizer.eod  # refused here, before anything is read, when the tokenizer has none
@@ -83,7 +88,8 @@ def tokenize_files(inputs: Sequence[str | Path], output_prefix: str | Path,
     meter = Progress("tokenize", enabled=progress, interval=log_interval)
     try:
         results = ordered_map(_tokenize_chunk, chunks(inputs, columns=keys), workers,
-                              _init_worker, (tokenizer_cfg, keys, append_eod, skip_bad_lines))
+                              _init_worker, (tokenizer_cfg, keys, append_eod, special_tokens,
+                                             skip_bad_lines))
         for out, documents, bad in results:
             tokens = 0
             for key, (flat, lengths, empty) in out.items():

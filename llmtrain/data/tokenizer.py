@@ -65,10 +65,14 @@ class Tokenizer:
             return self.backend.encode(text)
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of texts; `special_tokens` adds the tokenizer's template tokens (the
+        post-processor of tokenizer.json: BOS for Llama-style tokenizers, [CLS] ... [SEP] for
+        BERT-style ones), as transformers' add_special_tokens=True does. SentencePiece models
+        have none (Megatron-LM's SentencePieceTokenizer adds none either)."""
         if self.kind == "sentencepiece":
             return self.backend.encode(texts, num_threads=self.threads)
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=special_tokens)]
 
     def decode(self, ids: list[int], keep_special: bool = False) -> str:
         """Text of ids; `keep_special` writes special tokens out (`<|im_end|>`)."""
