@@ -135,7 +135,7 @@ def test_documents_end_with_the_declared_eos_token(data_cmd, tmp_path, bpe_dir):
     out = data_cmd("tokenize", "--input", str(source), "--output-prefix", str(tmp_path / "q"),
                    "--tokenizer-model", str(bpe_dir / "hf"), "--workers", "1").stdout
     im_end = untruncated(bpe_dir).token_to_id("<|im_end|>")
-    assert f"documents end with its eos_token '<|im_end|>' (id {im_end})" in out
+    assert f"documents end with id {im_end}: its eos_token '<|im_end|>'" in out
     assert {d[-1] for d in megatron_documents(tmp_path / "q_text_document")} == {im_end}
 
 
@@ -221,3 +221,48 @@ def test_tokens_are_byte_identical_to_megatron_preprocess_data(data_cmd, tmp_pat
     else:
         cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
         assert first == [cls] + plain[:-1] + [sep, sep]  # [CLS] text [SEP], then eod [SEP]
+
+
+# Inputs that hold no document, or end early.
+
+def truncated_zst(path, docs):
+    import zstandard
+
+    whole = zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    path.write_bytes(whole[:len(whole) // 2])
+    return path
+
+
+VERBS = {"tokenize": lambda out: ["--output-prefix", str(out / "tok"), "--workers", "1"],
+         "clean": lambda out: ["--output", str(out / "clean.jsonl"), "--workers", "1"],
+         "shard": lambda out: ["--output-dir", str(out / "shards"), "--docs-per-shard", "5"]}
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_truncated_zst_and_empty_inputs_fail_leaving_nothing(data_cmd, tmp_path, verb):
+    zst = truncated_zst(tmp_path / "cut.jsonl.zst", documents(300))
+    out = tmp_path / "out"
+    done = data_cmd(verb, "--input", str(zst), *VERBS[verb](out), check=False)
+    assert done.returncode == 2
+    assert (f"{zst}: truncated zstd file (zstd frame error: the file ends inside a frame): it "
+            f"was cut short, as by an interrupted copy or download; copy or compress it again"
+            in done.stderr)
+    assert "malformed JSON" not in done.stderr
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    done = data_cmd(verb, "--input", str(empty), *VERBS[verb](out), check=False)
+    assert done.returncode == 2
+    assert "no documents" in done.stderr and f"0 record(s) read from {empty}" in done.stderr
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_clean_that_keeps_nothing_fails(data_cmd, tmp_path):
+    source = write_jsonl(tmp_path / "short.jsonl", [{"text": "tiny"}, {"text": "tiny"}])
+    done = data_cmd("clean", "--input", str(source), "--output", str(tmp_path / "c.jsonl"),
+                    "--workers", "1", check=False)
+    assert done.returncode == 2
+    assert (f"no documents kept: 2 record(s) read from {source} (2 too short dropped), 0 "
+            f"malformed line(s) skipped; nothing was written" in done.stderr)
+    assert not list(tmp_path.glob("c.jsonl*"))

@@ -180,7 +180,7 @@ def _describe_tokenizer(cfg: TokenizerConfig | None, args) -> str:
     padded = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                args.tensor_model_parallel_size)
     extra = f" (+{tokenizer.extra_vocab_size} extra)" if tokenizer.extra_vocab_size else ""
-    eod = (f"; documents end with {tokenizer.eod_note} (id {tokenizer.eod_id})"
+    eod = (f"; documents end with id {tokenizer.eod_id}: {tokenizer.eod_note}"
            if not args.sft and args.append_eod and tokenizer.eod_id is not None else "")
     return (f"tokenizer {tokenizer.kind}: {tokenizer.vocab_size} tokens{extra}, padded to "
             f"{padded} for the model ({args.make_vocab_size_divisible_by} x TP "

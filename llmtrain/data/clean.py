@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llmtrain.data.sources import Chunk, DataError, atomic_output, chunks, parse_chunk, text_field
+from llmtrain.data.sources import (Chunk, DataError, atomic_output, chunks, no_documents,
+                                   parse_chunk, text_field)
 from llmtrain.data.workers import Progress, ordered_map
 
 DROP_REASONS = ("empty", "too_short", "non_text", "duplicate")
@@ -140,6 +141,11 @@ def clean_files(inputs: Sequence[str | Path], output: str | Path, options: Clean
                         summary.kept += 1
                         out.write(line)
                 meter.update(len(results))
+            if not summary.kept:
+                dropped = ", ".join(f"{n} {reason.replace('_', ' ')}"
+                                    for reason, n in summary.dropped.items() if n)
+                raise no_documents("kept", inputs, summary.read, summary.bad_lines,
+                                   f" ({dropped or 'none'} dropped)")
     finally:
         meter.close()
     summary.seconds = meter.seconds

@@ -17,7 +17,8 @@ import numpy as np
 
 from llmtrain.config.schema import TokenizerConfig
 from llmtrain.data.indexed import IndexedDatasetWriter
-from llmtrain.data.sources import Chunk, DataError, chunks, parse_chunk, text_field
+from llmtrain.data.sources import (Chunk, DataError, chunks, no_documents, parse_chunk,
+                                   text_field)
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from llmtrain.data.workers import Progress, ordered_map
 
@@ -104,6 +105,10 @@ def tokenize_files(inputs: Sequence[str | Path], output_prefix: str | Path,
             summary.tokens += tokens
             summary.bad_lines += bad
             meter.update(documents, tokens)
+        for key, writer in writers.items():
+            if not writer.sequence_lengths:
+                raise no_documents(f"to write for key {key!r}", inputs, summary.documents,
+                                   summary.bad_lines, f" ({summary.empty[key]} empty)")
         summary.outputs = [writer.close() for writer in writers.values()]
     except BaseException:
         for writer in writers.values():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from llmtrain.data.sources import atomic_output, chunks, parse_chunk
+from llmtrain.data.sources import atomic_output, chunks, no_documents, parse_chunk
 
 
 @dataclass
@@ -53,4 +53,6 @@ def shard_files(inputs: Sequence[str | Path], output_dir: str | Path, docs_per_s
                 out.write(line)
                 in_shard += 1
                 summary.documents += 1
+    if not summary.documents:
+        raise no_documents("to shard", inputs, 0, summary.bad_lines)
     return summary
