@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from llmtrain.config.schema import SFTConfig, TokenizerConfig
-from llmtrain.data.sources import DataError
+from llmtrain.data.sources import DataError, check_writable
 from llmtrain.data.workers import default_workers
 
 # Megatron-LM's names for the tokenizer types, accepted as they are.
@@ -187,7 +188,18 @@ def _describe_tokenizer(cfg: TokenizerConfig | None, args) -> str:
             f"{args.tensor_model_parallel_size}){eod}")
 
 
+def _output_folder(args) -> tuple[Path, str]:
+    """Where a verb writes, and the option that says so."""
+    if args.verb == "shard":
+        return Path(args.output_dir), f"--output-dir {args.output_dir}"
+    if args.verb in ("clean", "selfcognition"):
+        return Path(args.output).parent, f"--output {args.output}"
+    return Path(args.output_prefix).parent, f"--output-prefix {args.output_prefix}"
+
+
 def run(args) -> None:
+    if args.verb != "inspect":
+        check_writable(*_output_folder(args))
     if args.verb == "clean":
         from llmtrain.data.clean import CleanOptions, clean_files
 

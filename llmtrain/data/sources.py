@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +293,21 @@ def text_field(record: dict, key: str, where: str, hint: str = "choose keys with
     if not isinstance(value, str):
         raise DataError(f"{where}: key {key!r} holds a {type(value).__name__}, not text")
     return value
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Refuse, before any input is read, an output folder that cannot be written (read-only,
+    no permission, under a file): a probe file is made and removed, which also catches
+    read-only file systems, where permission bits say nothing."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".llmtrain-probe-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise DataError(f"{option}: cannot write to {folder} ({reason}): choose a folder you "
+                        f"can write to, or make this one writable") from None
 
 
 def no_documents(what: str, inputs: Sequence, read: int, bad_lines: int, detail: str = ""
