@@ -312,3 +312,30 @@ def test_read_only_output_folder_is_refused_before_reading(tmp_path):
         assert "choose a folder you can write to, or make this one writable" in done.stderr
         assert "Traceback" not in done.stderr
     assert list(folder.iterdir()) == []
+
+
+# merge as shells and recipes call it.
+
+def test_merge_takes_bin_files_and_folders(data_cmd, tmp_path):
+    tok = tmp_path / "tok"
+    for name, count in (("b", 4), ("a", 3)):
+        source = write_jsonl(tmp_path / f"{name}.jsonl", [{"text": d} for d in documents(count)])
+        data_cmd("tokenize", "--input", str(source), "--output-prefix", str(tok / name),
+                 "--workers", "1")
+    a, b = (megatron_documents(tok / f"{n}_text_document") for n in "ab")
+    bins = sorted(map(str, tok.glob("*.bin")))  # what `tok/*.bin` expands to
+    data_cmd("merge", "--input", *bins, "--output-prefix", str(tmp_path / "from_bins"))
+    everything = sorted(map(str, tok.iterdir()))  # `tok/*`: each pair once
+    data_cmd("merge", "--input", *everything, "--output-prefix", str(tmp_path / "from_all"))
+    out = data_cmd("merge", "--input", str(tok), "--output-prefix", str(tok / "merged")).stdout
+    assert "merge: 7 documents" in out
+    for prefix in ("from_bins", "from_all"):
+        assert megatron_documents(tmp_path / prefix) == a + b
+    assert megatron_documents(tok / "merged") == a + b  # sorted by name; itself left out
+
+    (tok / "a_text_document.idx").unlink()
+    done = data_cmd("merge", "--input", str(tok), "--output-prefix", str(tmp_path / "x"),
+                    check=False)
+    assert done.returncode == 2
+    assert (f"{tok / 'a_text_document'}: {tok / 'a_text_document'}.bin or "
+            f"{tok / 'a_text_document'}.idx is missing in {tok}" in done.stderr)

@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sft(tokenize, "the inputs are conversations: write an SFT set (tokens + loss mask)")
 
     merge = verbs.add_parser("merge", help="concatenate indexed datasets")
-    merge.add_argument("--input", nargs="+", required=True, help="dataset prefixes")
+    merge.add_argument("--input", nargs="+", required=True,
+                       help="dataset prefixes, their .bin/.idx files (tok/*.bin), or folders "
+                            "(every pair in them, sorted by name)")
     merge.add_argument("--output-prefix", required=True)
 
     show = verbs.add_parser("inspect", help="show a document or SFT sample as tokens")
@@ -245,11 +247,13 @@ def run(args) -> None:
               f"skipped {empty} and {s.bad_lines} malformed line(s) -> "
               + ", ".join(f"{p}.bin/.idx" for p in s.outputs))
     elif args.verb == "merge":
-        from llmtrain.data.indexed import IndexedDatasetReader, IndexedDatasetWriter
+        from llmtrain.data.indexed import (IndexedDatasetReader, IndexedDatasetWriter,
+                                           dataset_prefixes)
 
-        dtype = IndexedDatasetReader(args.input[0]).dtype.type
-        with IndexedDatasetWriter(args.output_prefix, dtype=dtype) as writer:
-            for prefix in args.input:
+        prefixes = dataset_prefixes(args.input, skip=args.output_prefix)
+        readers = [IndexedDatasetReader(prefix) for prefix in prefixes]  # all there, first
+        with IndexedDatasetWriter(args.output_prefix, dtype=readers[0].dtype.type) as writer:
+            for prefix in prefixes:
                 writer.add_index(prefix)
         print(f"merge: {len(writer.sequence_lengths)} documents, {writer.num_tokens} tokens -> "
               f"{args.output_prefix}.bin/.idx")
