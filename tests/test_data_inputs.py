@@ -339,3 +339,17 @@ def test_merge_takes_bin_files_and_folders(data_cmd, tmp_path):
     assert done.returncode == 2
     assert (f"{tok / 'a_text_document'}: {tok / 'a_text_document'}.bin or "
             f"{tok / 'a_text_document'}.idx is missing in {tok}" in done.stderr)
+
+
+def test_inspect_into_head_ends_quietly(data_cmd, tmp_path):
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": " ".join(documents(200))}])
+    data_cmd("tokenize", "--input", str(source), "--output-prefix", str(tmp_path / "d"),
+             "--workers", "1")
+    inspect = [sys.executable, "-m", "llmtrain.data", "inspect", str(tmp_path / "d_text_document"),
+               "--tokens", "--index", *["0"] * 20]  # megabytes of lines
+    done = subprocess.run(" ".join(inspect) + " | head -n 3", shell=True, cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.startswith(f"document 0 of {tmp_path / 'd_text_document'}: ")
+    assert len(done.stdout.splitlines()) == 3
+    assert done.stderr == ""

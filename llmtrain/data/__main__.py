@@ -14,6 +14,7 @@ Options follow Megatron-LM's tools/preprocess_data.py where they mean the same (
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, FileNotFoundError, ValueError) as error:  # bad input: nothing published
         print(f"llmtrain.data {args.verb}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the reader stopped early (`inspect ... | head`): that is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     except KeyboardInterrupt:
         print(f"llmtrain.data {args.verb}: interrupted; nothing partial was published",
               file=sys.stderr)
