@@ -353,3 +353,24 @@ def test_inspect_into_head_ends_quietly(data_cmd, tmp_path):
     assert done.stdout.startswith(f"document 0 of {tmp_path / 'd_text_document'}: ")
     assert len(done.stdout.splitlines()) == 3
     assert done.stderr == ""
+
+
+def test_clean_shard_and_merge_print_progress_with_real_rates(data_cmd, tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in documents(50)])
+    runs = {
+        "clean": ["--output", str(tmp_path / "c.jsonl"), "--min-chars", "1", "--workers", "1"],
+        "shard": ["--output-dir", str(tmp_path / "s"), "--docs-per-shard", "20"],
+        "tokenize": ["--output-prefix", str(tmp_path / "t"), "--workers", "1"]}
+    lines = {}
+    for verb, args in runs.items():
+        lines[verb] = data_cmd(verb, "--input", str(source), *args,
+                               "--log-interval", "0").stderr.splitlines()
+    lines["merge"] = data_cmd("merge", "--input", str(tmp_path / "t_text_document"),
+                              "--output-prefix", str(tmp_path / "m"),
+                              "--log-interval", "0").stderr.splitlines()
+    for verb, unit in (("clean", "B"), ("shard", "B"), ("merge", "tokens")):
+        last = [line for line in lines[verb] if line.startswith(f"{verb}: ")][-1]
+        docs, rest = last.removeprefix(f"{verb}: ").split(" docs, ", 1)
+        assert int(docs.replace(",", "")) == 50, last
+        rate = rest.rsplit(", ", 1)[1].strip()  # "623.68 kB/s", "81.20 k tokens/s"
+        assert rate.endswith(f"{unit}/s") and float(rate.split()[0]) > 0, last

@@ -91,6 +91,12 @@ def _workers(parser: argparse.ArgumentParser) -> None:
                         help="worker processes (default: every core, here %(default)s)")
 
 
+def _log_interval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-interval", type=float, default=None,
+                        help="seconds between progress lines (default: live on a terminal, "
+                             "30 s otherwise)")
+
+
 def _skip(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip malformed JSON lines and count them, instead of stopping")
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--unicode", choices=("NFC", "NFKC", "none"), default="NFC",
                        help="unicode normal form (NFKC also folds full-width forms)")
     clean.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    _log_interval(clean)
     _workers(clean)
     _skip(clean)
 
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--output-dir", required=True)
     shard.add_argument("--docs-per-shard", type=int, required=True)
     shard.add_argument("--name", default="shard", help="shards are NAME_00000.jsonl.zst, ...")
+    _log_interval(shard)
     _skip(shard)
 
     tokenize = verbs.add_parser("tokenize", help="documents (or conversations, --sft) to "
@@ -144,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="do not add the tokenizer's template tokens (BOS of Llama-style "
                                "tokenizers, [CLS]/[SEP] of BERT-style ones) to documents; "
                                "Megatron-LM's default, and llmtrain's, adds them")
-    tokenize.add_argument("--log-interval", type=float, default=None,
-                          help="seconds between progress lines (default: live on a terminal, "
-                               "30 s otherwise)")
+    _log_interval(tokenize)
     _workers(tokenize)
     _skip(tokenize)
     _add_tokenizer(tokenize)
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dataset prefixes, their .bin/.idx files (tok/*.bin), or folders "
                             "(every pair in them, sorted by name)")
     merge.add_argument("--output-prefix", required=True)
+    _log_interval(merge)
 
     show = verbs.add_parser("inspect", help="show a document or SFT sample as tokens")
     show.add_argument("target", help="a dataset prefix, an SFT set prefix, or a raw file")
@@ -211,7 +218,8 @@ def run(args) -> None:
                                min_letter_ratio=args.min_letter_ratio,
                                unicode_form=None if args.unicode == "none" else args.unicode,
                                dedup=not args.no_dedup, skip_bad_lines=args.skip_bad_lines)
-        s = clean_files(args.input, args.output, options, workers=args.workers)
+        s = clean_files(args.input, args.output, options, workers=args.workers,
+                        log_interval=args.log_interval)
         dropped = ", ".join(f"{count} {reason.replace('_', ' ')}"
                             for reason, count in s.dropped.items())
         print(f"clean: read {s.read} documents, kept {s.kept}, dropped {dropped}; "
@@ -220,7 +228,7 @@ def run(args) -> None:
         from llmtrain.data.shard import shard_files
 
         s = shard_files(args.input, args.output_dir, args.docs_per_shard, args.name,
-                        args.skip_bad_lines)
+                        args.skip_bad_lines, log_interval=args.log_interval)
         print(f"shard: {s.documents} documents in {len(s.shards)} shard(s) of up to "
               f"{args.docs_per_shard}; {s.bad_lines} malformed line(s) skipped -> "
               f"{args.output_dir}/{args.name}_*.jsonl.zst")
@@ -253,9 +261,16 @@ def run(args) -> None:
 
         prefixes = dataset_prefixes(args.input, skip=args.output_prefix)
         readers = [IndexedDatasetReader(prefix) for prefix in prefixes]  # all there, first
-        with IndexedDatasetWriter(args.output_prefix, dtype=readers[0].dtype.type) as writer:
-            for prefix in prefixes:
-                writer.add_index(prefix)
+        from llmtrain.data.workers import Progress
+
+        meter = Progress("merge", interval=args.log_interval)
+        try:
+            with IndexedDatasetWriter(args.output_prefix, dtype=readers[0].dtype.type) as writer:
+                for prefix, reader in zip(prefixes, readers):
+                    writer.add_index(prefix)
+                    meter.update(len(reader), int(reader.sequence_lengths.sum()))
+        finally:
+            meter.close()
         print(f"merge: {len(writer.sequence_lengths)} documents, {writer.num_tokens} tokens -> "
               f"{args.output_prefix}.bin/.idx")
     elif args.verb == "inspect":
