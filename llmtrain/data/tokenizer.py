@@ -217,16 +217,14 @@ def load_tokenizer(cfg: TokenizerConfig, vocab_size: Optional[int] = None) -> To
         import sentencepiece
 
         backend = sentencepiece.SentencePieceProcessor(model_file=str(model))
-        def piece_id(token: str) -> Optional[int]:
-            piece = backend.piece_to_id(token)  # the unknown id when it is not a piece
-            return piece if backend.id_to_piece(piece) == token else None
-
-        declared = {"eos_token": backend.id_to_piece(backend.eos_id())} \
-            if backend.eos_id() >= 0 else {}
-        eod, note = _choose_eod(piece_id, cfg, declared, None)
-        return Tokenizer("sentencepiece", backend, backend.get_piece_size() + extra, eod,
-                         pad=backend.pad_id(), bos=backend.bos_id(), identity=_file_hash(model),
-                         source=model, extra_vocab_size=extra, eod_note=note)
+        tokenizer = Tokenizer("sentencepiece", backend, backend.get_piece_size() + extra, None,
+                              pad=backend.pad_id(), bos=backend.bos_id(),
+                              identity=_file_hash(model), source=model, extra_vocab_size=extra)
+        eos = backend.eos_id()  # the model's own end of sequence, -1 when it has none
+        declared = {"eos_token": backend.id_to_piece(eos)} if eos >= 0 else {}
+        tokenizer.eod_id, tokenizer.eod_note = _choose_eod(tokenizer.token_id, cfg, declared,
+                                                           None)
+        return tokenizer
     raise ValueError(f"unknown tokenizer_type {kind!r}: choose one of corpus, huggingface, "
                      f"gpt2bpe, sentencepiece, null")
 
