@@ -36,8 +36,8 @@ def data_cmd(capsys):
         try:
             main(list(args))
             code = 0
-        except SystemExit as exit:
-            code = exit.code
+        except SystemExit as stopped:
+            code = stopped.code
         out, err = capsys.readouterr()
         if check and code:
             raise AssertionError(f"llmtrain.data {' '.join(args)} failed ({code}):\n{err}")
