@@ -194,7 +194,7 @@ def test_malformed_json_stops_with_file_and_line(tmp_path):
     prefix = tmp_path / "out"
     process = data_cmd("tokenize", "--input", str(source), "--output-prefix", str(prefix),
                        "--workers", "2", check=False)
-    assert process.returncode == 1
+    assert process.returncode == 2
     assert (f"{source} line 4: malformed JSON (Unterminated string starting at column 10): "
             f"fix the line, or pass --skip-bad-lines to skip such lines and count them"
             in process.stderr)
@@ -212,7 +212,7 @@ def test_malformed_json_in_clean_and_shard(tmp_path):
     for verb, target in (("clean", ["--output", str(tmp_path / "c.jsonl")]),
                          ("shard", ["--output-dir", str(tmp_path / "s"), "--docs-per-shard", "2"])):
         process = data_cmd(verb, "--input", str(source), *target, check=False)
-        assert process.returncode == 1
+        assert process.returncode == 2
         assert (f"{source} line 2: malformed JSON (a JSON list, not an object with keys)"
                 in process.stderr)
     assert not (tmp_path / "c.jsonl").exists()
@@ -222,7 +222,7 @@ def test_missing_key_names_the_keys_present(tmp_path):
     source = write_jsonl(tmp_path / "wudao.jsonl", [{"title": "t", "content": "c"}])
     process = data_cmd("tokenize", "--input", str(source), "--output-prefix",
                        str(tmp_path / "x"), check=False)
-    assert process.returncode == 1
+    assert process.returncode == 2
     assert (f"{source} line 1: no key 'text'; the keys present are: 'title', 'content' (choose "
             f"keys with --json-keys)" in process.stderr)
     parquet = tmp_path / "t.parquet"

@@ -280,7 +280,7 @@ def test_bad_conversations_are_named(tmp_path, record, message):
     process = run_llmtrain("tokenize", "--sft", "--input", str(source), "--output-prefix",
                            str(tmp_path / "bad"), "--workers", "1", module="llmtrain.data",
                            check=False)
-    assert process.returncode == 1
+    assert process.returncode == 2
     assert f"{source} {message}" in process.stderr
     assert list(tmp_path.glob("bad_*")) == []
 

@@ -145,6 +145,8 @@ class TokenizerConfig:
     merge_file: Optional[str] = None
     # Ids reserved on top of the tokenizer's vocabulary (Megatron's --extra-vocab-size).
     extra_vocab_size: int = 0
+    # The end-of-document token (None: the tokenizer's declared eos_token, then sep_token).
+    eod_token: Optional[str] = None
 
 
 @dataclass

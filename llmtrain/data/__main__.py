@@ -14,10 +14,12 @@ Options follow Megatron-LM's tools/preprocess_data.py where they mean the same (
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from llmtrain.config.schema import SFTConfig, TokenizerConfig
-from llmtrain.data.sources import DataError
+from llmtrain.data.sources import DataError, check_writable
 from llmtrain.data.workers import default_workers
 
 # Megatron-LM's names for the tokenizer types, accepted as they are.
@@ -43,6 +45,9 @@ def _add_tokenizer(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-model", help="tokenizer directory, tokenizer.json or .model")
     group.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
     group.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
+    group.add_argument("--eod-token",
+                       help="the end-of-document token (default: the tokenizer's eos_token, "
+                            "then sep_token, from tokenizer_config.json)")
     group.add_argument("--extra-vocab-size", type=int, default=0,
                        help="ids reserved on top of the tokenizer's vocabulary")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -57,11 +62,13 @@ def _tokenizer_cfg(args) -> TokenizerConfig | None:
             kind = "gpt2bpe"
         elif args.tokenizer_model:
             kind = "sentencepiece" if args.tokenizer_model.endswith(".model") else "huggingface"
+        elif args.eod_token or args.extra_vocab_size:
+            kind = "corpus"
         else:
             return None
     return TokenizerConfig(tokenizer_type=kind, tokenizer_model=args.tokenizer_model,
                            vocab_file=args.vocab_file, merge_file=args.merge_file,
-                           extra_vocab_size=args.extra_vocab_size)
+                           extra_vocab_size=args.extra_vocab_size, eod_token=args.eod_token)
 
 
 def _add_sft(parser: argparse.ArgumentParser, flag_help: str) -> None:
@@ -82,6 +89,12 @@ def _sft_cfg(args) -> SFTConfig:
 def _workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="worker processes (default: every core, here %(default)s)")
+
+
+def _log_interval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-interval", type=float, default=None,
+                        help="seconds between progress lines (default: live on a terminal, "
+                             "30 s otherwise)")
 
 
 def _skip(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--unicode", choices=("NFC", "NFKC", "none"), default="NFC",
                        help="unicode normal form (NFKC also folds full-width forms)")
     clean.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    _log_interval(clean)
     _workers(clean)
     _skip(clean)
 
@@ -120,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--output-dir", required=True)
     shard.add_argument("--docs-per-shard", type=int, required=True)
     shard.add_argument("--name", default="shard", help="shards are NAME_00000.jsonl.zst, ...")
+    _log_interval(shard)
     _skip(shard)
 
     tokenize = verbs.add_parser("tokenize", help="documents (or conversations, --sft) to "
@@ -133,17 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keys to tokenize, one dataset each (default: text)")
     tokenize.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                           help="end every document with the end-of-document token")
-    tokenize.add_argument("--log-interval", type=float, default=None,
-                          help="seconds between progress lines (default: live on a terminal, "
-                               "30 s otherwise)")
+    tokenize.add_argument("--tokenizer-hf-no-include-special-tokens", action="store_true",
+                          help="do not add the tokenizer's template tokens (BOS of Llama-style "
+                               "tokenizers, [CLS]/[SEP] of BERT-style ones) to documents; "
+                               "Megatron-LM's default, and llmtrain's, adds them")
+    _log_interval(tokenize)
     _workers(tokenize)
     _skip(tokenize)
     _add_tokenizer(tokenize)
     _add_sft(tokenize, "the inputs are conversations: write an SFT set (tokens + loss mask)")
 
     merge = verbs.add_parser("merge", help="concatenate indexed datasets")
-    merge.add_argument("--input", nargs="+", required=True, help="dataset prefixes")
+    merge.add_argument("--input", nargs="+", required=True,
+                       help="dataset prefixes, their .bin/.idx files (tok/*.bin), or folders "
+                            "(every pair in them, sorted by name)")
     merge.add_argument("--output-prefix", required=True)
+    _log_interval(merge)
 
     show = verbs.add_parser("inspect", help="show a document or SFT sample as tokens")
     show.add_argument("target", help="a dataset prefix, an SFT set prefix, or a raw file")
@@ -171,12 +191,25 @@ def _describe_tokenizer(cfg: TokenizerConfig | None, args) -> str:
     padded = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                args.tensor_model_parallel_size)
     extra = f" (+{tokenizer.extra_vocab_size} extra)" if tokenizer.extra_vocab_size else ""
+    eod = (f"; documents end with id {tokenizer.eod_id}: {tokenizer.eod_note}"
+           if not args.sft and args.append_eod and tokenizer.eod_id is not None else "")
     return (f"tokenizer {tokenizer.kind}: {tokenizer.vocab_size} tokens{extra}, padded to "
             f"{padded} for the model ({args.make_vocab_size_divisible_by} x TP "
-            f"{args.tensor_model_parallel_size})")
+            f"{args.tensor_model_parallel_size}){eod}")
+
+
+def _output_folder(args) -> tuple[Path, str]:
+    """Where a verb writes, and the option that says so."""
+    if args.verb == "shard":
+        return Path(args.output_dir), f"--output-dir {args.output_dir}"
+    if args.verb in ("clean", "selfcognition"):
+        return Path(args.output).parent, f"--output {args.output}"
+    return Path(args.output_prefix).parent, f"--output-prefix {args.output_prefix}"
 
 
 def run(args) -> None:
+    if args.verb != "inspect":
+        check_writable(*_output_folder(args))
     if args.verb == "clean":
         from llmtrain.data.clean import CleanOptions, clean_files
 
@@ -185,7 +218,8 @@ def run(args) -> None:
                                min_letter_ratio=args.min_letter_ratio,
                                unicode_form=None if args.unicode == "none" else args.unicode,
                                dedup=not args.no_dedup, skip_bad_lines=args.skip_bad_lines)
-        s = clean_files(args.input, args.output, options, workers=args.workers)
+        s = clean_files(args.input, args.output, options, workers=args.workers,
+                        log_interval=args.log_interval)
         dropped = ", ".join(f"{count} {reason.replace('_', ' ')}"
                             for reason, count in s.dropped.items())
         print(f"clean: read {s.read} documents, kept {s.kept}, dropped {dropped}; "
@@ -194,7 +228,7 @@ def run(args) -> None:
         from llmtrain.data.shard import shard_files
 
         s = shard_files(args.input, args.output_dir, args.docs_per_shard, args.name,
-                        args.skip_bad_lines)
+                        args.skip_bad_lines, log_interval=args.log_interval)
         print(f"shard: {s.documents} documents in {len(s.shards)} shard(s) of up to "
               f"{args.docs_per_shard}; {s.bad_lines} malformed line(s) skipped -> "
               f"{args.output_dir}/{args.name}_*.jsonl.zst")
@@ -214,19 +248,29 @@ def run(args) -> None:
 
         s = tokenize_files(args.input, args.output_prefix, cfg, args.json_keys,
                            append_eod=args.append_eod, workers=args.workers,
-                           skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval)
+                           skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval,
+                           special_tokens=not args.tokenizer_hf_no_include_special_tokens)
         empty = ", ".join(f"{n} empty {key}" for key, n in s.empty.items())
         print(f"tokenize: {s.documents} documents, {s.tokens} tokens in {s.seconds:.1f} s "
               f"({s.documents / s.seconds:,.0f} docs/s, {s.tokens / s.seconds:,.0f} tokens/s); "
               f"skipped {empty} and {s.bad_lines} malformed line(s) -> "
               + ", ".join(f"{p}.bin/.idx" for p in s.outputs))
     elif args.verb == "merge":
-        from llmtrain.data.indexed import IndexedDatasetReader, IndexedDatasetWriter
+        from llmtrain.data.indexed import (IndexedDatasetReader, IndexedDatasetWriter,
+                                           dataset_prefixes)
 
-        dtype = IndexedDatasetReader(args.input[0]).dtype.type
-        with IndexedDatasetWriter(args.output_prefix, dtype=dtype) as writer:
-            for prefix in args.input:
-                writer.add_index(prefix)
+        prefixes = dataset_prefixes(args.input, skip=args.output_prefix)
+        readers = [IndexedDatasetReader(prefix) for prefix in prefixes]  # all there, first
+        from llmtrain.data.workers import Progress
+
+        meter = Progress("merge", interval=args.log_interval)
+        try:
+            with IndexedDatasetWriter(args.output_prefix, dtype=readers[0].dtype.type) as writer:
+                for prefix, reader in zip(prefixes, readers):
+                    writer.add_index(prefix)
+                    meter.update(len(reader), int(reader.sequence_lengths.sum()))
+        finally:
+            meter.close()
         print(f"merge: {len(writer.sequence_lengths)} documents, {writer.num_tokens} tokens -> "
               f"{args.output_prefix}.bin/.idx")
     elif args.verb == "inspect":
@@ -246,9 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (DataError, FileNotFoundError, ValueError) as error:  # bad input: nothing published
         print(f"llmtrain.data {args.verb}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
+    except BrokenPipeError:  # the reader stopped early (`inspect ... | head`): that is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     except KeyboardInterrupt:
         print(f"llmtrain.data {args.verb}: interrupted; nothing partial was published",
               file=sys.stderr)

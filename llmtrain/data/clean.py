@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llmtrain.data.sources import Chunk, DataError, atomic_output, chunks, parse_chunk, text_field
+from llmtrain.data.sources import (Chunk, DataError, atomic_output, chunks, no_documents,
+                                   parse_chunk, text_field)
 from llmtrain.data.workers import Progress, ordered_map
 
 DROP_REASONS = ("empty", "too_short", "non_text", "duplicate")
@@ -116,17 +117,19 @@ def _clean_chunk(chunk: Chunk):
 
 
 def clean_files(inputs: Sequence[str | Path], output: str | Path, options: CleanOptions,
-                workers: int = 1, progress: bool = True) -> CleanSummary:
+                workers: int = 1, progress: bool = True,
+                log_interval: Optional[float] = None) -> CleanSummary:
     """Clean every document of `inputs` into one jsonl (or .jsonl.zst) file, atomically."""
     summary = CleanSummary()
     seen: set[bytes] = set()
-    meter = Progress("clean", enabled=progress)
+    meter = Progress("clean", enabled=progress, interval=log_interval, unit="B")  # B written
     columns = options.text_keys + options.keep_keys
     try:
         with atomic_output(output) as out:
             for results, bad in ordered_map(_clean_chunk, chunks(inputs, columns=columns),
                                             workers, _init_worker, (options,)):
                 summary.bad_lines += bad
+                written = 0
                 for reason, line, digest in results:
                     summary.read += 1
                     if reason is None and options.dedup:
@@ -139,7 +142,13 @@ def clean_files(inputs: Sequence[str | Path], output: str | Path, options: Clean
                     else:
                         summary.kept += 1
                         out.write(line)
-                meter.update(len(results))
+                        written += len(line)
+                meter.update(len(results), written)
+            if not summary.kept:
+                dropped = ", ".join(f"{n} {reason.replace('_', ' ')}"
+                                    for reason, n in summary.dropped.items() if n)
+                raise no_documents("kept", inputs, summary.read, summary.bad_lines,
+                                   f" ({dropped or 'none'} dropped)")
     finally:
         meter.close()
     summary.seconds = meter.seconds

@@ -33,6 +33,30 @@ def exists(prefix: str | os.PathLike) -> bool:
     return Path(f"{prefix}.bin").exists() and Path(f"{prefix}.idx").exists()
 
 
+def dataset_prefixes(inputs, skip: Optional[str | os.PathLike] = None) -> list[Path]:
+    """Dataset prefixes from what a shell passes: prefixes, `.bin` / `.idx` files (`tok/*.bin`,
+    `tok/*`), or folders (every pair in them, sorted by name), each once, in order; `skip` (the
+    output prefix) is left out of folders."""
+    prefixes: list[Path] = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found = sorted({p.with_suffix("") for p in given.iterdir()
+                            if p.suffix in (".bin", ".idx")})
+            found = [p for p in found if skip is None or p != Path(skip)]
+            if not found:
+                raise FileNotFoundError(f"{given} holds no indexed dataset (.bin/.idx pair): "
+                                        f"give the folder written by tokenize, or prefixes")
+            for prefix in found:
+                if not exists(prefix):
+                    raise FileNotFoundError(f"{prefix}: {prefix}.bin or {prefix}.idx is "
+                                            f"missing in {given}: tokenize it again, or give "
+                                            f"the complete pairs as prefixes")
+            prefixes.extend(found)
+        else:
+            prefixes.append(given.with_suffix("") if given.suffix in (".bin", ".idx") else given)
+    return list(dict.fromkeys(prefixes))
+
+
 class IndexedDatasetWriter:
     """Append documents (lists or arrays of token ids), then `close()` to publish the pair.
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from llmtrain.config.schema import TokenizerConfig
 from llmtrain.data.indexed import IndexedDatasetWriter
-from llmtrain.data.sources import Chunk, DataError, chunks, parse_chunk, text_field
+from llmtrain.data.sources import (Chunk, DataError, chunks, no_documents, parse_chunk,
+                                   text_field)
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from llmtrain.data.workers import Progress, ordered_map
 
@@ -40,9 +41,10 @@ _worker: dict = {}
 
 
 def _init_worker(cfg: TokenizerConfig, keys: tuple[str, ...], append_eod: bool,
-                 skip_bad_lines: bool) -> None:
+                 special_tokens: bool, skip_bad_lines: bool) -> None:
     _worker.update(tokenizer=load_tokenizer(cfg).single_threaded(), keys=keys,
-                   append_eod=append_eod, skip_bad_lines=skip_bad_lines)
+                   append_eod=append_eod, special_tokens=special_tokens,
+                   skip_bad_lines=skip_bad_lines)
 
 
 def flatten(ids: list[list[int]], dtype, eod: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +64,8 @@ def _tokenize_chunk(chunk: Chunk):
     for key in _worker["keys"]:
         texts = [text_field(record, key, where) for where, record in parsed.records]
         kept = [t for t in texts if t.strip()]
-        flat, lengths = flatten(tokenizer.encode_batch(kept), np.int32, eod)
+        flat, lengths = flatten(tokenizer.encode_batch(kept, _worker["special_tokens"]),
+                                np.int32, eod)
         out[key] = (flat, lengths, len(texts) - len(kept))
     return out, len(parsed.records), parsed.bad_lines
 
@@ -70,10 +73,15 @@ def _tokenize_chunk(chunk: Chunk):
 def tokenize_files(inputs: Sequence[str | Path], output_prefix: str | Path,
                    tokenizer_cfg: TokenizerConfig, json_keys: Sequence[str] = ("text",),
                    append_eod: bool = True, workers: int = 1, skip_bad_lines: bool = False,
-                   progress: bool = True, log_interval: Optional[float] = None
-                   ) -> TokenizeSummary:
-    """Tokenize every document of `inputs` into one indexed dataset per key."""
+                   progress: bool = True, log_interval: Optional[float] = None,
+                   special_tokens: bool = True) -> TokenizeSummary:
+    """Tokenize every document of `inputs` into one indexed dataset per key. As Megatron-LM's
+    tools/preprocess_data.py: `special_tokens` adds the tokenizer's template tokens to every
+    document (its default; off is its --tokenizer-hf-no-include-special-tokens), then
+    `append_eod` the end-of-document token."""
     tokenizer = load_tokenizer(tokenizer_cfg)
+    if append_eod:
+        tokenizer.eod  # refused here, before anything is read, when the tokenizer has none
     keys = tuple(json_keys)
     summary = TokenizeSummary(empty={key: 0 for key in keys})
     writers = {key: IndexedDatasetWriter(dataset_prefix(output_prefix, key), tokenizer.vocab_size)
@@ -81,7 +89,8 @@ def tokenize_files(inputs: Sequence[str | Path], output_prefix: str | Path,
     meter = Progress("tokenize", enabled=progress, interval=log_interval)
     try:
         results = ordered_map(_tokenize_chunk, chunks(inputs, columns=keys), workers,
-                              _init_worker, (tokenizer_cfg, keys, append_eod, skip_bad_lines))
+                              _init_worker, (tokenizer_cfg, keys, append_eod, special_tokens,
+                                             skip_bad_lines))
         for out, documents, bad in results:
             tokens = 0
             for key, (flat, lengths, empty) in out.items():
@@ -96,6 +105,10 @@ def tokenize_files(inputs: Sequence[str | Path], output_prefix: str | Path,
             summary.tokens += tokens
             summary.bad_lines += bad
             meter.update(documents, tokens)
+        for key, writer in writers.items():
+            if not writer.sequence_lengths:
+                raise no_documents(f"to write for key {key!r}", inputs, summary.documents,
+                                   summary.bad_lines, f" ({summary.empty[key]} empty)")
         summary.outputs = [writer.close() for writer in writers.values()]
     except BaseException:
         for writer in writers.values():

@@ -11,9 +11,10 @@ import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-from llmtrain.data.sources import atomic_output, chunks, parse_chunk
+from llmtrain.data.sources import atomic_output, chunks, no_documents, parse_chunk
+from llmtrain.data.workers import Progress
 
 
 @dataclass
@@ -33,24 +34,32 @@ def _lines(chunk, skip_bad_lines: bool) -> tuple[list[bytes], int]:
 
 
 def shard_files(inputs: Sequence[str | Path], output_dir: str | Path, docs_per_shard: int,
-                name: str = "shard", skip_bad_lines: bool = False) -> ShardSummary:
+                name: str = "shard", skip_bad_lines: bool = False, progress: bool = True,
+                log_interval: Optional[float] = None) -> ShardSummary:
     if docs_per_shard < 1:
         raise ValueError(f"--docs-per-shard={docs_per_shard} must be at least 1")
     summary = ShardSummary()
     output_dir = Path(output_dir)
-    with ExitStack() as stack:
-        out, in_shard = None, 0
-        for chunk in chunks(inputs):
-            lines, bad = _lines(chunk, skip_bad_lines)
-            summary.bad_lines += bad
-            for line in lines:
-                if out is None or in_shard == docs_per_shard:
-                    stack.close()
-                    path = output_dir / f"{name}_{len(summary.shards):05d}.jsonl.zst"
-                    out = stack.enter_context(atomic_output(path))
-                    summary.shards.append(path)
-                    in_shard = 0
-                out.write(line)
-                in_shard += 1
-                summary.documents += 1
+    meter = Progress("shard", enabled=progress, interval=log_interval, unit="B")
+    try:
+        with ExitStack() as stack:
+            out, in_shard = None, 0
+            for chunk in chunks(inputs):
+                lines, bad = _lines(chunk, skip_bad_lines)
+                summary.bad_lines += bad
+                for line in lines:
+                    if out is None or in_shard == docs_per_shard:
+                        stack.close()
+                        path = output_dir / f"{name}_{len(summary.shards):05d}.jsonl.zst"
+                        out = stack.enter_context(atomic_output(path))
+                        summary.shards.append(path)
+                        in_shard = 0
+                    out.write(line)
+                    in_shard += 1
+                    summary.documents += 1
+                meter.update(len(lines), sum(map(len, lines)))
+    finally:
+        meter.close()
+    if not summary.documents:
+        raise no_documents("to shard", inputs, 0, summary.bad_lines)
     return summary

@@ -89,6 +89,7 @@ def inspect(target: str, index: int, tokenizer_cfg: Optional[TokenizerConfig],
         head = (f"sample {index} ({where}, {sft_cfg.chat_template} template): {len(ids)} "
                 f"tokens, {sum(mask)} with loss")
         return head + "\n" + render(ids, mask, tokenizer, tokens)
-    ids = tokenizer.encode(text_field(record, json_key, where)) + [tokenizer.eod]
+    # As `tokenize` writes it by default: the template's special tokens, then the end of document.
+    ids = tokenizer.encode_batch([text_field(record, json_key, where)], True)[0] + [tokenizer.eod]
     return f"document {index} ({where}): {len(ids)} tokens\n" + render(ids, None, tokenizer,
                                                                        tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +65,63 @@ def input_format(path: str | os.PathLike) -> str:
     raise DataError(f"{path}: unknown input format; supported are {SUPPORTED}")
 
 
-def _open_binary(path: str | os.PathLike) -> IO[bytes]:
-    raw = open(path, "rb")
-    if str(path).endswith(".zst"):
+class _ZstdFrames(io.RawIOBase):
+    """The frames of a .zst file, one after the other, decompressed. A file that ends inside a
+    frame is reported as truncated: zstandard's stream reader returns what it got and stops
+    without a word, and the cut line would then read as malformed JSON."""
+
+    def __init__(self, path: str | os.PathLike):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return raw
+        self._zstd = zstandard
+        self.path = path
+        self._raw = open(path, "rb")
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._inside = False  # part of a frame was read, not its end
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            data = self._raw.read(1 << 20)
+            if not data:
+                if self._inside:
+                    raise DataError(f"{self.path}: truncated zstd file (zstd frame error: the "
+                                    f"file ends inside a frame): it was cut short, as by an "
+                                    f"interrupted copy or download; copy or compress it again")
+                return 0
+            self._out = memoryview(self._decompress(data))
+        size = min(len(buffer), len(self._out))
+        buffer[:size] = self._out[:size]
+        self._out = self._out[size:]
+        return size
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            try:
+                parts.append(self._frame.decompress(data))
+            except self._zstd.ZstdError as error:
+                raise DataError(f"{self.path}: damaged zstd file (zstd error: {error}): copy "
+                                f"or compress it again") from None
+            self._inside = not self._frame.eof
+            if self._inside:
+                break
+            data = self._frame.unused_data  # the next frame
+            self._frame = self._zstd.ZstdDecompressor().decompressobj()
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _open_binary(path: str | os.PathLike) -> IO[bytes]:
+    if str(path).endswith(".zst"):
+        return io.BufferedReader(_ZstdFrames(path), 1 << 20)
+    return open(path, "rb")
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -242,6 +293,30 @@ def text_field(record: dict, key: str, where: str, hint: str = "choose keys with
     if not isinstance(value, str):
         raise DataError(f"{where}: key {key!r} holds a {type(value).__name__}, not text")
     return value
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Refuse, before any input is read, an output folder that cannot be written (read-only,
+    no permission, under a file): a probe file is made and removed, which also catches
+    read-only file systems, where permission bits say nothing."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".llmtrain-probe-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise DataError(f"{option}: cannot write to {folder} ({reason}): choose a folder you "
+                        f"can write to, or make this one writable") from None
+
+
+def no_documents(what: str, inputs: Sequence, read: int, bad_lines: int, detail: str = ""
+                 ) -> DataError:
+    """The error of a run that would publish nothing: an empty input, all of it filtered."""
+    files = ", ".join(map(str, inputs))
+    return DataError(f"no documents {what}: {read} record(s) read from {files}{detail}, "
+                     f"{bad_lines} malformed line(s) skipped; nothing was written: check the "
+                     f"input files and the options")
 
 
 @contextmanager

@@ -54,14 +54,15 @@ def _si(value: float) -> str:
 
 
 class Progress:
-    """A progress line with documents/s and tokens/s: redrawn in place on a terminal, printed
-    every `interval` seconds otherwise (logs)."""
+    """A progress line with documents/s and `unit`s/s (tokens, or B: bytes): redrawn in place
+    on a terminal, printed every `interval` seconds otherwise (logs)."""
 
-    def __init__(self, what: str, stream: TextIO = sys.stderr, interval: Optional[float] = None,
-                 enabled: bool = True):
+    def __init__(self, what: str, stream: Optional[TextIO] = None,
+                 interval: Optional[float] = None, enabled: bool = True, unit: str = "tokens"):
         self.what = what
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.unit = unit
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.interval = interval if interval is not None else (0.5 if self.tty else 30.0)
         self.enabled = enabled
         self.started = time.perf_counter()
@@ -74,10 +75,12 @@ class Progress:
 
     def rates(self) -> str:
         s = self.seconds
-        return (f"{self.docs:,} docs, {self.tokens:,} tokens in {s:.1f} s: "
-                f"{_si(self.docs / s)}docs/s, {_si(self.tokens / s)}tokens/s")
+        total = f"{_si(self.tokens)}B" if self.unit == "B" else f"{self.tokens:,} {self.unit}"
+        return (f"{self.docs:,} docs, {total} in {s:.1f} s: "
+                f"{_si(self.docs / s)}docs/s, {_si(self.tokens / s)}{self.unit}/s")
 
     def update(self, docs: int, tokens: int = 0) -> None:
+        """`docs` more documents and `tokens` more of the unit (tokens or bytes)."""
         self.docs += docs
         self.tokens += tokens
         now = time.perf_counter()
