@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llmtrain.config import overrides
+from llmtrain.config import inputs, overrides
 from llmtrain.config.aliases import AliasError, rewrite
 from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
@@ -74,16 +74,20 @@ def main(dcfg: DictConfig):
         sys.exit(2)
     from llmtrain.config.plan import describe
 
-    print(describe(cfg, layout), flush=True)
     if cfg.dry_run:
+        print(describe(cfg, layout), flush=True)
         return None
     try:
+        wrong = inputs.problems(cfg)
+        if wrong:
+            raise ConfigError(wrong)
         prepare(cfg)
         if cfg.stage.epochs:  # the schedule again, with train_iters derived from the data
             layout = validate(cfg, machine)
     except (ConfigError, DataError) as error:
         print(f"llmtrain: {error}", file=sys.stderr)
         sys.exit(2)
+    print(describe(cfg, layout), flush=True)
     summary = launch(cfg, layout)
     if summary is None:  # submitted: it runs elsewhere (launcher=slurm)
         return None
