@@ -226,6 +226,10 @@ def test_nan_loss_skipped_by_config_leaves_weights_and_optimizer_untouched(tmp_p
     step1, step2, step3 = (tensors(ckpt / f"iter_{s:07d}", tmp_path) for s in (1, 2, 3))
     assert any(not torch.equal(step1[k], step2[k]) for k in step1)  # a normal step updates
     assert all(torch.equal(step2[k], step3[k]) for k in step2)  # the skipped one did not
+    # summary.json stays strict JSON: the skipped step's loss is null, not NaN.
+    strict = json.loads((tmp_path / "summary.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"summary.json holds {name}"))
+    assert strict["losses"][-1] is None and strict["final_loss"] is None
 
 
 def _mount_namespace() -> list[str]:
