@@ -16,7 +16,7 @@ from llmtrain.config.schema import Config
 from llmtrain.config.store import register
 from llmtrain.config.validate import ConfigError, Machine, validate
 from llmtrain.data.sources import DataError
-from llmtrain.launch import launch, target_machine
+from llmtrain.launch import launch, runs_here, target_machine
 
 register()
 # The repository's conf/ folder (an absolute path: Hydra would read "../conf" as a module).
@@ -78,9 +78,11 @@ def main(dcfg: DictConfig):
         print(describe(cfg, layout), flush=True)
         return None
     try:
-        wrong = inputs.problems(cfg)
+        wrong, warnings = inputs.problems(cfg, layout, here=runs_here(cfg))
         if wrong:
             raise ConfigError(wrong)
+        for warning in warnings:
+            print(f"[llmtrain] {warning}", file=sys.stderr, flush=True)
         prepare(cfg)
         if cfg.stage.epochs:  # the schedule again, with train_iters derived from the data
             layout = validate(cfg, machine)

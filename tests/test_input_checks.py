@@ -6,6 +6,7 @@ checkpoint path); the command must name it with what to do and leave no run behi
 
 from __future__ import annotations
 
+import re
 import shutil
 import typing
 
@@ -46,16 +47,16 @@ def test_a_mistyped_checkpoint_load_is_refused_before_launch(tmp_path):
     step = missing / "iter_0000050"
     step.mkdir()
     cfg = compose_config(f"checkpoint.load={step}", output_dir=str(tmp_path / "run"))
-    assert inputs.problems(cfg) == [
+    assert inputs.checkpoint_problems(cfg) == [
         f"checkpoint.load={step} is one step's folder: give the folder that holds it, "
         f"checkpoint.load={missing} checkpoint.load_step=50"]
     step.rmdir()
     cfg = compose_config(f"checkpoint.load={missing}", output_dir=str(tmp_path / "run"))
-    assert "holds no checkpoint" in inputs.problems(cfg)[0]
+    assert "holds no checkpoint" in inputs.checkpoint_problems(cfg)[0]
     # The run's own save folder as load (one folder for --load and --save) starts fresh.
     cfg = compose_config(f"checkpoint.load={tmp_path / 'run' / 'checkpoints'}",
                          output_dir=str(tmp_path / "run"))
-    assert inputs.problems(cfg) == []
+    assert inputs.checkpoint_problems(cfg) == []
 
 
 def test_every_data_path_and_the_tokenizer_are_checked_before_any_process_starts(tmp_path):
@@ -117,3 +118,27 @@ def test_a_sequence_longer_than_a_rope_models_positions_needs_it_said():
                                     "model.max_position_embeddings=16384")) == []
     # Llama 3.1's scaled RoPE holds its 131072 positions.
     assert _problems(compose_config("model=llama3_1_8b", "data.seq_length=16384")) == []
+
+
+def test_a_plan_larger_than_the_machine_is_refused_with_its_figures(tmp_path):
+    """A 70B model in fp32 on this CPU: about 1 TiB per process, more memory than any host and
+    more disk than this one has free for its first checkpoint."""
+    out = tmp_path / "run"
+    err = _refused("model=llama3_1_70b", "stage.eval_interval=0",
+                   f"output_dir={out}")
+    memory = re.search(r"the plan needs about ([0-9.]+) GiB per process x 1 process\(es\) = "
+                       r"[0-9.]+ GiB of memory, but this machine has ([0-9.]+) GiB: choose a "
+                       r"smaller model", err)
+    assert memory and float(memory[1]) > float(memory[2]), err
+    assert "; or add device=cpu to start anyway" in err
+    assert re.search(rf"not enough free disk space for checkpoints in {out}/checkpoints: one "
+                     rf"step of model llama3_1_70b takes about [0-9.]+ GiB", err)
+    assert not (out / "checkpoints").exists()
+    # device=cpu insists: the memory is a warning; the disk is still too small.
+    cfg = compose_config("model=llama3_1_70b", "device=cpu", output_dir=str(out))
+    found, warnings = inputs.problems(cfg, validate(cfg, CPU))
+    assert [p[:30] for p in found] == ["not enough free disk space for"]
+    assert warnings[0].startswith("warning: the plan needs about ")
+    assert warnings[0].endswith("(starting anyway: device=cpu was given)")
+    tiny = compose_config(output_dir=str(out))
+    assert inputs.problems(tiny, validate(tiny, CPU)) == ([], [])

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
+from typing import Optional
 
+from llmtrain.config.plan import GIB, checkpoint_bytes, memory_plan
 from llmtrain.config.schema import Config
+from llmtrain.config.validate import Layout
 
 # data_path entries that are no files: weights of a blend, and generated sets.
 GENERATED = ("self-cognition", "arithmetic")
@@ -122,6 +126,63 @@ def checkpoint_problems(cfg: Config) -> list[str]:
     return []
 
 
-def problems(cfg: Config) -> list[str]:
-    """Everything wrong with the files a launch on this machine reads."""
-    return data_path_problems(cfg) + tokenizer_problems(cfg) + checkpoint_problems(cfg)
+def disk_problems(cfg: Config, layout: Layout) -> list[str]:
+    """Room for one checkpoint of the plan's size where the run saves, found now rather than
+    at the first save, `save_interval` steps later."""
+    if not cfg.checkpoint.save:
+        return []
+    folder = Path(cfg.output_dir) / cfg.checkpoint.save
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free, needed = shutil.disk_usage(existing).free, checkpoint_bytes(cfg, layout)
+    if free >= needed:
+        return []
+    return [f"not enough free disk space for checkpoints in {folder}: one step of model "
+            f"{cfg.model.name} takes about {needed / GIB:.2f} GiB and {free / GIB:.2f} GiB are "
+            f"free; free some space, or save elsewhere (checkpoint.save=/a/larger/disk)"]
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def memory_shortfall(cfg: Config, layout: Layout) -> Optional[str]:
+    """What the plan's memory estimate exceeds on this machine (None: it fits): the host's memory
+    for all of this node's processes on a CPU, one GPU's for each GPU process."""
+    per_process = memory_plan(cfg, layout).total
+    count = layout.nproc_per_node
+    if layout.device == "cpu":
+        have = host_memory() / GIB
+        if per_process * count <= have:
+            return None
+        return (f"the plan needs about {per_process:.1f} GiB per process x {count} process(es) "
+                f"= {per_process * count:.1f} GiB of memory, but this machine has {have:.1f} "
+                f"GiB: choose a smaller model (model=tiny), fewer processes (parallel=tp1pp1), "
+                f"a smaller stage.micro_batch_size or data.seq_length, or a machine with GPUs")
+    have = gpu_memory() / GIB
+    if per_process <= have:
+        return None
+    return (f"the plan needs about {per_process:.1f} GiB per GPU, but each GPU here has "
+            f"{have:.1f} GiB: raise parallel.tensor_model_parallel_size or "
+            f"pipeline_model_parallel_size, set parallel.use_distributed_optimizer=true or "
+            f"parallel.recompute_granularity=selective, or lower stage.micro_batch_size")
+
+
+def problems(cfg: Config, layout: Layout, here: bool = True) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the files a launch reads and writes and, where its processes
+    start on this machine (`here`), of its memory. A device set explicitly (device=cpu) insists:
+    too little memory is then a warning."""
+    found = (data_path_problems(cfg) + tokenizer_problems(cfg) + checkpoint_problems(cfg)
+             + disk_problems(cfg, layout))
+    warnings = []
+    short = memory_shortfall(cfg, layout) if here else None
+    if short and cfg.device == layout.device:
+        warnings.append(f"warning: {short} (starting anyway: device={cfg.device} was given)")
+    elif short:
+        found.append(f"{short}; or add device={layout.device} to start anyway")
+    return found, warnings

@@ -147,6 +147,15 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     )
 
 
+def checkpoint_bytes(cfg: Config, layout: Layout) -> float:
+    """The size of one saved step: every parameter once, in its training precision, with the
+    optimizer's state (fp32 master copy under mixed precision, Adam's two moments)."""
+    params = count_parameters(cfg.model, layout.padded_vocab_size).total
+    half = cfg.precision.bf16 or cfg.precision.fp16
+    optimizer = (4 if half else 0) + (8 if cfg.optim.optimizer == "adam" else 4)
+    return params * ((2 if half else 4) + optimizer)
+
+
 def describe(cfg: Config, layout: Layout) -> str:
     """The plan `dry_run=true` prints."""
     counts = count_parameters(cfg.model, layout.padded_vocab_size)
