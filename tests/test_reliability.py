@@ -344,12 +344,35 @@ def test_a_damaged_file_is_named_with_the_way_out(saved, tmp_path):
         byte = handle.read(1)
         handle.seek(-1, 1)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    out = run_llmtrain(*ARGS, "stage.train_iters=4", f"hydra.run.dir={run_dir}", check=False)
+    damaged = (f"checkpoint {run_dir}/checkpoints/iter_0000002 is damaged:\n    __0_0.distcp: "
+               f"its content differs from the SHA-256 recorded when it was saved")
+    # Asked for by its step: loaded or stopped, never replaced by another.
+    out = run_llmtrain(*ARGS, "stage.train_iters=3", "checkpoint.load_step=2",
+                       f"hydra.run.dir={run_dir}", check=False)
     assert out.returncode == 1
-    assert (f"llmtrain: checkpoint {run_dir}/checkpoints/iter_0000002 is damaged:\n    "
-            f"__0_0.distcp: its content differs from the SHA-256 recorded when it was saved"
-            ) in out.stderr, out.stderr
+    assert f"llmtrain: {damaged}" in out.stderr, out.stderr
     assert "Load an earlier one with checkpoint.load_step=1" in out.stderr
+    # An automatic resume (a requeue loop) says what is wrong and goes on from step 1.
+    out = run_llmtrain(*ARGS, "stage.train_iters=3", f"hydra.run.dir={run_dir}")
+    assert f"warning: {damaged}" in out.stdout, out.stdout
+    assert "Falling back to the newest intact step before it, 1" in out.stdout
+    assert f"loaded {run_dir}/checkpoints/iter_0000001; resuming after step 1" in out.stdout
+    assert summary(run_dir)["start_step"] == 1
+
+
+def test_a_truncated_file_without_the_manifest_is_named(saved, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved / "checkpoints", run_dir / "checkpoints")
+    step = run_dir / "checkpoints" / "iter_0000002"
+    (step / "integrity.json").unlink()
+    data = step / "__0_0.distcp"
+    os.truncate(data, data.stat().st_size // 2)  # as a copy that stopped halfway
+    out = run_llmtrain(*ARGS, "stage.train_iters=3", "checkpoint.load_step=2",
+                       f"hydra.run.dir={run_dir}", check=False)
+    assert out.returncode == 1
+    assert f"llmtrain: loading {step} failed: " in out.stderr, out.stderr
+    assert re.search(r"damaged file\(s\):\n    __0_0\.distcp: truncated \([0-9,]+ bytes; the "
+                     r"checkpoint's metadata places data up to byte [0-9,]+\)", out.stderr)
 
 
 def test_loading_an_incomplete_step_lists_the_complete_ones(saved, tmp_path):
