@@ -269,6 +269,21 @@ def test_a_full_disk_refuses_the_save_and_keeps_the_previous_checkpoint(tmp_path
     assert intact(copy / "iter_0000002")
 
 
+def test_a_real_enospc_during_a_save_says_no_space_left_and_where(tmp_path):
+    """A file system out of inodes: the writers' ENOSPC, which Megatron-Core reports as
+    "<class 'OSError'>" only."""
+    prefix = _mount_namespace()
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    done = _in_namespace(prefix, f"mount -t tmpfs -o size=200m,nr_inodes=2 tmpfs {ckpt}",
+                         *ARGS, "stage.train_iters=1", "optim.lr_warmup_iters=0",
+                         "checkpoint.save_interval=1", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(rf"llmtrain: saving step 1 failed: no space left on device in {ckpt} "
+                     rf"\(\d+ MiB and 0 file\(s\) free there; the writer said: ", done.stderr), \
+        done.stderr
+
+
 def test_a_read_only_folder_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path):
     prefix = _mount_namespace()
     ckpt = tmp_path / "checkpoints"

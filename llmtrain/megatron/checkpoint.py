@@ -59,6 +59,7 @@ _RNG_LAYOUT = ("device", "tensor_model_parallel_size", "pipeline_model_parallel_
                "virtual_pipeline_model_parallel_size", "context_parallel_size",
                "expert_model_parallel_size", "data_parallel_size")
 MIB = 1 << 20
+NO_ROOM = "not enough free disk space"
 # How the distributed optimizer lays out its state. "fully_reshardable" loads under any other
 # TP/PP/DP layout (Megatron gathers each parameter's state once when saving); Megatron-Core
 # 0.19.2 cannot load it back into torch's own Adam (no Transformer Engine or Apex: the CPU), where
@@ -646,7 +647,7 @@ def _prepare(temp: Path, size: float) -> None:
     free = shutil.disk_usage(root).free
     needed = size * 1.05 + 16 * MIB
     if free < needed:
-        raise OSError(f"not enough free disk space in {root}: the checkpoint needs about "
+        raise OSError(f"{NO_ROOM} in {root}: the checkpoint needs about "
                       f"{_size(needed)} and {_size(free)} are free")
     temp.mkdir()
 
@@ -706,8 +707,26 @@ def _retain(root: Path, keep_last: Optional[int], keep_every: Optional[int],
     return removed
 
 
+def _out_of_space(root: Path, error: str) -> Optional[str]:
+    """Why a save failed when its file system is full: Megatron-Core's writers report an
+    ENOSPC as just "<class 'OSError'>", so the file system is looked at (before the incomplete
+    step is removed)."""
+    try:
+        stats = os.statvfs(root)
+    except OSError:
+        return None
+    free, inodes = stats.f_bavail * stats.f_frsize, stats.f_favail
+    if error.startswith(NO_ROOM):
+        return None  # refused before writing: the message has the figures
+    if "[Errno 28]" in error or inodes == 0 or free < 256 * MIB:
+        return (f"no space left on device in {root} ({_size(free)} and {inodes:,} file(s) free "
+                f"there; the writer said: {error})")
+    return None
+
+
 def _fail(root: Path, iteration: int, error: str) -> NoReturn:
     """Every rank: drop the incomplete folder, say what happened and what is left, stop."""
+    error = _out_of_space(root, error) or error
     if _rank() == 0:
         shutil.rmtree(_temp_dir(root, iteration), ignore_errors=True)
     earlier = [s for s in listing(root).complete if s != iteration]
