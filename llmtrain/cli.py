@@ -75,7 +75,7 @@ def main(dcfg: DictConfig):
     from llmtrain.config.plan import describe
 
     if cfg.dry_run:
-        print(describe(cfg, layout), flush=True)
+        print(describe(cfg, layout, steps_counted=not cfg.stage.epochs), flush=True)
         return None
     try:
         wrong, warnings = inputs.problems(cfg, layout, here=runs_here(cfg))

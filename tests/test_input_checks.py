@@ -142,3 +142,18 @@ def test_a_plan_larger_than_the_machine_is_refused_with_its_figures(tmp_path):
     assert warnings[0].endswith("(starting anyway: device=cpu was given)")
     tiny = compose_config(output_dir=str(out))
     assert inputs.problems(tiny, validate(tiny, CPU)) == ([], [])
+
+
+def test_the_plan_of_a_packed_sft_run_shows_the_steps_that_run(tmp_path):
+    sft = ["stage=sft", "data=sft", "data.sft.packing=true", "data.seq_length=256",
+           "data.split='100,0,0'", "stage.micro_batch_size=1", "stage.global_batch_size=4",
+           "stage.epochs=1", "optim.lr_warmup_iters=0", "checkpoint.save=null",
+           "logging.tensorboard=false", f"hydra.run.dir={tmp_path}"]
+    planned = run_llmtrain(*sft, "dry_run=true").stdout
+    assert ("schedule     stage.epochs=1: the steps are counted from the data when the run "
+            "starts;") in planned
+    out = run_llmtrain(*sft).stdout
+    steps = int(re.search(r"stage\.train_iters=(\d+)", out)[1])
+    assert f"schedule     {steps} steps = " in out and "B tokens (1 epoch(s)); lr" in out
+    assert out.index("stage.train_iters=") < out.index("schedule ") < out.index(
+        f"training tiny for {steps} steps")

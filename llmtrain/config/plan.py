@@ -156,8 +156,9 @@ def checkpoint_bytes(cfg: Config, layout: Layout) -> float:
     return params * ((2 if half else 4) + optimizer)
 
 
-def describe(cfg: Config, layout: Layout) -> str:
-    """The plan `dry_run=true` prints."""
+def describe(cfg: Config, layout: Layout, steps_counted: bool = True) -> str:
+    """The plan printed before a run starts (and by `dry_run=true`). `steps_counted`: False
+    while stage.epochs still waits for the data to set stage.train_iters (a dry run)."""
     counts = count_parameters(cfg.model, layout.padded_vocab_size)
     memory = memory_plan(cfg, layout)
     tokens = cfg.stage.global_batch_size * cfg.data.seq_length
@@ -177,8 +178,12 @@ def describe(cfg: Config, layout: Layout) -> str:
         f"batch        global {cfg.stage.global_batch_size} x seq {cfg.data.seq_length} = "
         f"{tokens:,} tokens/step; micro {cfg.stage.micro_batch_size}, "
         f"{layout.num_microbatches} micro-batches per step",
-        f"schedule     {cfg.stage.train_iters:,} steps = {cfg.stage.train_iters * tokens / 1e9:.3g} B "
-        f"tokens; lr {cfg.optim.lr:g}, {cfg.optim.lr_warmup_iters:,} warm-up steps, "
+        (f"schedule     {cfg.stage.train_iters:,} steps = "
+         f"{cfg.stage.train_iters * tokens / 1e9:.3g} B tokens" if steps_counted else
+         f"schedule     stage.epochs={cfg.stage.epochs}: the steps are counted from the data "
+         f"when the run starts")
+        + (f" ({cfg.stage.epochs} epoch(s))" if cfg.stage.epochs and steps_counted else "")
+        + f"; lr {cfg.optim.lr:g}, {cfg.optim.lr_warmup_iters:,} warm-up steps, "
         f"{cfg.optim.lr_decay_style} decay to {cfg.optim.min_lr:g}",
         f"compute      {fpt / 1e9:.2f} GFLOP/token, {fpt * tokens / 1e12:.1f} TFLOP/step",
         f"{'memory/' + unit:<13} weights {memory.weights:.2f} GiB + gradients {memory.gradients:.2f} "
