@@ -81,6 +81,17 @@ def test_every_data_path_and_the_tokenizer_are_checked_before_any_process_starts
         f"reads {whole}.bin and {whole}.idx)"]
 
 
+def test_sft_entries_are_files_sets_of_tokenize_sft_or_generated(tmp_path):
+    (tmp_path / "chat.jsonl").write_text('{"messages": []}\n')
+    (tmp_path / "big_sft.json").write_text("{}")  # the last file `tokenize --sft` writes
+    entries = [tmp_path / "chat.jsonl", tmp_path / "big", "self-cognition", tmp_path / "typo"]
+    cfg = compose_config("stage=sft", "data=sft", f"data.data_path=[{','.join(map(str, entries))}]")
+    assert inputs.data_path_problems(cfg) == [
+        f"data.data_path entry {tmp_path / 'typo'}: no such file, and no tokenized set of that "
+        f"prefix; entries are json/jsonl/parquet files, prefixes written by `python -m "
+        f"llmtrain.data tokenize`, or self-cognition / arithmetic"]
+
+
 def test_a_tokenizer_too_large_or_unreadable_is_refused(tmp_path):
     tokenizer = corpus_tokenizer_path()
     big = compose_config("data.tokenizer.tokenizer_type=huggingface",

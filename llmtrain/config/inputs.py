@@ -18,7 +18,7 @@ from llmtrain.config.plan import GIB, checkpoint_bytes, memory_plan
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 
-# data_path entries that are no files: weights of a blend, and generated sets.
+# data_path entries that name generated sets, not files.
 GENERATED = ("self-cognition", "arithmetic")
 SUFFIXES = (".bin", ".idx")
 _STEP = re.compile(r"iter_\d+|release")
@@ -41,11 +41,13 @@ def data_path_problems(cfg: Config) -> list[str]:
     for entry in map(str, data.data_path):
         if _is_weight(entry) or entry in GENERATED:
             continue
-        if data.kind != "indexed" and Path(entry).exists() and not entry.endswith(SUFFIXES):
-            continue  # a json/jsonl/parquet file the loader reads
+        if data.kind != "indexed" and not entry.endswith(SUFFIXES) and (
+                Path(entry).exists() or Path(f"{entry}_sft.json").exists()):
+            continue  # a json/jsonl/parquet file, or a set of `tokenize --sft`: the loader's
         prefix = entry.removesuffix(".bin").removesuffix(".idx")
         bin_file, idx_file = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
-        if data.kind != "indexed" and prefix == entry and not Path(f"{prefix}_sft.json").exists():
+        if data.kind != "indexed" and prefix == entry and not (bin_file.exists()
+                                                               or idx_file.exists()):
             problems.append(f"data.data_path entry {entry}: no such file, and no tokenized set "
                             f"of that prefix; entries are json/jsonl/parquet files, prefixes "
                             f"written by `python -m llmtrain.data tokenize`, or "
@@ -94,7 +96,7 @@ def tokenizer_problems(cfg: Config) -> list[str]:
     return []
 
 
-def same_folder(a: Path, b: Path) -> bool:
+def _same_folder(a: Path, b: Path) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
@@ -107,7 +109,7 @@ def checkpoint_problems(cfg: Config) -> list[str]:
         return []
     load = Path(ck.load)
     save = Path(cfg.output_dir) / ck.save if ck.save else None
-    if save is not None and same_folder(load, save):
+    if save is not None and _same_folder(load, save):
         return []
     what = "fine-tune from" if ck.finetune else "load"
     if not load.exists():

@@ -99,7 +99,10 @@ class PreemptionNotice:
 
 def killed(rank: int, signum: int, world_size: int) -> str:
     """What a worker killed by a signal means, and what to do."""
-    name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else signum
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
     cause = (" - most often the kernel's out-of-memory killer (`dmesg` or `journalctl -k` "
              "names it): the run needs more memory than this machine has. Compare the plan's "
              "memory line with the machine, then use fewer processes, a smaller micro batch or "
