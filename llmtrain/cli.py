@@ -9,14 +9,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from llmtrain.config import overrides
+from llmtrain.config import inputs, overrides
 from llmtrain.config.aliases import AliasError, rewrite
 from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
 from llmtrain.config.validate import ConfigError, Machine, validate
 from llmtrain.data.sources import DataError
-from llmtrain.launch import launch, target_machine
+from llmtrain.launch import launch, runs_here, target_machine
 
 register()
 # The repository's conf/ folder (an absolute path: Hydra would read "../conf" as a module).
@@ -74,16 +74,22 @@ def main(dcfg: DictConfig):
         sys.exit(2)
     from llmtrain.config.plan import describe
 
-    print(describe(cfg, layout), flush=True)
     if cfg.dry_run:
+        print(describe(cfg, layout, steps_counted=not cfg.stage.epochs), flush=True)
         return None
     try:
+        wrong, warnings = inputs.problems(cfg, layout, here=runs_here(cfg))
+        if wrong:
+            raise ConfigError(wrong)
+        for warning in warnings:
+            print(f"[llmtrain] {warning}", file=sys.stderr, flush=True)
         prepare(cfg)
         if cfg.stage.epochs:  # the schedule again, with train_iters derived from the data
             layout = validate(cfg, machine)
     except (ConfigError, DataError) as error:
         print(f"llmtrain: {error}", file=sys.stderr)
         sys.exit(2)
+    print(describe(cfg, layout), flush=True)
     summary = launch(cfg, layout)
     if summary is None:  # submitted: it runs elsewhere (launcher=slurm)
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from functools import partial
@@ -32,6 +33,17 @@ def run_path(cfg: Config, path: Optional[str]) -> Optional[Path]:
     if path is None:
         return None
     return Path(cfg.output_dir) / path
+
+
+def finite_or_null(value):
+    """JSON has no NaN or infinity (a skipped step's loss): such numbers are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def train(cfg: Config, layout: Layout) -> dict:
@@ -179,7 +191,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
                    "metrics": metrics,
                    "preempted_after_step": preempted[0] if preempted else None}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        (Path(cfg.output_dir) / "summary.json").write_text(
+            json.dumps(finite_or_null(summary), indent=1, allow_nan=False))
     log.close()
     if preempted:
         saved = f"saved step {preempted[0]}" if save_dir else "nothing saved (checkpoint.save=null)"

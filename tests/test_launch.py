@@ -10,10 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import FAST, ROOT, run_llmtrain, summary
+from conftest import FAST, ROOT, compose_config, run_llmtrain, summary
+from llmtrain.config.validate import Machine, validate
+from llmtrain.launch import local
 from llmtrain.launch.slurm import time_minutes
 
 STEPS = ["stage.train_iters=4", "checkpoint.save=null"]
@@ -165,3 +168,26 @@ def test_dlc_example_submits_the_entrypoint_every_node_runs(tmp_path):
                                            ("2-00:00:00", 2880)])
 def test_slurm_time_limits_in_every_slurm_format(limit, minutes):
     assert time_minutes(limit) == minutes
+
+
+def _killed_by_the_kernel(cfg, layout):
+    """Rank 1 dies as the out-of-memory killer ends a process; rank 0, told to stop by torch
+    elastic, exits as a worker asking for a requeue would."""
+    if os.environ["RANK"] == "1":
+        time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(local.REQUEUE_EXIT_CODE))
+    time.sleep(60)
+
+
+def test_a_worker_killed_by_the_kernel_is_a_failure_not_a_requeue(capsys):
+    cfg = compose_config("parallel.data_parallel_size=2", "stage.global_batch_size=8")
+    layout = validate(cfg, Machine())
+    with pytest.raises(SystemExit) as stopped:
+        local.launch(cfg, layout, entry=_killed_by_the_kernel)
+    assert stopped.value.code == 1
+    err = capsys.readouterr()
+    assert ("llmtrain: worker rank 1 of 2 was killed by SIGKILL - most often the kernel's "
+            "out-of-memory killer") in err.err, err
+    assert "nothing was saved for it, and the run is not requeued" in err.err
+    assert "requeued (exit status" not in err.out

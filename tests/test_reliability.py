@@ -226,6 +226,10 @@ def test_nan_loss_skipped_by_config_leaves_weights_and_optimizer_untouched(tmp_p
     step1, step2, step3 = (tensors(ckpt / f"iter_{s:07d}", tmp_path) for s in (1, 2, 3))
     assert any(not torch.equal(step1[k], step2[k]) for k in step1)  # a normal step updates
     assert all(torch.equal(step2[k], step3[k]) for k in step2)  # the skipped one did not
+    # summary.json stays strict JSON: the skipped step's loss is null, not NaN.
+    strict = json.loads((tmp_path / "summary.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"summary.json holds {name}"))
+    assert strict["losses"][-1] is None and strict["final_loss"] is None
 
 
 def _mount_namespace() -> list[str]:
@@ -263,6 +267,21 @@ def test_a_full_disk_refuses_the_save_and_keeps_the_previous_checkpoint(tmp_path
     assert sorted(p.name for p in copy.iterdir()) == [
         "iter_0000002", "latest_checkpointed_iteration.txt"]
     assert intact(copy / "iter_0000002")
+
+
+def test_a_real_enospc_during_a_save_says_no_space_left_and_where(tmp_path):
+    """A file system out of inodes: the writers' ENOSPC, which Megatron-Core reports as
+    "<class 'OSError'>" only."""
+    prefix = _mount_namespace()
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    done = _in_namespace(prefix, f"mount -t tmpfs -o size=200m,nr_inodes=2 tmpfs {ckpt}",
+                         *ARGS, "stage.train_iters=1", "optim.lr_warmup_iters=0",
+                         "checkpoint.save_interval=1", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(rf"llmtrain: saving step 1 failed: no space left on device in {ckpt} "
+                     rf"\(\d+ MiB and 0 file\(s\) free there; the writer said: ", done.stderr), \
+        done.stderr
 
 
 def test_a_read_only_folder_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path):
@@ -340,12 +359,35 @@ def test_a_damaged_file_is_named_with_the_way_out(saved, tmp_path):
         byte = handle.read(1)
         handle.seek(-1, 1)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    out = run_llmtrain(*ARGS, "stage.train_iters=4", f"hydra.run.dir={run_dir}", check=False)
+    damaged = (f"checkpoint {run_dir}/checkpoints/iter_0000002 is damaged:\n    __0_0.distcp: "
+               f"its content differs from the SHA-256 recorded when it was saved")
+    # Asked for by its step: loaded or stopped, never replaced by another.
+    out = run_llmtrain(*ARGS, "stage.train_iters=3", "checkpoint.load_step=2",
+                       f"hydra.run.dir={run_dir}", check=False)
     assert out.returncode == 1
-    assert (f"llmtrain: checkpoint {run_dir}/checkpoints/iter_0000002 is damaged:\n    "
-            f"__0_0.distcp: its content differs from the SHA-256 recorded when it was saved"
-            ) in out.stderr, out.stderr
+    assert f"llmtrain: {damaged}" in out.stderr, out.stderr
     assert "Load an earlier one with checkpoint.load_step=1" in out.stderr
+    # An automatic resume (a requeue loop) says what is wrong and goes on from step 1.
+    out = run_llmtrain(*ARGS, "stage.train_iters=3", f"hydra.run.dir={run_dir}")
+    assert f"warning: {damaged}" in out.stdout, out.stdout
+    assert "Falling back to the newest intact step before it, 1" in out.stdout
+    assert f"loaded {run_dir}/checkpoints/iter_0000001; resuming after step 1" in out.stdout
+    assert summary(run_dir)["start_step"] == 1
+
+
+def test_a_truncated_file_without_the_manifest_is_named(saved, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved / "checkpoints", run_dir / "checkpoints")
+    step = run_dir / "checkpoints" / "iter_0000002"
+    (step / "integrity.json").unlink()
+    data = step / "__0_0.distcp"
+    os.truncate(data, data.stat().st_size // 2)  # as a copy that stopped halfway
+    out = run_llmtrain(*ARGS, "stage.train_iters=3", "checkpoint.load_step=2",
+                       f"hydra.run.dir={run_dir}", check=False)
+    assert out.returncode == 1
+    assert f"llmtrain: loading {step} failed: " in out.stderr, out.stderr
+    assert re.search(r"damaged file\(s\):\n    __0_0\.distcp: truncated \([0-9,]+ bytes; the "
+                     r"checkpoint's metadata places data up to byte [0-9,]+\)", out.stderr)
 
 
 def test_loading_an_incomplete_step_lists_the_complete_ones(saved, tmp_path):

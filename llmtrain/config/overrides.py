@@ -36,12 +36,13 @@ def _suggestion(group: str, name: str, fields: list[str]) -> str:
 
 
 def problems(args: list[str]) -> list[str]:
-    """What is wrong with the plain `a.b=value` overrides among `args` (Hydra's flags, `+`/`~`
-    overrides, groups and hydra.* keys are left to Hydra)."""
+    """What is wrong with the `a.b=value` and `+a.b=value` overrides among `args` (Hydra's
+    flags, `~` overrides, groups and hydra.* keys are left to Hydra)."""
     hints = typing.get_type_hints(Config)
     found = []
     for arg in args:
-        match = _PLAIN.fullmatch(arg)
+        # `+key=value` adds a key: only free-form maps (launcher.env) take new ones.
+        match = _PLAIN.fullmatch(arg.removeprefix("++").removeprefix("+"))
         if not match or "." not in match.group("key"):
             continue
         parts = match.group("key").split(".")

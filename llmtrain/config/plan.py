@@ -149,8 +149,18 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     )
 
 
-def describe(cfg: Config, layout: Layout) -> str:
-    """The plan `dry_run=true` prints."""
+def checkpoint_bytes(cfg: Config, layout: Layout) -> float:
+    """The size of one saved step: every parameter once, in its training precision, with the
+    optimizer's state (fp32 master copy under mixed precision, Adam's two moments)."""
+    params = count_parameters(cfg.model, layout.padded_vocab_size).total
+    half = cfg.precision.bf16 or cfg.precision.fp16
+    optimizer = (4 if half else 0) + (8 if cfg.optim.optimizer == "adam" else 4)
+    return params * ((2 if half else 4) + optimizer)
+
+
+def describe(cfg: Config, layout: Layout, steps_counted: bool = True) -> str:
+    """The plan printed before a run starts (and by `dry_run=true`). `steps_counted`: False
+    while stage.epochs still waits for the data to set stage.train_iters (a dry run)."""
     counts = count_parameters(cfg.model, layout.padded_vocab_size)
     memory = memory_plan(cfg, layout)
     tokens = cfg.stage.global_batch_size * cfg.data.seq_length
@@ -170,8 +180,12 @@ def describe(cfg: Config, layout: Layout) -> str:
         f"batch        global {cfg.stage.global_batch_size} x seq {cfg.data.seq_length} = "
         f"{tokens:,} tokens/step; micro {cfg.stage.micro_batch_size}, "
         f"{layout.num_microbatches} micro-batches per step",
-        f"schedule     {cfg.stage.train_iters:,} steps = {cfg.stage.train_iters * tokens / 1e9:.3g} B "
-        f"tokens; lr {cfg.optim.lr:g}, {cfg.optim.lr_warmup_iters:,} warm-up steps, "
+        (f"schedule     {cfg.stage.train_iters:,} steps = "
+         f"{cfg.stage.train_iters * tokens / 1e9:.3g} B tokens" if steps_counted else
+         f"schedule     stage.epochs={cfg.stage.epochs}: the steps are counted from the data "
+         f"when the run starts")
+        + (f" ({cfg.stage.epochs} epoch(s))" if cfg.stage.epochs and steps_counted else "")
+        + f"; lr {cfg.optim.lr:g}, {cfg.optim.lr_warmup_iters:,} warm-up steps, "
         f"{cfg.optim.lr_decay_style} decay to {cfg.optim.min_lr:g}",
         f"compute      {fpt / 1e9:.2f} GFLOP/token, {fpt * tokens / 1e12:.1f} TFLOP/step",
         f"{'memory/' + unit:<13} weights {memory.weights:.2f} GiB + gradients {memory.gradients:.2f} "

@@ -181,6 +181,15 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"learned positions of model {m.name}: set data.seq_length="
                         f"{m.max_position_embeddings} or less")
 
+    if (m.position_embedding_type == "rope" and data.seq_length > m.max_position_embeddings
+            and not m.rope_scaling):
+        problems.append(f"data.seq_length={data.seq_length} exceeds the "
+                        f"{m.max_position_embeddings} positions model {m.name} was made for "
+                        f"(max_position_embeddings) and no RoPE scaling extends them: set "
+                        f"data.seq_length={m.max_position_embeddings} or less, or, to train "
+                        f"longer contexts on purpose, model.max_position_embeddings="
+                        f"{data.seq_length}")
+
     # Precision against the machine.
     if prec.bf16 and prec.fp16:
         problems.append("precision: bf16 and fp16 are both true; choose one")
@@ -302,7 +311,11 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"stage.train_tokens)")
     if data.seq_length < 1:
         problems.append(f"data.seq_length={data.seq_length} must be at least 1")
-    if optim.min_lr > optim.lr:
+    for key in ("lr", "min_lr"):
+        if getattr(optim, key) < 0:
+            problems.append(f"optim.{key}={getattr(optim, key)} is negative: a learning rate is "
+                            f"0 or more (e.g. optim.{key}={'3e-4' if key == 'lr' else '3e-5'})")
+    if optim.min_lr > optim.lr >= 0:
         problems.append(f"optim.min_lr={optim.min_lr} is above optim.lr={optim.lr}: lower "
                         f"optim.min_lr (stage=sft sets optim.lr=1e-5, min_lr=1e-6)")
     decay_iters = optim.lr_decay_iters or stage.train_iters or 0

@@ -61,6 +61,16 @@ def target_machine(cfg: Config) -> Machine:
     return detect_machine()
 
 
+def runs_here(cfg: Config) -> bool:
+    """Whether this machine starts workers of the run (not a Slurm submission from a login
+    node)."""
+    if cfg.launcher.name != "slurm":
+        return True
+    from llmtrain.launch import slurm
+
+    return slurm.inside_job()
+
+
 def launch(cfg: Config, layout: Layout) -> dict | None:
     """Run the job: the logging rank's summary, or None when it was submitted to run elsewhere."""
     if cfg.launcher.name == "slurm":

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import traceback
 import uuid
@@ -96,6 +97,21 @@ class PreemptionNotice:
                 os.environ[self.ELASTIC] = self._elastic
 
 
+def killed(rank: int, signum: int, world_size: int) -> str:
+    """What a worker killed by a signal means, and what to do."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    cause = (" - most often the kernel's out-of-memory killer (`dmesg` or `journalctl -k` "
+             "names it): the run needs more memory than this machine has. Compare the plan's "
+             "memory line with the machine, then use fewer processes, a smaller micro batch or "
+             "sequence, or more model parallelism") if signum == signal.SIGKILL else ""
+    return (f"worker rank {rank} of {world_size} was killed by {name}{cause}. This was no "
+            f"preemption: nothing was saved for it, and the run is not requeued; once the cause "
+            f"is fixed, the same command resumes from the latest checkpoint")
+
+
 def rendezvous_id(layout: Layout) -> str:
     """The key prefix of the rendezvous store: the same on every node of a job (as torchrun's
     default), unique per launch on one node so that sequential runs in a process never mix."""
@@ -156,6 +172,12 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
                     port = free_port()
         except ChildFailedError as error:
             codes = {failure.exitcode for failure in error.failures.values()}
+            rank, failure = error.get_first_failure()
+            if failure.exitcode < 0 and not notice.signals:
+                # Killed from outside, no notice given: nothing was saved for a requeue.
+                print(f"llmtrain: {killed(rank, -failure.exitcode, layout.world_size)}",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
             if REQUEUE_EXIT_CODE in codes or (notice.signals and notice.training):
                 print(f"[llmtrain] the workers stopped to be requeued (exit status "
                       f"{REQUEUE_EXIT_CODE}); running the same command again resumes from the "
@@ -163,7 +185,6 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
                 raise Requeue(frozenset(notice.signals)) from None
             if codes == {2}:  # a refused resume: every worker stopped before training
                 raise SystemExit(2) from None
-            rank, failure = error.get_first_failure()
             raise RuntimeError(f"worker rank {rank} failed (exit code {failure.exitcode}); "
                                f"its error is printed above") from None
     return next((r for r in results.values() if r), {})

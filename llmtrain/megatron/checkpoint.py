@@ -59,6 +59,7 @@ _RNG_LAYOUT = ("device", "tensor_model_parallel_size", "pipeline_model_parallel_
                "virtual_pipeline_model_parallel_size", "context_parallel_size",
                "expert_model_parallel_size", "data_parallel_size")
 MIB = 1 << 20
+NO_ROOM = "not enough free disk space"
 # How the distributed optimizer lays out its state. "fully_reshardable" loads under any other
 # TP/PP/DP layout (Megatron gathers each parameter's state once when saving); Megatron-Core
 # 0.19.2 cannot load it back into torch's own Adam (no Transformer Engine or Apex: the CPU), where
@@ -188,6 +189,39 @@ def _first_error(error: Optional[str]) -> Optional[str]:
     errors = _gather(error)
     return next((f"rank {r}: {e}" if len(errors) > 1 else e
                  for r, e in enumerate(errors) if e), None)
+
+
+class NotThisModel(RuntimeError):
+    """A checkpoint written for another model (or a converted one without training state):
+    earlier steps of the same folder would not fit either."""
+
+
+class Damaged(Exception):
+    """A step that cannot be loaded as it is on disk; `hint`: a way out when it was asked for."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+def _short_files(folder: Path) -> list[str]:
+    """Rank 0: the tensor files of a step shorter than its metadata says (truncated), found
+    without the integrity manifest."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    needed: dict[str, int] = {}
+    for info in FileSystemReader(str(folder)).read_metadata().storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    short = []
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            short.append(f"{name}: missing")
+        elif path.stat().st_size < size:
+            short.append(f"{name}: truncated ({path.stat().st_size:,} bytes; the checkpoint's "
+                         f"metadata places data up to byte {size:,})")
+    return short
 
 
 # What a failed save or load may raise (torch's CheckpointException is a BaseException).
@@ -321,6 +355,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     error: Optional[str] = None
     error_code: int = 1
+    # Chosen as the latest step (not load_step): a damaged one gives way to an earlier one.
+    automatic: bool = False
 
 
 @dataclass
@@ -384,7 +420,8 @@ class Checkpoints:
                 continue
             found = listing(root)
             if found.complete:
-                plan = self._planned(root, found.complete[-1], found, weights_only)
+                plan = self._planned(root, found.complete[-1], found, weights_only,
+                                     automatic=True)
                 plan.notes[:0] = notes
                 return plan
             if found.incomplete:
@@ -392,9 +429,11 @@ class Checkpoints:
                              f"({', '.join(found.incomplete)})")
         return Plan(notes=notes)
 
-    def _planned(self, root: Path, step: int, found: Listing, weights_only: bool) -> Plan:
+    def _planned(self, root: Path, step: int, found: Listing, weights_only: bool,
+                 automatic: bool = False) -> Plan:
         folder = step_dir(root, step)
-        plan = Plan(folder=folder, iteration=step, weights_only=weights_only)
+        plan = Plan(folder=folder, iteration=step, weights_only=weights_only,
+                    automatic=automatic)
         newer = [name for name in found.incomplete if _step_of(name) > step]
         if newer:
             plan.notes.append(f"warning: skipping incomplete checkpoint(s) {', '.join(newer)} "
@@ -408,8 +447,7 @@ class Checkpoints:
             try:
                 plan.descriptor = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
-                plan.error = (f"{path} cannot be read ({exc}): the checkpoint is damaged. "
-                              f"{self._earlier(root, step, found)}")
+                plan.error = f"{path} cannot be read ({exc}): the checkpoint is damaged."
         else:
             plan.notes.append(f"{folder} has no {DESCRIPTOR} (a converted or Megatron-LM "
                               f"checkpoint): its config and tokenizer cannot be checked")
@@ -441,12 +479,33 @@ class Checkpoints:
             self.say("config changes since the checkpoint: " + "; ".join(noted))
 
     def restore(self, model: list, optimizer, scheduler) -> Restored:
-        """Load what `checkpoint` says (collective); return where training continues."""
+        """Load what `checkpoint` says (collective); return where training continues. An
+        automatic resume whose step is damaged falls back to the newest intact one before it,
+        with a warning; a step asked for (load_step) is loaded or the run stops."""
         plan: Plan = _broadcast(self._plan() if _rank() == 0 else None)
         for note in plan.notes:
             self.say(note)
+        while True:
+            try:
+                return self._restore(plan, model, optimizer, scheduler)
+            except Damaged as damaged:
+                root = plan.folder.parent
+                found = listing(root)
+                earlier = [s for s in found.complete if s < plan.iteration]
+                if not plan.automatic or not earlier:
+                    way_out = self._earlier(root, plan.iteration, found)
+                    raise RunStopped(f"{damaged.message}\n  {way_out}{damaged.hint}") from None
+                self.say(f"warning: {damaged.message}\n  Falling back to the newest intact step "
+                         f"before it, {earlier[-1]}")
+                plan = _broadcast(self._planned(root, earlier[-1], found, plan.weights_only,
+                                                automatic=True) if _rank() == 0 else None)
+
+    def _restore(self, plan: Plan, model: list, optimizer, scheduler) -> Restored:
+        """Load the planned step, or raise Damaged naming what is wrong with it."""
+        if plan.error and plan.error_code == 2:
+            raise RunStopped(plan.error, exit_code=2)
         if plan.error:
-            raise RunStopped(plan.error, exit_code=plan.error_code)
+            raise Damaged(plan.error)
         if plan.folder is None:
             return Restored()
         self._check_config(plan)
@@ -454,11 +513,9 @@ class Checkpoints:
         if self.cfg.checkpoint.verify_integrity:
             damaged = _damaged_files(folder)
             if damaged:
-                found = listing(folder.parent)
-                raise RunStopped(
-                    f"checkpoint {folder} is damaged:\n" + "\n".join(f"    {d}" for d in damaged)
-                    + f"\n  {self._earlier(folder.parent, plan.iteration, found)} Or set "
-                    f"checkpoint.verify_integrity=false to load it anyway.")
+                raise Damaged(f"checkpoint {folder} is damaged:\n" + "\n".join(
+                    f"    {d}" for d in damaged), " Or set checkpoint.verify_integrity=false to "
+                    "load it anyway.")
         stored_layout = (plan.descriptor or {}).get("layout", {})
         same_layout = all(stored_layout.get(k) == getattr(self.layout, k) for k in _RNG_LAYOUT)
         with_rng = (not plan.weights_only and same_layout
@@ -470,12 +527,15 @@ class Checkpoints:
         try:
             common = load(folder.parent, plan.iteration, model, optimizer, scheduler,
                           plan.weights_only, with_rng)
-        except RunStopped:
-            raise
+        except (RunStopped, NotThisModel) as exc:
+            if isinstance(exc, RunStopped):
+                raise
+            raise RunStopped(f"loading {folder} failed: {exc}") from None
         except FAILURES as exc:
-            found = listing(folder.parent)
-            raise RunStopped(f"loading {folder} failed: {_text(exc)}\n  "
-                             f"{self._earlier(folder.parent, plan.iteration, found)}") from None
+            short, _ = _on_rank0(partial(_short_files, folder))
+            named = "".join(f"\n    {name}" for name in short or [])
+            raise Damaged(f"loading {folder} failed: {_text(exc)}"
+                          + (f"\n  damaged file(s):{named}" if named else "")) from None
         start = 0 if plan.weights_only else int(common["iteration"])
         self.say(f"loaded {folder}" + (" (weights only: a new schedule starts)"
                                        if plan.weights_only else f"; resuming after step {start}"))
@@ -587,7 +647,7 @@ def _prepare(temp: Path, size: float) -> None:
     free = shutil.disk_usage(root).free
     needed = size * 1.05 + 16 * MIB
     if free < needed:
-        raise OSError(f"not enough free disk space in {root}: the checkpoint needs about "
+        raise OSError(f"{NO_ROOM} in {root}: the checkpoint needs about "
                       f"{_size(needed)} and {_size(free)} are free")
     temp.mkdir()
 
@@ -647,8 +707,26 @@ def _retain(root: Path, keep_last: Optional[int], keep_every: Optional[int],
     return removed
 
 
+def _out_of_space(root: Path, error: str) -> Optional[str]:
+    """Why a save failed when its file system is full: Megatron-Core's writers report an
+    ENOSPC as just "<class 'OSError'>", so the file system is looked at (before the incomplete
+    step is removed)."""
+    try:
+        stats = os.statvfs(root)
+    except OSError:
+        return None
+    free, inodes = stats.f_bavail * stats.f_frsize, stats.f_favail
+    if error.startswith(NO_ROOM):
+        return None  # refused before writing: the message has the figures
+    if "[Errno 28]" in error or inodes == 0 or free < 256 * MIB:
+        return (f"no space left on device in {root} ({_size(free)} and {inodes:,} file(s) free "
+                f"there; the writer said: {error})")
+    return None
+
+
 def _fail(root: Path, iteration: int, error: str) -> NoReturn:
     """Every rank: drop the incomplete folder, say what happened and what is left, stop."""
+    error = _out_of_space(root, error) or error
     if _rank() == 0:
         shutil.rmtree(_temp_dir(root, iteration), ignore_errors=True)
     earlier = [s for s in listing(root).complete if s != iteration]
@@ -705,11 +783,11 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
                                                     strict=StrictHandling.RETURN_UNEXPECTED)
         lacking = sorted(k for k in absent if _REBUILT not in k and HEADS not in k)
         if lacking:
-            raise RuntimeError(f"{source} lacks {len(lacking)} tensor(s) of this model, e.g. "
+            raise NotThisModel(f"{source} lacks {len(lacking)} tensor(s) of this model, e.g. "
                                f"{', '.join(lacking[:5])}: was it written for another model= ?")
     else:
         if not has_training_state(source):
-            raise RuntimeError(f"{source} holds weights only (a converted model): add "
+            raise NotThisModel(f"{source} holds weights only (a converted model): add "
                                f"checkpoint.finetune=true to start training from it")
         _materialize_optimizer_state(optimizer)
         metadata = dist_checkpointing.load_content_metadata(str(source)) or CONTENT_METADATA
@@ -723,7 +801,7 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
         wrong = [k for k in missing if _REBUILT not in k
                  and not (weights_only and k.startswith(HEADS))] + list(unexpected)
         if wrong:
-            raise RuntimeError(f"{source} does not match this model: {', '.join(wrong[:5])}; give "
+            raise NotThisModel(f"{source} does not match this model: {', '.join(wrong[:5])}; give "
                            f"the model= it was written for")
     if not weights_only:
         optimizer.load_state_dict(loaded.pop("optimizer"))
