@@ -181,7 +181,7 @@ step_grpo() {
 
 step_servebench() {
     # shellcheck disable=SC2086  # SERVEBENCH_ARGS is a list of arguments
-    $PY -m llmtrain.serve.bench $SERVEBENCH_ARGS --logs "$OUT"
+    $PY -m llmtrain.serve.bench $SERVEBENCH_ARGS
     sed -n '/streamed tokens per request/,$p' "$OUT/$CURRENT.log" | note
 }
 

@@ -17,57 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from llmtrain.evaluate.server import started
 from llmtrain.generate.bench import DTYPES, converted, random_hf, word_tokenizer, zoo_model
-
-
-class Server:
-    """`python -m llmtrain.serve <args> port=0` until `stop`; `url` once it is ready."""
-
-    def __init__(self, args: list[str], log: Path):
-        self.log = open(log, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "llmtrain.serve", *args, "port=0"],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
-        self.url = None
-        ready = threading.Event()
-
-        def read():
-            for line in self.process.stdout:
-                self.log.write(line)
-                found = re.search(r"\[serve\] ready: (http://\S+)", line)
-                if found:
-                    self.url = found.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        ready.wait(1800)
-        if self.url is None:
-            self.stop()
-            raise SystemExit(f"the server did not start: see {log}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=120)
-        self.log.close()
 
 
 def one_request(client, url: str, prompt: list[int], new_tokens: int
                 ) -> tuple[float, float, int]:
     """(seconds to the first token, seconds to the last, tokens) of one streamed completion
     (server-sent events, as OpenAI's clients read them)."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     began = time.perf_counter()
     first, tokens = None, 0
@@ -116,7 +81,6 @@ def main() -> None:
                         help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--engines", default="auto,megatron",
                         help="the servers to load, one after the other")
-    parser.add_argument("--logs", default=".", help="a folder for the servers' logs")
     parser.add_argument("overrides", nargs="*", help="model=<name> (conf/model/)")
     args = parser.parse_args()
     import torch
@@ -137,17 +101,14 @@ def main() -> None:
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_length)]
                    for _ in range(rows)]
         figures = {}
+        length = args.prompt_length + args.new_tokens
         for engine in args.engines.split(","):
-            server = Server([f"load={mcore}", f"engine={engine}", f"dtype={args.dtype}",
-                             f"inference_max_batch_size={rows}", "served_model_name=bench",
-                             f"inference_max_seq_length={args.prompt_length + args.new_tokens}",
-                             "batch_wait_ms=2"], Path(args.logs) / f"serve_{engine}.log")
-            try:
-                load(server.url, 1, 1, prompts, 8)  # warm-up (and CUDA graphs of batch 1)
-                figures[engine] = {c: load(server.url, c, c * args.requests_per_client, prompts,
+            with started(str(mcore), [f"engine={engine}", f"dtype={args.dtype}",
+                                      f"inference_max_batch_size={rows}", "batch_wait_ms=2",
+                                      f"inference_max_seq_length={length}"]) as served:
+                load(served.url, 1, 1, prompts, 8)  # warm-up (and CUDA graphs of batch 1)
+                figures[engine] = {c: load(served.url, c, c * args.requests_per_client, prompts,
                                            args.new_tokens) for c in args.concurrency}
-            finally:
-                server.stop()
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\n{hf.name}, {args.dtype}, {where}: {args.prompt_length} prompt + {args.new_tokens} "
           f"streamed tokens per request, {args.requests_per_client} requests per client",
