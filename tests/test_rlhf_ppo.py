@@ -21,7 +21,7 @@ def test_ppo_raises_the_mean_reward(tmp_path):
     run_llmtrain("stage=ppo", "data=prompts", f"data.data_path=[{data}]", *TINY, *ROLLOUTS,
                  "optim.lr=5e-3", "optim.min_lr=5e-3", "stage.alignment.critic_lr=1e-3",
                  "stage.alignment.kl_coef=0.0", "stage.micro_batch_size=16",
-                 "stage.global_batch_size=32", "stage.train_iters=10", f"hydra.run.dir={run}",
+                 "stage.global_batch_size=32", "stage.train_iters=14", f"hydra.run.dir={run}",
                  "checkpoint.save=null")
     metrics = summary(run)["metrics"]
     reward = metrics["reward"]
