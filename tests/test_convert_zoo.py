@@ -181,3 +181,19 @@ def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
            "152576)" in plan
     assert "TP 8  PP 1  CP 1  EP 1  DP 1" in plan
     assert memory_plan(cfg, layout).total < 80
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3_2_1b", "mistral_7b", "qwen2_5_0_5b",
+                                  "qwen3_0_6b", "bloom_560m", "falcon_7b"])
+def test_the_benchmarks_transformers_peer_builds_the_published_model(name):
+    """`python -m llmtrain.bench`'s Hugging Face peer times the same model, of every family."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmtrain.bench.hf_peer import hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(dataclasses.asdict(_model(name))))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]

@@ -1,8 +1,9 @@
 """The Hugging Face transformers peer of `python -m llmtrain.bench`: a plain training step.
 
-The same architecture as a transformers model (SDPA attention, bf16 autocast over fp32 weights,
-fused AdamW), optionally torch.compile'd: what a user of plain transformers runs. Reads a JSON spec
-on argv[1]; prints one JSON result line.
+The same architecture as a transformers model, built from the config its family's conversion
+writes (so every family with a Hugging Face mapping has a peer): SDPA attention, bf16 autocast over
+fp32 weights, fused AdamW, optionally torch.compile'd: what a user of plain transformers runs.
+Reads a JSON spec on argv[1]; prints one JSON result line.
 """
 
 from __future__ import annotations
@@ -13,33 +14,17 @@ import time
 
 import torch
 
-# ModelConfig fields -> transformers config fields, per family the peer supports.
-FAMILIES = {
-    "llama": "LlamaConfig",
-    "mistral": "MistralConfig",
-    "qwen2": "Qwen2Config",
-}
-
 
 def hf_config(m: dict):
-    import transformers
+    """The transformers config of the spec's model, as the family's conversion writes it."""
+    from llmtrain.config.schema import ModelConfig
+    from llmtrain.convert.families import by_name
+    from llmtrain.convert.mapping import ConversionError
 
-    if m["family"] not in FAMILIES:
-        raise SystemExit(f"the Hugging Face peer supports the families {sorted(FAMILIES)}, "
-                         f"not {m['family']}")
-    config_class = getattr(transformers, FAMILIES[m["family"]])
-    rope = {"rope_type": "llama3", "factor": m["rope_scaling_factor"], "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-            "rope_theta": m["rotary_base"]} if m["rope_scaling"] else {
-        "rope_type": "default", "rope_theta": m["rotary_base"]}
-    return config_class(
-        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
-        intermediate_size=m["ffn_hidden_size"], num_hidden_layers=m["num_layers"],
-        num_attention_heads=m["num_attention_heads"],
-        num_key_value_heads=m["num_query_groups"] or m["num_attention_heads"],
-        max_position_embeddings=m["max_position_embeddings"], rms_norm_eps=m["layernorm_epsilon"],
-        tie_word_embeddings=m["share_embeddings_and_output_weights"], rope_parameters=rope,
-        attn_implementation="sdpa")
+    try:
+        return by_name(m["family"]).hf_config(ModelConfig(**m))
+    except ConversionError as error:
+        raise SystemExit(f"no Hugging Face peer: {error}") from None
 
 
 def main(spec: dict) -> dict:
@@ -60,7 +45,8 @@ def train(spec: dict, micro: int, micro_batches: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     seq = spec["seq_length"]
-    model = AutoModelForCausalLM.from_config(hf_config(spec["model"])).cuda()
+    model = AutoModelForCausalLM.from_config(hf_config(spec["model"]),
+                                                 attn_implementation="sdpa").cuda()
     model.gradient_checkpointing_disable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     step_fn = model
