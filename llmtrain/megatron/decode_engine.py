@@ -8,8 +8,9 @@ device. The host looks every `sync_every` steps: it hands new tokens to their ca
 finished sequences and frees their rows, which the next `advance` refills. So a sequence that
 arrives while others generate joins them after at most `sync_every` steps.
 
-On a GPU each (rows, attended span, sampling mode) shape of the step is captured once in a CUDA
-graph and replayed: one launch per token for the whole model. On a CPU the same step runs eagerly
+On a GPU the layers' step is compiled (llmtrain.megatron.kv_model) and each (rows, attended span,
+sampling mode) shape of the step is captured once in a CUDA graph and replayed: one launch per
+token for the whole model. On a CPU the same step runs eagerly
 (`graphs=False`), which is also the reference the graphs are checked against.
 """
 
@@ -61,11 +62,11 @@ class DecodeEngine(Replica):
                  graphs: Optional[bool] = None, sync_every: int = 8):
         super().__init__(device)
         self.model = model
-        self.kv = KVModel(model, max_batch_size, max_sequence_length)
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.kv = KVModel(model, max_batch_size, max_sequence_length, compile=self.graphs)
         self.vocab_size = vocab_size
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
-        self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.sync_every = sync_every
         self.generator = torch.Generator().manual_seed(seed)  # keys of unseeded sequences
         rows, dev = max_batch_size, self.device

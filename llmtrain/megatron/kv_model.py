@@ -128,7 +128,8 @@ class KVModel:
     """The model's tensors and the forward of generation over a KV cache of `max_batch_size`
     rows x `max_sequence_length` positions (allocated once)."""
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int):
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int,
+                 compile: bool = False):
         c = model.config
         self.config = c
         self.dtype = model.embedding.word_embeddings.weight.dtype
@@ -159,10 +160,18 @@ class KVModel:
         self.cos, self.sin = freqs.cos(), freqs.sin()  # [positions, rotary dim / 2]
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
-        shape = (len(self.layers), max_batch_size, self.groups, max_sequence_length,
-                 self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # One tensor per layer: each is a whole allocation, so one compiled layer step fits all.
+        shape = (max_batch_size, self.groups, max_sequence_length, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                     for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                       for _ in self.layers]
+        # Eager, a decode step is some fifty small kernels a layer, and at small batches their
+        # launches, not the weights' reads, bound it; compiled (Triton), the norms, rotations,
+        # masking and activations fuse around the matrix products. One compilation serves every
+        # layer, row count and span (dynamic shapes).
+        self._layer_step = torch.compile(self._decode_layer, dynamic=True) if compile \
+            else self._decode_layer
 
     # Pieces ---------------------------------------------------------------------------------
 
@@ -221,8 +230,8 @@ class KVModel:
         per_group = self.heads // self.groups
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, positions)  # [n, length, heads|groups, d]
-            self.keys[i, slots, :, :length] = k.transpose(1, 2)
-            self.values[i, slots, :, :length] = v.transpose(1, 2)
+            self.keys[i][slots, :, :length] = k.transpose(1, 2)
+            self.values[i][slots, :, :length] = v.transpose(1, 2)
             # Each group's keys repeated for its query heads: the fused kernels then apply.
             attn = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.repeat_interleave(per_group, 2).transpose(1, 2),
@@ -241,22 +250,29 @@ class KVModel:
         `span` positions of each row up to its own. Returns the logits [n, padded vocab].
         Fixed shapes and no host synchronisation: capturable in a CUDA graph."""
         n = tokens.size(0)
-        rows = torch.arange(n, device=tokens.device)
         x = F.embedding(tokens, self.embedding)  # [n, hidden]
-        per_group = self.heads // self.groups
         visible = torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]
         mask = torch.zeros(n, 1, 1, span, dtype=torch.float32, device=tokens.device)
         mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, positions)  # q [n, heads, d], k/v [n, groups, d]
-            self.keys[i, rows, :, positions] = k
-            self.values[i, rows, :, positions] = v
-            keys = self.keys[i, :n, :, :span]  # [n, groups, span, d]
-            values = self.values[i, :n, :, :span]
-            q = q.view(n, self.groups, per_group, self.head_dim)
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale + mask
-            probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [n, groups, per_group, span]
-            attn = torch.matmul(probs, values).reshape(n, -1)
-            x = x + F.linear(attn, layer.proj_w, layer.proj_b)
-            x = x + self._mlp(layer, x)
+            x = self._layer_step(layer, x, positions, mask, self.keys[i], self.values[i])
         return self.logits(x)
+
+    def _decode_layer(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor,
+                      mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                      ) -> torch.Tensor:
+        """One layer of the decode step: rows 0..n-1 (n = x's rows) write their keys and values
+        at their positions and attend over the first `span` (the mask's width) of their row."""
+        n, span = x.size(0), mask.size(-1)
+        rows = torch.arange(n, device=x.device)
+        per_group = self.heads // self.groups
+        q, k, v = self._qkv(layer, x, positions)  # q [n, heads, d], k/v [n, groups, d]
+        keys[rows, :, positions] = k
+        values[rows, :, positions] = v
+        keys, values = keys[:n, :, :span], values[:n, :, :span]  # [n, groups, span, d]
+        q = q.view(n, self.groups, per_group, self.head_dim)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale + mask
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [n, groups, per_group, span]
+        attn = torch.matmul(probs, values).reshape(n, -1)
+        x = x + F.linear(attn, layer.proj_w, layer.proj_b)
+        return x + self._mlp(layer, x)
