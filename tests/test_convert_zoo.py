@@ -3,6 +3,7 @@ parameter count its publisher states, validates, and is what its Hugging Face co
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -181,14 +182,19 @@ def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
            "152576)" in plan
     assert "TP 8  PP 1  CP 1  EP 1  DP 1" in plan
     assert memory_plan(cfg, layout).total < 80
+    # Its attention is 8192 wide against a hidden size of 5120: the activations it keeps are
+    # counted at that width. Against the same model with attention as wide as its hidden size,
+    # 64 layers keep 13,824 more bytes a token (Q, K, V and attention output, split over TP 8)
+    # for 4096 tokens: 0.42 GiB.
+    narrow = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kv_channels=80))
+    extra = memory_plan(cfg, layout).activations - memory_plan(narrow, layout).activations
+    assert extra == pytest.approx(13_824 / 8 * 4096 * 64 / 2**30)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3_2_1b", "mistral_7b", "qwen2_5_0_5b",
                                   "qwen3_0_6b", "bloom_560m", "falcon_7b"])
 def test_the_benchmarks_transformers_peer_builds_the_published_model(name):
     """`python -m llmtrain.bench`'s Hugging Face peer times the same model, of every family."""
-    import dataclasses
-
     import torch
     from transformers import AutoModelForCausalLM
 

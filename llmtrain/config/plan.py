@@ -94,6 +94,26 @@ def _expert_params(m: ModelConfig) -> int:
     return m.hidden_size * ffn * gated + ffn * m.hidden_size
 
 
+def _activation_bytes_per_token(m: ModelConfig) -> tuple[int, int]:
+    """Bytes one layer keeps for backward per token in bf16 (Korthikanti et al.'s count with
+    flash attention, by each tensor's own width): (kept whole on every TP rank, split over TP).
+    Whole: the two norms' inputs, the QKV and FC1 inputs, two dropout masks (10 h). Split: Q, K
+    and V, the attention output, the FC1 output and the FC2 input; with equal widths and a
+    plain 4h MLP that is Korthikanti's 24 h, but wide attention (Qwen3-32B: 8192 against a
+    hidden size of 5120) and gated MLPs keep more."""
+    h = m.hidden_size
+    head = m.kv_channels or h // m.num_attention_heads
+    q_width = m.num_attention_heads * head
+    kv_width = (m.num_query_groups or m.num_attention_heads) * head
+    gated = 2 if m.activation == "swiglu" else 1
+    ffn = m.ffn_hidden_size
+    if m.num_moe_experts:  # each token passes top-k experts (and the shared one)
+        ffn = (m.moe_ffn_hidden_size or m.ffn_hidden_size) * m.moe_router_topk + (
+            m.moe_shared_expert_intermediate_size or 0)
+    split = 2 * (q_width + 2 * kv_width) + 2 * q_width + 2 * gated * ffn + 2 * ffn
+    return 10 * h, split
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Per-GPU estimate (GiB) for the most loaded pipeline stage."""
@@ -130,13 +150,13 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     optim_bytes = (4 if half else 0) + (8 if cfg.optim.optimizer == "adam" else 4)
     if cfg.parallel.use_distributed_optimizer:  # sharded over the data-parallel (x CP) ranks
         optim_bytes /= layout.data_parallel_size * layout.context_parallel_size
-    # Activations per layer and micro-batch with flash attention (Korthikanti et al.):
-    # s b h (10 + 24 / TP) bytes, or 34 s b h / TP with sequence parallel; the first stage
-    # holds up to PP micro-batches in flight under 1F1B.
-    s, b, h = cfg.data.seq_length, cfg.stage.micro_batch_size, m.hidden_size
+    # Activations per layer and micro-batch with flash attention; the first stage holds up to
+    # PP micro-batches in flight under 1F1B.
+    s, b = cfg.data.seq_length, cfg.stage.micro_batch_size
     s_local = s // layout.context_parallel_size
-    per_token = 34 / tp if layout.sequence_parallel else 10 + 24 / tp
-    act_layer = per_token * s_local * b * h
+    replicated, split = _activation_bytes_per_token(m)
+    per_token = (replicated + split) / tp if layout.sequence_parallel else replicated + split / tp
+    act_layer = per_token * s_local * b
     in_flight = min(pp, layout.num_microbatches)
     logits = 4 * s_local * b * layout.padded_vocab_size / tp * 2
     activations = act_layer * layers_per_stage * in_flight + logits
