@@ -174,8 +174,7 @@ def grpo_run(tmp_path, *overrides: str, steps: int = 10):
 
 
 def test_dapo_drops_groups_of_equal_rewards_refills_the_batch_and_learns(tmp_path):
-    """DAPO: decoupled clip range, token-level loss, overlong shaping and dynamic sampling. The
-    reward server gives the digits credit to prompts of an even sum and 0 to the others, whose
+    """DAPO: decoupled clip range, token-level loss and dynamic sampling. The reward server gives the digits credit to prompts of an even sum and 0 to the others, whose
     groups (all equal) are dropped: each step asks for more groups than it trains on, and
     still learns."""
     def score(request):
@@ -190,9 +189,7 @@ def test_dapo_drops_groups_of_equal_rewards_refills_the_batch_and_learns(tmp_pat
                               "stage.alignment.max_sampling_rounds=3",
                               "stage.alignment.clip_ratio_low=0.2",
                               "stage.alignment.clip_ratio_high=0.28",
-                              "stage.alignment.loss_agg_mode=token-mean",
-                              "stage.alignment.overlong_buffer_len=2",
-                              "stage.alignment.overlong_penalty_factor=0.1")
+                              "stage.alignment.loss_agg_mode=token-mean")
     assert len(requests) > 10  # refills: more than one generation round in some steps
     assert 0.0 < max(metrics["groups_filtered"]) < 1.0, metrics["groups_filtered"]
     assert_reward_rises(metrics["reward"])
@@ -217,13 +214,17 @@ def test_rloo_raises_the_mean_reward(tmp_path):
     # REINFORCE++ with the KL as a reward penalty (k2).
     ["stage.alignment.advantage_estimator=reinforce_plus_plus",
      "stage.alignment.use_kl_in_reward=true", "stage.alignment.kl_estimator=k2"],
-], ids=["gspo", "dr_grpo", "reinforce_plus_plus"])
+    # DAPO's overlong shaping over the whole reply length: replies of 8 tokens lose 1.
+    ["stage.alignment.overlong_buffer_len=8", "stage.alignment.overlong_penalty_factor=1.0"],
+], ids=["gspo", "dr_grpo", "reinforce_plus_plus", "overlong"])
 def test_each_policy_gradient_variant_runs_and_reports(tmp_path, overrides):
     _, metrics = grpo_run(tmp_path, *overrides, steps=3)
     for name in ("reward", "reward_std", "kl", "entropy", "clipfrac", "ratio", "reply_length",
                  "reply_length_max", "reply_clipped", "groups_filtered", "seconds_step"):
         assert len(metrics[name]) == 3 and all(math.isfinite(v) for v in metrics[name]), name
     assert metrics["kl"][-1] > 0.0  # the policy moved
+    if "stage.alignment.overlong_buffer_len=8" in overrides:  # digits give 0..1, length -1..0
+        assert metrics["reward"][0] < 0.0 and metrics["reply_clipped"][0] > 0.0
     if "stage.alignment.ppo_epochs=2" in overrides:  # the metrics are the second pass's
         assert max(metrics["clipfrac"]) > 0.0  # GSPO's tight range clips whole sequences
     else:

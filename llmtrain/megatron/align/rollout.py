@@ -5,10 +5,13 @@ One step: the prompts of the step (global_batch_size / group_size of them, in a 
 shuffled order: a resumed run continues with the same prompts) each get group_size replies from
 Megatron-Core's inference machinery (llmtrain.megatron.inference.Engine, run on the trained
 model itself, so no weights are copied); rewards come from rules (llmtrain.rlhf.rewards), a
-frozen reward model, or the user's reward server (llmtrain.rlhf.remote). The policy's and the
-reference's log-probabilities (and for PPO the critic's values) are computed once, then the
+frozen reward model, or the user's reward server (llmtrain.rlhf.remote); with filter_groups
+(DAPO's dynamic sampling) groups whose replies all score the same are replaced by groups for
+further prompts. The policy's and the reference's log-probabilities (and for PPO the critic's
+values) are computed once, then the advantages (stage.alignment.advantage_estimator), and the
 policy (and the critic) take ppo_epochs optimizer steps on the batch through the training loop's
-own step (llmtrain.megatron.step).
+own step (llmtrain.megatron.step), with the policy loss and aggregation the config names
+(llmtrain.rlhf.losses).
 
 Roles: actor = the trained model (its checkpoints are the run's), reference and reward model
 frozen, critic (PPO) a value-head model trained in step with the actor, with its own optimizer
