@@ -15,13 +15,11 @@ from llmtrain.config.validate import Layout
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import REQUEUE_EXIT_CODE, RunStopped
 from llmtrain.megatron import checkpoint, parallel
-from llmtrain.megatron.align import task_for
-from llmtrain.megatron.data import batches, build_datasets
 from llmtrain.megatron.init import initialize as initialize_weights
-from llmtrain.megatron.model import build_model
 from llmtrain.megatron.nonfinite import NonFiniteGuard
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
-from llmtrain.megatron.step import eval_step, schedule_name, train_step
+from llmtrain.megatron.step import eval_step, schedule_name
+from llmtrain.megatron.tasks import task_for
 from llmtrain.metrics import RunLog
 from llmtrain.preemption import Watcher
 from llmtrain.profiling import StepProfiler
@@ -73,10 +71,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     log = RunLog(cfg, layout, parallel.is_logging_rank(),
                  run_path(cfg, cfg.logging.tensorboard_dir) if cfg.logging.tensorboard else None)
 
-    # Alignment stages (rm, dpo, grpo, ppo) bring their model, batches and step; None: language
-    # modelling (pretrain, sft).
+    # The stage's task (llmtrain.tasks) brings its model, batches and step.
     task = task_for(cfg, layout, tokenizer, log.message)
-    chunks = task.build_model() if task else build_model(cfg, layout)
+    chunks = task.build_model()
     initialize_weights(chunks, cfg.seed)
     model = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
@@ -87,19 +84,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
     restored = checkpoints.restore(model, optimizer, scheduler)
     start = restored.iteration
 
-    if task:
-        task.setup(model, start, save_dir)
-        train_iters, valid_iters = task.batches(start), [None]
-    else:
-        cache = run_path(cfg, "data_cache")
-        train_data, valid_data = build_datasets(cfg, layout, tokenizer, str(cache))
-        dp_rank = parallel.data_parallel_rank()
-        # One iterator per virtual pipeline chunk, each yielding the same micro-batches.
-        train_iters = [batches(train_data, cfg, layout, dp_rank, start * stage.global_batch_size)
-                       for _ in model]
-        evals_done = start // stage.eval_interval if stage.eval_interval else 0
-        valid_start = evals_done * stage.eval_iters * stage.global_batch_size
-        valid_iters = [batches(valid_data, cfg, layout, dp_rank, valid_start) for _ in model]
+    task.setup(model, start, save_dir)
+    train_iters, valid_iters = task.batches(start), task.validation_batches(start)
     schedule_args = dict(num_microbatches=layout.num_microbatches, seq_length=cfg.data.seq_length,
                          micro_batch_size=stage.micro_batch_size, device=layout.device)
 
@@ -122,12 +108,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         profiler.before(iteration)
         began = time.perf_counter()
-        if task:
-            result = task.step(iteration, model, optimizer, scheduler, train_iters,
-                               partial(guard, iteration))
-        else:
-            result = train_step(model, optimizer, scheduler, train_iters, **schedule_args,
-                                guard=partial(guard, iteration))
+        result = task.step(iteration, model, optimizer, scheduler, train_iters,
+                           partial(guard, iteration))
         sync_device(layout.device)
         seconds = time.perf_counter() - began
         step_seconds.append(seconds)
@@ -148,9 +130,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
             log.evaluation(iteration, total / stage.eval_iters)
         # The other trained roles' commits (PPO's critic) come before the trained model's of
         # the same step, which resuming starts from.
-        if task:
-            task.poll()
-        if not (task and task.saving()):
+        task.poll()
+        if not task.saving():
             checkpoints.poll()
         signal_name = watcher.agreed_signal() if iteration < stage.train_iters else None
         exiting = bool(stage.exit_interval and iteration % stage.exit_interval == 0
@@ -159,8 +140,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
                 iteration % cfg.checkpoint.save_interval == 0)):
             # The other trained roles (PPO's critic) first: the trained model's commit, which
             # resuming starts from, comes last.
-            if task:
-                task.save(iteration, blocking=bool(signal_name or exiting))
+            task.save(iteration, blocking=bool(signal_name or exiting))
             checkpoints.save(iteration, model, optimizer, scheduler,
                              blocking=bool(signal_name or exiting))
             last_saved = iteration
@@ -174,11 +154,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     watcher.close()
     if (save_dir and cfg.checkpoint.save_on_exit and last_saved < stage.train_iters
             and not preempted and not exiting):
-        if task:
-            task.save(stage.train_iters, blocking=False)
+        task.save(stage.train_iters, blocking=False)
         checkpoints.save(stage.train_iters, model, optimizer, scheduler)
-    if task:
-        task.wait()
+    task.wait()
     checkpoints.wait()
 
     summary = {}

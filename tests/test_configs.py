@@ -139,7 +139,7 @@ def test_alignment_settings_are_checked_together():
                                 "stage.alignment.loss_type=hinge"), CPU)
     assert sorted(error.value.problems) == [
         "stage.alignment.beta=0.0 must be above 0",
-        "stage.alignment.loss_type=hinge is not one of: sigmoid, ipo"]
+        "stage.alignment.loss_type=hinge is not one of: sigmoid, ipo, simpo, orpo"]
 
 
 def test_every_group_has_options():
@@ -355,3 +355,48 @@ def test_roles_on_servers_need_their_addresses():
         "stage.alignment.critic_url serves the critic elsewhere, with the server's own layout: "
         "unset critic_tensor_model_parallel_size",
         "stage.alignment.critic_url=c:5002 is not an http:// or https:// address"]
+
+
+def test_reward_rules_and_policy_gradient_names_are_checked():
+    """A misspelt rule (exactmatch for exact_match: added with +, as Hydra suggests) once passed
+    validation and crashed with a KeyError at the first step."""
+    assert refused("stage=grpo", "data=prompts",
+                   "+stage.alignment.reward_weights.exactmatch=1") == [
+        "stage.alignment.reward_weights names exactmatch, which is no reward rule; the rules "
+        "are: exact_match, format, digits, math, code"]
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.advantage_estimator=ppo",
+                   "stage.alignment.policy_loss=gpg", "stage.alignment.loss_agg_mode=mean",
+                   "stage.alignment.kl_estimator=k4") == [
+        "stage.alignment.advantage_estimator=ppo is not one of: grpo, rloo, "
+        "reinforce_plus_plus, gae",
+        "stage.alignment.kl_estimator=k4 is not one of: k1, k2, k3",
+        "stage.alignment.loss_agg_mode=mean is not one of: token-mean, seq-mean-token-mean, "
+        "seq-mean-token-sum-norm",
+        "stage.alignment.policy_loss=gpg is not one of: vanilla, gspo"]
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.advantage_estimator=gae") == [
+        "stage=grpo has no critic: stage.alignment.advantage_estimator=gae does not fit it; use "
+        "grpo, rloo or reinforce_plus_plus"]
+    assert refused("stage=ppo", "data=prompts", "stage.alignment.advantage_estimator=rloo") == [
+        "stage.alignment.advantage_estimator=rloo compares replies within a group: "
+        "stage.alignment.group_size must be at least 2",
+        "stage=ppo has a critic: stage.alignment.advantage_estimator=rloo does not fit it; use "
+        "gae"]
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.filter_groups=true",
+                   "stage.alignment.max_sampling_rounds=0",
+                   "stage.alignment.overlong_buffer_len=40") == [
+        "stage.alignment.filter_groups drops groups whose replies all score the same: it needs "
+        "group_size >= 2 and max_sampling_rounds >= 1",
+        "stage.alignment.overlong_buffer_len=40 must lie in 0..max_new_tokens (16)"]
+    validate(compose_config("stage=grpo", "data=prompts", "stage.alignment.reward_weights.math=1",
+                            "stage.alignment.advantage_estimator=rloo"), CPU)
+
+
+def test_reference_free_preference_losses_take_no_reference():
+    assert refused("stage=dpo", "data=preference", "stage.alignment.loss_type=simpo",
+                   "stage.alignment.reference_load=/ckpt/sft") == [
+        "stage.alignment.loss_type=simpo uses no reference model: unset "
+        "stage.alignment.reference_load"]
+    assert refused("stage=dpo", "data=preference", "stage.alignment.loss_type=orpo",
+                   "stage.alignment.reference_tensor_model_parallel_size=1") == [
+        "stage.alignment.reference_tensor_model_parallel_size=1 applies to stage=dpo, grpo or "
+        "ppo, not this run: unset it"]

@@ -43,6 +43,17 @@ def test_ipo_settles_at_its_target_margin_near_the_reference(tmp_path):
     assert result["losses"][-1] < 0.05 < result["losses"][0]
 
 
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_learn_the_preference_without_a_reference(tmp_path, loss_type):
+    out, result = dpo(tmp_path, 1e-4, f"stage.alignment.loss_type={loss_type}",
+                      "stage.alignment.beta=2.0")
+    assert f"loss_type={loss_type} is reference-free: no reference model loaded" in out
+    assert "kl" not in result["metrics"]
+    margin = result["metrics"]["margin"]
+    assert margin[-1] > margin[0] + 0.5, margin
+    assert result["losses"][-1] < result["losses"][0]
+
+
 @pytest.mark.parametrize("stage", ["rm", "dpo"])
 def test_preference_stages_under_pipeline_parallelism_match_one_process(tmp_path, stage):
     """PP=2 follows the one-process run step for step: each stage hands the next its hidden

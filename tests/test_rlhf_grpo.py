@@ -17,6 +17,7 @@ from rlhf_helpers import (ROLLOUTS, TINY, arithmetic_prompts, assert_reward_rise
                           reward_server, separable_pairs)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from llmtrain.config.schema import AlignmentConfig
 from llmtrain.rlhf.remote import RoleServerError, remote_rewards
 from llmtrain.rlhf.rewards import reward
 
@@ -130,10 +131,10 @@ def test_grpo_takes_its_rewards_from_a_reward_server(tmp_path):
     trains on what it answered (here the rules' scores, so the run also learns)."""
     data = arithmetic_prompts(tmp_path / "prompts.jsonl")
     run = tmp_path / "grpo"
-    weights = {"exact_match": 1.0, "digits": 1.0}
+    rules = AlignmentConfig(reward_weights={"exact_match": 1.0, "digits": 1.0})
 
     def score(request):
-        return {"rewards": [reward(reply, answer, weights, "-?[0-9]+", "-?[0-9]+")
+        return {"rewards": [reward(reply, answer, rules)
                             for reply, answer in zip(request["replies"], request["answers"])]}
 
     with reward_server(score) as (url, requests):

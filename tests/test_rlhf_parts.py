@@ -8,16 +8,13 @@ import json
 import pytest
 import torch
 
-from llmtrain.config.schema import TokenizerConfig
+from llmtrain.config.schema import AlignmentConfig, TokenizerConfig
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.rlhf import advantages, losses
 from llmtrain.rlhf.records import encode_pair, encode_prompts, read
 from llmtrain.rlhf.rewards import reward, rule_scores
-
-PATTERN = "-?[0-9]+"
-
 
 @pytest.fixture(scope="module")
 def corpus_tokenizer():
@@ -61,14 +58,18 @@ def test_bad_records_are_named_with_their_line(corpus_tokenizer, tmp_path):
             encode_pair(record, where, template, tokenizer, None)
 
 
+def rules(**weights) -> AlignmentConfig:
+    return AlignmentConfig(reward_weights=weights or {"exact_match": 1.0, "format": 0.0,
+                                                      "digits": 0.0})
+
+
 def test_rule_rewards():
-    assert rule_scores("The answer is 12", "12", PATTERN, PATTERN) == {
+    assert rule_scores("The answer is 12", "12", rules()) == {
         "exact_match": 1.0, "format": 0.0, "digits": 2 / 13}
-    assert rule_scores(" 12 ", "12", PATTERN, PATTERN)["format"] == 1.0
-    assert rule_scores("12 or 13", "12", PATTERN, PATTERN)["exact_match"] == 0.0  # the last one
-    assert reward("7", "7", {"exact_match": 1.0, "format": 0.5, "digits": 0.0}, PATTERN,
-                  PATTERN) == 1.5
-    assert reward("", None, {"exact_match": 1.0, "digits": 1.0}, PATTERN, PATTERN) == 0.0
+    assert rule_scores(" 12 ", "12", rules())["format"] == 1.0
+    assert rule_scores("12 or 13", "12", rules())["exact_match"] == 0.0  # the last one
+    assert reward("7", "7", rules(exact_match=1.0, format=0.5, digits=0.0)) == 1.5
+    assert reward("", None, rules(exact_match=1.0, digits=1.0)) == 0.0
 
 
 def test_group_advantages_compare_replies_of_one_prompt_only():
@@ -97,11 +98,14 @@ def test_losses():
     assert torch.allclose(losses.bradley_terry(chosen, rejected),
                           torch.nn.functional.softplus(torch.tensor([-2.0, 2.0])))
     zero = torch.zeros(2)
-    assert torch.allclose(losses.preference(zero, zero, zero, zero, 0.1, "sigmoid"),
+    assert torch.allclose(losses.preference(zero, zero, zero, zero,
+                                            AlignmentConfig(beta=0.1, loss_type="sigmoid")),
                           torch.full((2,), 0.6931), atol=1e-4)
-    assert torch.allclose(losses.preference(zero, zero, zero, zero, 0.5, "ipo"), torch.ones(2))
+    assert torch.allclose(losses.preference(zero, zero, zero, zero,
+                                            AlignmentConfig(beta=0.5, loss_type="ipo")),
+                          torch.ones(2))
     assert losses.kl_estimate(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
     assert losses.kl_estimate(torch.tensor([-1.0]), torch.tensor([-2.0])).item() > 0.0
-    surrogate, clipped = losses.clipped_policy(torch.log(torch.tensor([1.5])), zero[:1],
-                                               torch.ones(1), clip=0.2)
+    surrogate, clipped, _ = losses.token_ratio(torch.log(torch.tensor([1.5])), zero[:1],
+                                               torch.ones(1), None, 0.2, 0.2)
     assert torch.allclose(surrogate, torch.tensor([-1.2])) and clipped.item() == 1.0

@@ -211,10 +211,12 @@ class AlignmentConfig:
     # dpo: reference log-probabilities once for the whole training set before the first step
     # (precomputed; the reference is then freed), or every step (on_the_fly).
     reference_logprobs: str = "on_the_fly"  # on_the_fly | precomputed
-    # dpo: loss sigmoid (DPO) or ipo (IPO), strength beta; length_normalized uses each reply's
-    # mean token log-probability instead of the sum.
-    loss_type: str = "sigmoid"  # sigmoid | ipo
+    # dpo: loss sigmoid (DPO), ipo (IPO), or the reference-free simpo (margin simpo_gamma) and
+    # orpo (beta weighs the odds-ratio term), strength beta; length_normalized uses each reply's
+    # mean token log-probability instead of the sum (simpo and orpo always do).
+    loss_type: str = "sigmoid"  # sigmoid | ipo | simpo | orpo
     beta: float = 0.1
+    simpo_gamma: float = 0.5
     length_normalized: bool = False
     # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits), a
     # reward model (reward_load, a stage=rm checkpoint), or a server (reward_url: the user's, or
@@ -230,8 +232,13 @@ class AlignmentConfig:
     reference_url: Optional[str] = None
     critic_url: Optional[str] = None
     server_timeout: float = 60.0
+    # Weights of the rules (llmtrain.rlhf.rewards.RULES: exact_match, format, digits, math,
+    # code); code runs the reply against the record's answer (Python tests) in a sandboxed
+    # subprocess of code_timeout seconds and code_memory_mb MiB.
     reward_weights: dict[str, float] = field(default_factory=lambda: {
-        "exact_match": 1.0, "format": 0.0, "digits": 0.0})
+        "exact_match": 1.0, "format": 0.0, "digits": 0.0, "math": 0.0, "code": 0.0})
+    code_timeout: float = 5.0
+    code_memory_mb: int = 512
     # The answer is the last match of answer_pattern in a reply (exact_match); format gives 1
     # when the whole reply matches format_pattern.
     answer_pattern: str = "-?[0-9]+"
@@ -249,6 +256,29 @@ class AlignmentConfig:
     ppo_epochs: int = 1
     clip_range: float = 0.2
     kl_coef: float = 0.05
+    # The policy-gradient family (docs/rlhf.md; verl's names): advantage_estimator grpo | rloo |
+    # reinforce_plus_plus | gae (ppo); norm_adv_by_std false: grpo without the std (Dr. GRPO);
+    # policy_loss vanilla (a ratio per token) | gspo (per sequence); loss_agg_mode token-mean |
+    # seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO); clip_ratio_low/high: a decoupled
+    # clip range (DAPO; None: clip_range).
+    advantage_estimator: str = "grpo"
+    norm_adv_by_std: bool = True
+    policy_loss: str = "vanilla"
+    loss_agg_mode: str = "token-mean"
+    clip_ratio_low: Optional[float] = None
+    clip_ratio_high: Optional[float] = None
+    # The KL to the reference: a loss term (false) or a per-token reward penalty (true: ppo);
+    # its estimator k1 | k2 | k3.
+    use_kl_in_reward: bool = False
+    kl_estimator: str = "k3"
+    # DAPO: dynamic sampling (filter_groups: groups whose replies all score the same are
+    # dropped and the batch refilled from more prompts, up to max_sampling_rounds generations
+    # per step), and overlong shaping (a penalty rising to overlong_penalty_factor over the
+    # last overlong_buffer_len tokens before max_new_tokens; 0: none).
+    filter_groups: bool = False
+    max_sampling_rounds: int = 3
+    overlong_buffer_len: int = 0
+    overlong_penalty_factor: float = 1.0
     # ppo: critic (value model) initialisation (None: reward_load, else the seed), learning
     # rate (None: optim.lr), value clipping, and GAE's discount and lambda.
     critic_load: Optional[str] = None

@@ -15,6 +15,7 @@ from llmtrain.config.changes import unknown_entries
 from llmtrain.config.schema import Config
 from llmtrain.data.chat import FORMATS, TEMPLATES
 from llmtrain.rlhf.checks import alignment_problems
+from llmtrain.tasks import either, stage_names, stages_where, task_spec
 
 CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
@@ -23,7 +24,7 @@ CHOICES = {
     "precision.fp8": (None, "e4m3", "hybrid"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
     "data.kind": ("corpus", "indexed", "mock", "sft", "preference", "prompts"),
-    "stage.name": ("pretrain", "sft", "rm", "dpo", "grpo", "ppo"),
+    "stage.name": stage_names(),
     "data.sft.format": FORMATS,
     "data.sft.chat_template": TEMPLATES,
     "data.tokenizer.tokenizer_type": ("corpus", "huggingface", "gpt2bpe", "sentencepiece", "null"),
@@ -199,7 +200,8 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         "with llmtrain[gpu] installed); leave it unset to choose automatically")
     # GRPO and PPO generate their rollouts with the trained model itself, and Megatron's
     # inference does not split sequences (a decode step is one token long).
-    rollouts = stage.name in ("grpo", "ppo") and generates
+    spec = task_spec(stage.name)
+    rollouts = bool(spec and spec.generates) and generates
     if par.sequence_parallel and rollouts:
         problems.append(f"stage={stage.name} generates its rollouts with the trained model, which "
                         f"cannot run under sequence parallelism: set "
@@ -414,19 +416,18 @@ def tensor_parallel_problems(m, tp: int, what: str = "tensor parallel size ") ->
 def role_layout_problems(cfg: Config, world_size: int, padded_vocab: int) -> list[str]:
     """Alignment roles (reference, reward model, critic) on a tensor-parallel layout of their
     own (docs/rlhf.md)."""
-    stage, a, problems = cfg.stage.name, cfg.stage.alignment, []
-    roles = {"reference": stage in ("dpo", "grpo", "ppo"),
-             "reward": stage in ("grpo", "ppo") and a.reward == "model",
-             "critic": stage == "ppo"}
-    for role, used in roles.items():
+    a, problems = cfg.stage.alignment, []
+    spec = task_spec(cfg.stage.name)
+    used = spec.roles(cfg) if spec else set()
+    for role in ("reference", "reward", "critic"):
         key = f"{role}_tensor_model_parallel_size"
         tp = getattr(a, key)
         setting = f"stage.alignment.{key}={tp}"
         if tp is None:
             continue
-        if not used:
-            where = {"reference": "stage=dpo, grpo or ppo", "critic": "stage=ppo",
-                     "reward": "stage=grpo or ppo with stage.alignment.reward=model"}[role]
+        if role not in used:
+            where = f"stage={either(stages_where(lambda s: role in s.possible_roles))}" + (
+                " with stage.alignment.reward=model" if role == "reward" else "")
             problems.append(f"{setting} applies to {where}, not this run: unset it")
         elif tp < 1 or world_size % tp:
             problems.append(f"{setting} must divide the {world_size} processes: the {role} "

@@ -1,29 +1,43 @@
 """What validation checks of the alignment stages and their data (pure Python, like
-llmtrain.config.validate, which calls this)."""
+llmtrain.config.validate, which calls this): the checks every stage shares, keyed on what the
+stage registry (llmtrain.tasks) says of each stage, and each family's own."""
 
 from __future__ import annotations
 
 from llmtrain.config.schema import Config
-from llmtrain.rlhf.losses import LOSS_TYPES
-from llmtrain.rlhf.records import STAGE_DATA
+from llmtrain.rlhf.advantages import ESTIMATORS
+from llmtrain.rlhf.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, PREFERENCE_LOSSES
+from llmtrain.rlhf.rewards import RULES
+from llmtrain.tasks import either, stages_where, task_spec
+
+ALIGNMENT_DATA = ("preference", "prompts")
+
+
+def _not_one_of(setting: str, value, choices) -> list[str]:
+    return [] if value in choices else [
+        f"stage.alignment.{setting}={value} is not one of: {', '.join(choices)}"]
 
 
 def alignment_problems(cfg: Config, data_parallel_size: int, generates: bool = True
                        ) -> list[str]:
     """`generates`: whether the processes generate rollouts (a critic server's do not)."""
     stage, data, a = cfg.stage, cfg.data, cfg.stage.alignment
+    spec = task_spec(stage.name)
+    if spec is None:
+        return []  # validation names the unknown stage
     problems = []
-    wanted = STAGE_DATA.get(stage.name)
-    if data.kind in STAGE_DATA.values() and wanted != data.kind:
-        users = "rm or dpo" if data.kind == "preference" else "grpo or ppo"
+    alignment = spec.data_kinds[0] in ALIGNMENT_DATA
+    if data.kind in ALIGNMENT_DATA and data.kind not in spec.data_kinds:
+        users = either(stages_where(lambda s: data.kind in s.data_kinds))
         problems.append(f"data.kind={data.kind} is read by stage={users}, not stage={stage.name}")
-    if wanted is None:
+    if not alignment:
         return problems
-    if data.kind != wanted:
+    wanted = spec.data_kinds[0]
+    if data.kind not in spec.data_kinds:
         problems.append(f"stage={stage.name} reads {wanted} data: use data={wanted} (not "
                         f"data.kind={data.kind})")
-    if data.kind == wanted and not data.data_path:
-        problems.append(f"data={wanted} needs data.data_path: json/jsonl/parquet files (see "
+    if data.kind in spec.data_kinds and not data.data_path:
+        problems.append(f"data={data.kind} needs data.data_path: json/jsonl/parquet files (see "
                         f"docs/rlhf.md) or arithmetic")
     if stage.eval_interval:
         problems.append(f"stage={stage.name} has no evaluation pass yet: set stage.eval_interval=0")
@@ -32,62 +46,111 @@ def alignment_problems(cfg: Config, data_parallel_size: int, generates: bool = T
     if cfg.parallel.virtual_pipeline_model_parallel_size:
         problems.append(f"stage={stage.name} runs without virtual pipeline stages: unset "
                         f"parallel.virtual_pipeline_model_parallel_size")
-    if a.reference_url and stage.name not in ("grpo", "ppo"):
-        problems.append(f"stage.alignment.reference_url applies to stage=grpo or ppo, not "
+    if a.reference_url and not spec.generates:
+        problems.append(f"stage.alignment.reference_url applies to stage="
+                        f"{either(stages_where(lambda s: s.generates))}, not "
                         f"stage={stage.name}: unset it")
-    if a.critic_url and stage.name != "ppo":
-        problems.append(f"stage.alignment.critic_url applies to stage=ppo, not "
+    if a.critic_url and "critic" not in spec.possible_roles:
+        problems.append(f"stage.alignment.critic_url applies to stage="
+                        f"{either(stages_where(lambda s: 'critic' in s.possible_roles))}, not "
                         f"stage={stage.name}: unset it")
-    if stage.name == "dpo":
-        if a.loss_type not in LOSS_TYPES:
-            problems.append(f"stage.alignment.loss_type={a.loss_type} is not one of: "
-                            f"{', '.join(LOSS_TYPES)}")
-        if a.beta <= 0:
-            problems.append(f"stage.alignment.beta={a.beta} must be above 0")
-        if a.reference_logprobs not in ("on_the_fly", "precomputed"):
-            problems.append(f"stage.alignment.reference_logprobs={a.reference_logprobs} is not "
-                            f"one of: on_the_fly, precomputed")
-    if stage.name in ("grpo", "ppo"):
-        prompts = stage.global_batch_size // max(a.group_size, 1)
-        if generates and prompts % data_parallel_size:
-            problems.append(f"stage={stage.name} gives each data-parallel replica whole groups: "
-                            f"the {prompts} prompts of a step (global_batch_size / group_size) "
-                            f"must divide among DP {data_parallel_size}")
-        if a.reward not in ("rule", "model", "remote"):
-            problems.append(f"stage.alignment.reward={a.reward} is not one of: rule, model, "
-                            f"remote")
-        if a.reward == "remote" and not a.reward_url:
-            problems.append("stage.alignment.reward=remote needs stage.alignment.reward_url: the "
-                            "http:// or https:// address of a reward server (docs/rlhf.md)")
-        for key in ("reward_url", "reference_url", "critic_url"):
-            url = getattr(a, key)
-            if url and not url.startswith(("http://", "https://")):
-                problems.append(f"stage.alignment.{key}={url} is not an http:// or https:// "
-                                f"address")
-        if a.reference_url and (a.reference_load or a.reference_tensor_model_parallel_size):
-            problems.append("stage.alignment.reference_url serves the reference elsewhere: "
-                            "unset reference_load and reference_tensor_model_parallel_size (the "
-                            "server loads the reference)")
-        if a.critic_url and a.critic_tensor_model_parallel_size:
-            problems.append("stage.alignment.critic_url serves the critic elsewhere, with the "
-                            "server's own layout: unset critic_tensor_model_parallel_size")
-        if (a.reward == "remote" or a.reference_url or a.critic_url) and a.server_timeout <= 0:
-            problems.append(f"stage.alignment.server_timeout={a.server_timeout} must be above 0 "
-                            f"(seconds)")
-        if a.reward == "model" and not a.reward_load:
-            problems.append("stage.alignment.reward=model needs stage.alignment.reward_load: a "
-                            "checkpoint written by stage=rm")
-        if a.group_size < 1 or stage.global_batch_size % a.group_size:
-            problems.append(f"stage.global_batch_size={stage.global_batch_size} (replies per "
-                            f"step) must be a multiple of stage.alignment.group_size="
-                            f"{a.group_size} (replies per prompt)")
-        if stage.name == "grpo" and a.group_size < 2:
-            problems.append("stage=grpo compares replies within a group: "
-                            "stage.alignment.group_size must be at least 2")
-        if a.max_new_tokens < 1 or a.max_new_tokens >= data.seq_length:
-            problems.append(f"stage.alignment.max_new_tokens={a.max_new_tokens} must lie in "
-                            f"1..{data.seq_length - 1} (below data.seq_length, which also "
-                            f"holds the prompt)")
-        if a.ppo_epochs < 1:
-            problems.append(f"stage.alignment.ppo_epochs={a.ppo_epochs} must be at least 1")
+    return problems + spec.checks(cfg, data_parallel_size, generates)
+
+
+def preference_problems(cfg: Config, data_parallel_size: int, generates: bool) -> list[str]:
+    """stage=dpo: the loss and the reference."""
+    a = cfg.stage.alignment
+    problems = _not_one_of("loss_type", a.loss_type, PREFERENCE_LOSSES)
+    if a.beta <= 0:
+        problems.append(f"stage.alignment.beta={a.beta} must be above 0")
+    problems += _not_one_of("reference_logprobs", a.reference_logprobs,
+                            ("on_the_fly", "precomputed"))
+    loss = PREFERENCE_LOSSES.get(a.loss_type)
+    if loss and not loss.uses_reference and a.reference_load:
+        problems.append(f"stage.alignment.loss_type={a.loss_type} uses no reference model: "
+                        f"unset stage.alignment.reference_load")
+    return problems
+
+
+def rollout_problems(cfg: Config, data_parallel_size: int, generates: bool) -> list[str]:
+    """stage=grpo and ppo: rollouts, rewards, their servers and the policy-gradient settings."""
+    stage, data, a = cfg.stage, cfg.data, cfg.stage.alignment
+    problems = []
+    prompts = stage.global_batch_size // max(a.group_size, 1)
+    if generates and prompts % data_parallel_size:
+        problems.append(f"stage={stage.name} gives each data-parallel replica whole groups: "
+                        f"the {prompts} prompts of a step (global_batch_size / group_size) "
+                        f"must divide among DP {data_parallel_size}")
+    if a.reward not in ("rule", "model", "remote"):
+        problems.append(f"stage.alignment.reward={a.reward} is not one of: rule, model, "
+                        f"remote")
+    unknown = sorted(set(a.reward_weights) - set(RULES))
+    if unknown:
+        problems.append(f"stage.alignment.reward_weights names {', '.join(unknown)}, which is "
+                        f"no reward rule; the rules are: {', '.join(RULES)}")
+    if a.reward_weights.get("code") and (a.code_timeout <= 0 or a.code_memory_mb < 16):
+        problems.append(f"the code reward runs each reply for code_timeout={a.code_timeout} s "
+                        f"in code_memory_mb={a.code_memory_mb} MiB: give it above 0 s and at "
+                        f"least 16 MiB")
+    if a.reward == "remote" and not a.reward_url:
+        problems.append("stage.alignment.reward=remote needs stage.alignment.reward_url: the "
+                        "http:// or https:// address of a reward server (docs/rlhf.md)")
+    for key in ("reward_url", "reference_url", "critic_url"):
+        url = getattr(a, key)
+        if url and not url.startswith(("http://", "https://")):
+            problems.append(f"stage.alignment.{key}={url} is not an http:// or https:// "
+                            f"address")
+    if a.reference_url and (a.reference_load or a.reference_tensor_model_parallel_size):
+        problems.append("stage.alignment.reference_url serves the reference elsewhere: "
+                        "unset reference_load and reference_tensor_model_parallel_size (the "
+                        "server loads the reference)")
+    if a.critic_url and a.critic_tensor_model_parallel_size:
+        problems.append("stage.alignment.critic_url serves the critic elsewhere, with the "
+                        "server's own layout: unset critic_tensor_model_parallel_size")
+    if (a.reward == "remote" or a.reference_url or a.critic_url) and a.server_timeout <= 0:
+        problems.append(f"stage.alignment.server_timeout={a.server_timeout} must be above 0 "
+                        f"(seconds)")
+    if a.reward == "model" and not a.reward_load:
+        problems.append("stage.alignment.reward=model needs stage.alignment.reward_load: a "
+                        "checkpoint written by stage=rm")
+    if a.group_size < 1 or stage.global_batch_size % a.group_size:
+        problems.append(f"stage.global_batch_size={stage.global_batch_size} (replies per "
+                        f"step) must be a multiple of stage.alignment.group_size="
+                        f"{a.group_size} (replies per prompt)")
+    if a.max_new_tokens < 1 or a.max_new_tokens >= data.seq_length:
+        problems.append(f"stage.alignment.max_new_tokens={a.max_new_tokens} must lie in "
+                        f"1..{data.seq_length - 1} (below data.seq_length, which also "
+                        f"holds the prompt)")
+    if a.ppo_epochs < 1:
+        problems.append(f"stage.alignment.ppo_epochs={a.ppo_epochs} must be at least 1")
+    return problems + policy_gradient_problems(cfg)
+
+
+def policy_gradient_problems(cfg: Config) -> list[str]:
+    stage, a = cfg.stage, cfg.stage.alignment
+    problems = (_not_one_of("advantage_estimator", a.advantage_estimator, ESTIMATORS)
+                + _not_one_of("policy_loss", a.policy_loss, POLICY_LOSSES)
+                + _not_one_of("loss_agg_mode", a.loss_agg_mode, LOSS_AGGREGATIONS)
+                + _not_one_of("kl_estimator", a.kl_estimator, KL_ESTIMATORS))
+    estimator = ESTIMATORS.get(a.advantage_estimator)
+    critic = "critic" in task_spec(stage.name).possible_roles
+    if estimator and estimator.needs_values != critic:
+        fitting = [name for name, e in ESTIMATORS.items() if e.needs_values == critic]
+        problems.append(f"stage={stage.name} {'has a' if critic else 'has no'} critic: "
+                        f"stage.alignment.advantage_estimator={a.advantage_estimator} does not "
+                        f"fit it; use {either(fitting)}")
+    if estimator and estimator.needs_groups and a.group_size < 2:
+        problems.append(f"stage.alignment.advantage_estimator={a.advantage_estimator} compares "
+                        f"replies within a group: stage.alignment.group_size must be at least 2")
+    for key in ("clip_ratio_low", "clip_ratio_high"):
+        value = getattr(a, key)
+        if value is not None and value <= 0:
+            problems.append(f"stage.alignment.{key}={value} must be above 0 (or null: "
+                            f"clip_range)")
+    if a.filter_groups and (a.group_size < 2 or a.max_sampling_rounds < 1):
+        problems.append("stage.alignment.filter_groups drops groups whose replies all score the "
+                        "same: it needs group_size >= 2 and max_sampling_rounds >= 1")
+    if a.overlong_buffer_len < 0 or a.overlong_buffer_len > a.max_new_tokens:
+        problems.append(f"stage.alignment.overlong_buffer_len={a.overlong_buffer_len} must lie "
+                        f"in 0..max_new_tokens ({a.max_new_tokens})")
     return problems

@@ -5,7 +5,7 @@ llmtrain.data.sources) and turned into tokens with the same chat templates (llmt
   turn) or a list of role/content messages, each reply text or messages whose last assistant
   turn is the reply; an optional "system".
 - prompts (stage=grpo, ppo): {"prompt", "answer"}; the answer (optional) is what the
-  exact_match rule compares the reply's answer with.
+  exact_match and math rules compare the reply's answer with (the code rule: its tests).
 
 `arithmetic` in data.data_path stands for a generated set of small sums (both kinds), so that
 every stage runs as it is.
@@ -22,8 +22,6 @@ from llmtrain.data.sources import DataError, chunks, parse_chunk
 from llmtrain.data.tokenizer import Tokenizer
 
 ARITHMETIC = "arithmetic"
-# The data each alignment stage reads (data.kind).
-STAGE_DATA = {"rm": "preference", "dpo": "preference", "grpo": "prompts", "ppo": "prompts"}
 
 
 def arithmetic(count: int = 2000, seed: int = 0) -> list[dict]:

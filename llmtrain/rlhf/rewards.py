@@ -1,19 +1,34 @@
 """Rule-based rewards of generated replies: the score GRPO and PPO maximise without a reward
-model. Each rule gives 0..1; the reward is their weighted sum (stage.alignment.reward_weights).
+model. Each rule gives 0..1; the reward is their weighted sum (stage.alignment.reward_weights,
+whose every key validation checks against RULES).
 
 - exact_match: 1 when the reply's answer (the last match of answer_pattern) equals the record's
   answer (small arithmetic questions and the like);
 - format: 1 when the whole reply (trimmed) matches format_pattern;
 - digits: the share of the reply's non-space characters that are digits, a dense partial credit
-  for numeric answers.
+  for numeric answers;
+- math: 1 when the reply's final answer (in \\boxed{...}, after ####, else its last number)
+  equals the record's answer as a number or as a simplified expression (llmtrain.rlhf.verify);
+- code: 1 when the reply's code passes the record's answer (Python tests, e.g. asserts), run in
+  a sandboxed subprocess (llmtrain.rlhf.sandbox), never in the training process.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Callable, Optional
 
-RULES = ("exact_match", "format", "digits")
+from llmtrain.rlhf import sandbox, verify
+
+# (reply, the record's answer, the alignment settings) -> score in 0..1.
+RULES: dict[str, Callable] = {}
+
+
+def rule(name: str):
+    def add(fn):
+        RULES[name] = fn
+        return fn
+    return add
 
 
 def last_answer(reply: str, answer_pattern: str) -> Optional[str]:
@@ -21,19 +36,50 @@ def last_answer(reply: str, answer_pattern: str) -> Optional[str]:
     return found[-1].strip() if found else None
 
 
-def rule_scores(reply: str, answer: Optional[str], answer_pattern: str,
-                format_pattern: str) -> dict[str, float]:
-    """Every rule's score of one reply."""
+@rule("exact_match")
+def exact_match(reply, answer, a) -> float:
+    return float(answer is not None
+                 and last_answer(reply, a.answer_pattern) == str(answer).strip())
+
+
+@rule("format")
+def format_match(reply, answer, a) -> float:
+    return float(re.fullmatch(a.format_pattern, reply.strip()) is not None)
+
+
+@rule("digits")
+def digits(reply, answer, a) -> float:
     visible = [c for c in reply if not c.isspace()]
-    return {
-        "exact_match": float(answer is not None
-                             and last_answer(reply, answer_pattern) == str(answer).strip()),
-        "format": float(re.fullmatch(format_pattern, reply.strip()) is not None),
-        "digits": sum(c.isdigit() for c in visible) / len(visible) if visible else 0.0,
-    }
+    return sum(c.isdigit() for c in visible) / len(visible) if visible else 0.0
 
 
-def reward(reply: str, answer: Optional[str], weights: dict[str, float], answer_pattern: str,
-           format_pattern: str) -> float:
-    scores = rule_scores(reply, answer, answer_pattern, format_pattern)
-    return sum(weight * scores[name] for name, weight in weights.items())
+@rule("math")
+def math_answer(reply, answer, a) -> float:
+    return float(answer is not None and verify.same_answer(verify.final_answer(reply), answer))
+
+
+@rule("code")
+def code_tests(reply, answer, a) -> float:
+    if answer is None:
+        return 0.0
+    return float(sandbox.passes(sandbox.code_of(reply), str(answer), a.code_timeout,
+                                a.code_memory_mb))
+
+
+def rule_scores(reply: str, answer: Optional[str], settings) -> dict[str, float]:
+    """The score of each rule settings.reward_weights names, of one reply."""
+    return {name: RULES[name](reply, answer, settings) for name in settings.reward_weights}
+
+
+def reward(reply: str, answer: Optional[str], settings) -> float:
+    """The weighted sum of the rules' scores (a rule of weight 0 does not run)."""
+    return sum(weight * RULES[name](reply, answer, settings)
+               for name, weight in settings.reward_weights.items() if weight)
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: float) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens - buffer tokens, then falling
+    linearly to -factor at max_new_tokens (buffer 0: none)."""
+    if buffer <= 0 or length <= max_new_tokens - buffer:
+        return 0.0
+    return -factor * min(length - (max_new_tokens - buffer), buffer) / buffer

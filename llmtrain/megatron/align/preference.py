@@ -5,7 +5,8 @@ Each micro-batch holds micro_batch_size pairs, run as 2 x micro_batch_size rows 
 replies, then the rejected ones) through Megatron's pipeline schedules. The reward model scores
 each sequence by its head's value at its last token (Bradley-Terry loss); DPO compares the
 replies' log-probabilities (the model's per-token cross entropy, exact under TP) with the
-reference's, computed each step or once for the whole set before training.
+reference's, computed each step or once for the whole set before training; the reference-free
+losses (SimPO, ORPO: llmtrain.rlhf.losses) load no reference at all.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from functools import partial
 import torch
 from megatron.core import parallel_state as ps
 
-from llmtrain.megatron.align import Task
 from llmtrain.megatron.align.heads import build_scalar_model, load_frozen, scores
 from llmtrain.megatron.data import batches
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.step import train_step
+from llmtrain.megatron.tasks import Task
 from llmtrain.rlhf import losses
 from llmtrain.rlhf.pairs import build_pair_dataset
 
@@ -58,10 +59,12 @@ def sequence_logprobs(token_logp: torch.Tensor, loss_mask: torch.Tensor,
 
 
 class PreferenceTask(Task):
+    reward_model = False  # a scalar head (stage=rm), else the policy itself (dpo)
+
     def __init__(self, cfg, layout, tokenizer, say):
         super().__init__(cfg, layout, tokenizer, say)
-        self.reward_model = cfg.stage.name == "rm"
         self.align = cfg.stage.alignment
+        self.loss = losses.PREFERENCE_LOSSES.get(self.align.loss_type)
         # Two rows per pair.
         self.schedule["micro_batch_size"] = 2 * cfg.stage.micro_batch_size
         self.reference = None
@@ -75,6 +78,10 @@ class PreferenceTask(Task):
         self.dataset, text = build_pair_dataset(self.cfg, self.tokenizer, self.layout.device)
         self.say(text)
         if self.reward_model:
+            return
+        if not self.loss.uses_reference:
+            self.say(f"loss_type={self.align.loss_type} is reference-free: no reference model "
+                     f"loaded")
             return
         source = self.align.reference_load or self.cfg.checkpoint.load
         self.reference = load_frozen(
@@ -156,32 +163,45 @@ class PreferenceTask(Task):
         loss_mask = rows(batch, "loss_mask").to(device)
         return output, partial(self._dpo_loss, loss_mask, batch.get("reference"))
 
-    def _dpo_loss(self, loss_mask: torch.Tensor, reference: torch.Tensor,
-                  token_loss: torch.Tensor):
+    def _dpo_loss(self, loss_mask: torch.Tensor, reference, token_loss: torch.Tensor):
         a = self.align
         logp = -token_loss
-        reference = reference.to(logp.device)
-        policy_seq = sequence_logprobs(logp, loss_mask, a.length_normalized)
-        reference_seq = sequence_logprobs(reference, loss_mask, a.length_normalized)
+        normalized = a.length_normalized or self.loss.length_normalized
+        policy_seq = sequence_logprobs(logp, loss_mask, normalized)
+        # Reference-free losses: the implicit rewards are beta x the policy's log-probabilities.
+        reference_seq = torch.zeros_like(policy_seq) if reference is None else \
+            sequence_logprobs(reference.to(logp.device), loss_mask, normalized)
         pairs = logp.size(0) // 2
         loss = losses.preference(policy_seq[:pairs], policy_seq[pairs:], reference_seq[:pairs],
-                                 reference_seq[pairs:], a.beta, a.loss_type)
+                                 reference_seq[pairs:], a)
         rewards = a.beta * (policy_seq - reference_seq).detach()
         chosen, rejected = rewards[:pairs], rewards[pairs:]
-        kl = losses.kl_estimate(logp.detach().float(), reference) * loss_mask
-        return loss.sum(), torch.tensor(pairs), {
+        metrics = {
             "lm loss": _stat(loss, pairs),
             "metric/accuracy": _stat((chosen > rejected).float(), pairs),
             "metric/margin": _stat(chosen - rejected, pairs),
             "metric/reward_chosen": _stat(chosen, pairs),
             "metric/reward_rejected": _stat(rejected, pairs),
-            "metric/kl": _stat(kl, loss_mask.sum()),
             "metric/logp_chosen": _stat(policy_seq[:pairs].detach(), pairs)}
+        if reference is not None:
+            kl = losses.kl_estimate(logp.detach().float(), reference.to(logp.device)) * loss_mask
+            metrics["metric/kl"] = _stat(kl, loss_mask.sum())
+        return loss.sum(), torch.tensor(pairs), metrics
 
     def step(self, iteration, model, optimizer, scheduler, iterators, guard):
         micro_batches = [next(iterators[0]) for _ in range(self.layout.num_microbatches)]
-        if not self.reward_model:
+        if not self.reward_model and self.loss.uses_reference:
             self._attach_reference(micro_batches)
         forward = self._reward_forward if self.reward_model else self._dpo_forward
         return train_step(model, optimizer, scheduler, [iter(micro_batches) for _ in model],
                           **self.schedule, guard=guard, forward=forward)
+
+
+class RewardModelTask(PreferenceTask):
+    """stage=rm."""
+
+    reward_model = True
+
+
+class PolicyPreferenceTask(PreferenceTask):
+    """stage=dpo (loss_type sigmoid, ipo, simpo, orpo)."""

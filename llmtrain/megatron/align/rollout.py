@@ -5,10 +5,13 @@ One step: the prompts of the step (global_batch_size / group_size of them, in a 
 shuffled order: a resumed run continues with the same prompts) each get group_size replies from
 Megatron-Core's inference machinery (llmtrain.megatron.inference.Engine, run on the trained
 model itself, so no weights are copied); rewards come from rules (llmtrain.rlhf.rewards), a
-frozen reward model, or the user's reward server (llmtrain.rlhf.remote). The policy's and the
-reference's log-probabilities (and for PPO the critic's values) are computed once, then the
+frozen reward model, or the user's reward server (llmtrain.rlhf.remote); with filter_groups
+(DAPO's dynamic sampling) groups whose replies all score the same are replaced by groups for
+further prompts. The policy's and the reference's log-probabilities (and for PPO the critic's
+values) are computed once, then the advantages (stage.alignment.advantage_estimator), and the
 policy (and the critic) take ppo_epochs optimizer steps on the batch through the training loop's
-own step (llmtrain.megatron.step).
+own step (llmtrain.megatron.step), with the policy loss and aggregation the config names
+(llmtrain.rlhf.losses).
 
 Roles: actor = the trained model (its checkpoints are the run's), reference and reward model
 frozen, critic (PPO) a value-head model trained in step with the actor, with its own optimizer
@@ -36,7 +39,6 @@ from llmtrain.data import chat
 from llmtrain.data.sources import DataError
 from llmtrain.generate.sequence import Sampling, Sequence
 from llmtrain.megatron import checkpoint
-from llmtrain.megatron.align import Task
 from llmtrain.megatron.align.critic import Critic, ServedCritic
 from llmtrain.megatron.align.heads import (
     Role,
@@ -49,11 +51,14 @@ from llmtrain.megatron.align.servers import from_server
 from llmtrain.megatron.inference import make_engine
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.step import StepResult, train_step
-from llmtrain.rlhf import advantages, losses
+from llmtrain.megatron.tasks import Task
+from llmtrain.rlhf import losses
+from llmtrain.rlhf.advantages import ESTIMATORS
 from llmtrain.rlhf.pairs import pad_id
 from llmtrain.rlhf.records import encode_prompts
 from llmtrain.rlhf.remote import remote_logprobs, remote_rewards
-from llmtrain.rlhf.rewards import reward
+from llmtrain.rlhf.rewards import overlong_penalty, reward
+from llmtrain.tasks import task_spec
 
 
 def _stat(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -93,7 +98,7 @@ def _keep_tokens(replies: list, i: int, output) -> None:
 class RolloutTask(Task):
     def __init__(self, cfg, layout, tokenizer, say):
         super().__init__(cfg, layout, tokenizer, say)
-        self.ppo = cfg.stage.name == "ppo"
+        self.uses_critic = "critic" in task_spec(cfg.stage.name).roles(cfg)
         self.align = cfg.stage.alignment
         self.prompts_per_step = cfg.stage.global_batch_size // self.align.group_size
         self.dp_rank = ps.get_data_parallel_rank()
@@ -131,7 +136,7 @@ class RolloutTask(Task):
             cfg, self.layout, a.reward_load, scalar=True, say=self.say,
             placement=self.placement(a.reward_tensor_model_parallel_size),
         ) if a.reward == "model" else None
-        if self.ppo:
+        if self.uses_critic:
             self._setup_critic(start, save_dir)
         self.engine = make_engine(checkpoint.unwrap(model[0]), cfg.model.vocab_size,
                                   a.generation_batch_size or cfg.stage.global_batch_size,
@@ -179,11 +184,18 @@ class RolloutTask(Task):
             chosen.append(self.prompts[int(self._order[1][k])])
         return chosen
 
-    def _generate(self, iteration: int, model: list) -> list[tuple]:
-        """(prompt, reply tokens) of this replica's sequences of the step, on its every rank."""
+    def _extra_prompts(self, iteration: int, round_: int, count: int) -> list:
+        """Dynamic sampling's further prompts of a step (round_ >= 1), this replica's: drawn
+        from the seed, the step and the round, so that a resumed run draws the same."""
+        rng = np.random.default_rng([self.cfg.seed, iteration, round_, self.dp_rank])
+        picks = rng.choice(len(self.prompts), count, replace=count > len(self.prompts))
+        return [self.prompts[int(k)] for k in picks]
+
+    def _generate(self, iteration: int, model: list, mine: list, round_: int = 0
+                  ) -> list[tuple]:
+        """(prompt, reply tokens) of group_size replies to each of `mine` (this replica's
+        prompts), on the replica's every rank."""
         a = self.align
-        share = self.prompts_per_step // self.dp_size
-        mine = self._step_prompts(iteration)[self.dp_rank * share:(self.dp_rank + 1) * share]
         prompts = [p for p in mine for _ in range(a.group_size)]
         sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         sequences = [Sequence(p.ids, a.max_new_tokens, sampling, tuple(self.stop_ids))
@@ -194,7 +206,7 @@ class RolloutTask(Task):
             for chunk in model:
                 chunk.start_param_sync(force_sync=True)
         self.engine.generator.manual_seed(self.cfg.seed * 100003 + iteration
-                                          + 7919 * self.dp_rank)
+                                          + 7919 * self.dp_rank + 104729 * round_)
         replies = None
         if self.engine.is_driver:
             replies = [None] * len(sequences)
@@ -214,37 +226,57 @@ class RolloutTask(Task):
         return list(zip(prompts, box[0]))
 
     def _experience(self, rollouts: list[tuple]) -> tuple[list[dict], torch.Tensor]:
-        """Micro-batches of the rollouts (tokens, labels, reply mask) and their scores (of a
-        reward model: on its last pipeline stage)."""
+        """Micro-batches of the rollouts and their scores (of a reward model: on its last
+        pipeline stage)."""
+        micro = self._micro_batches(rollouts)
+        return micro, self._scores(rollouts, micro)
+
+    def _micro_batches(self, rollouts: list[tuple]) -> list[dict]:
+        """The rollouts as micro-batches: tokens, labels, reply mask, last label."""
         s, device = self.cfg.data.seq_length, self.layout.device
         n, pad = len(rollouts), pad_id(self.tokenizer)
         tokens = torch.full((n, s), pad, dtype=torch.long)
         labels = torch.full((n, s), pad, dtype=torch.long)
         mask = torch.zeros((n, s))
         last = torch.zeros(n, dtype=torch.long)  # where the reward model scores: the last label
-        scores = torch.zeros(n)
         for row, (prompt, reply) in enumerate(rollouts):
             full = torch.tensor(prompt.ids + reply)
             length = len(full) - 1
             tokens[row, :length], labels[row, :length] = full[:-1], full[1:]
             mask[row, len(prompt.ids) - 1:length] = 1.0
             last[row] = length - 1
-            if self.align.reward == "rule":
-                scores[row] = reward(self._reply_text(reply), prompt.answer,
-                                     self.align.reward_weights, self.align.answer_pattern,
-                                     self.align.format_pattern)
-        if self.align.reward == "remote":
-            scores = self._remote_scores(rollouts)
         mbs = self.cfg.stage.micro_batch_size
         shared = causal_inputs(mbs, s, device)
-        micro = [{"tokens": tokens[i:i + mbs], "labels": labels[i:i + mbs],
-                  "mask": mask[i:i + mbs], "last": last[i:i + mbs], **shared}
-                 for i in range(0, n, mbs)]
+        return [{"tokens": tokens[i:i + mbs], "labels": labels[i:i + mbs],
+                 "mask": mask[i:i + mbs], "last": last[i:i + mbs], **shared}
+                for i in range(0, n, mbs)]
+
+    def _scores(self, rollouts: list[tuple], micro: list[dict]) -> torch.Tensor:
+        """Rule, reward-server or reward-model scores, with DAPO's overlong shaping."""
+        a = self.align
+        scores = torch.zeros(len(rollouts))
+        if a.reward == "rule":
+            scores = self._rule_scores(rollouts)
+        if a.reward == "remote":
+            scores = self._remote_scores(rollouts)
         if self.scorer is not None:
-            scored = _pick(self.scorer.forward(micro, self.schedule, score_forward),
-                           "score")
+            scored = _pick(self.scorer.forward(micro, self.schedule, score_forward), "score")
             scores = torch.cat(scored).cpu() if scored else scores
-        return micro, scores
+        if a.overlong_buffer_len:
+            scores = scores + torch.tensor([overlong_penalty(
+                len(reply), a.max_new_tokens, a.overlong_buffer_len, a.overlong_penalty_factor)
+                for _, reply in rollouts])
+        return scores
+
+    def _rule_scores(self, rollouts: list[tuple]) -> torch.Tensor:
+        """The rules' rewards, computed once per replica (by the engine's driver: the code rule
+        runs subprocesses) and shared with its other ranks."""
+        box = [None]
+        if dist.get_rank() == self.engine.driver:
+            box = [[reward(self._reply_text(reply), prompt.answer, self.align)
+                    for prompt, reply in rollouts]]
+        dist.broadcast_object_list(box, src=self.engine.driver, group=self.engine.group)
+        return torch.tensor(box[0], dtype=torch.float32)
 
     def _reply_text(self, reply: list[int]) -> str:
         return self.tokenizer.decode([t for t in reply if t not in self.stop_ids])
@@ -297,56 +329,121 @@ class RolloutTask(Task):
         a = self.align
         mask = batch["mask"].to(device)
         logp = token_logprobs(logits, batch["labels"].to(device))
-        surrogate, clipped = losses.clipped_policy(logp, batch["old_logp"], batch["advantages"],
-                                                   a.clip_range)
-        kl = losses.kl_estimate(logp, batch["reference_logp"])
-        per_token = surrogate + (a.kl_coef * kl if not self.ppo else 0.0)
+        low = a.clip_range if a.clip_ratio_low is None else a.clip_ratio_low
+        high = a.clip_range if a.clip_ratio_high is None else a.clip_ratio_high
+        surrogate, clipped, ratio = losses.POLICY_LOSSES[a.policy_loss](
+            logp, batch["old_logp"], batch["advantages"], mask, low, high)
+        reference = batch["reference_logp"]
+        kl = losses.kl_estimate(logp, reference)  # k3, the measure reported
+        per_token = surrogate if a.use_kl_in_reward else \
+            surrogate + a.kl_coef * losses.kl_estimate(logp, reference, a.kl_estimator)
+        total, count = losses.LOSS_AGGREGATIONS[a.loss_agg_mode](per_token, mask,
+                                                                 a.max_new_tokens)
         entropy = vocab_parallel_entropy(logits.detach().float())
-        tokens = mask.sum()
-        return (per_token * mask).sum(), tokens.to(torch.int), {
-            "lm loss": _stat(per_token, mask), "metric/kl": _stat(kl, mask),
-            "metric/entropy": _stat(entropy, mask), "metric/clipfrac": _stat(clipped, mask)}
+        return total, count.to(torch.int), {
+            "lm loss": torch.stack([total.detach().float(), count.detach().float()]),
+            "metric/kl": _stat(kl, mask), "metric/entropy": _stat(entropy, mask),
+            "metric/clipfrac": _stat(clipped, mask), "metric/ratio": _stat(ratio, mask)}
 
     # The step.
 
+    def _sample(self, iteration: int, model: list, clock: dict):
+        """This replica's rollouts of the step, their micro-batches and scores, and the groups
+        dynamic sampling (filter_groups) dropped and generated. Dropping a group whose replies
+        all score the same, it samples groups for further prompts until the step's share is
+        full or max_sampling_rounds generations are spent (then dropped groups fill the rest;
+        they teach nothing). The replicas take the same number of rounds (their collectives
+        meet)."""
+        a, g = self.align, self.align.group_size
+        share = self.prompts_per_step // self.dp_size
+        mine = self._step_prompts(iteration)[self.dp_rank * share:(self.dp_rank + 1) * share]
+        kept, dropped, generated = [], [], 0
+        for round_ in range(a.max_sampling_rounds if a.filter_groups else 1):
+            began = self._now()
+            rollouts = self._generate(iteration, model, mine if round_ == 0 else
+                                      self._extra_prompts(iteration, round_, share), round_)
+            clock["rollout"] += self._now() - began
+            began = self._now()
+            micro, scores = self._experience(rollouts)
+            clock["reward"] += self._now() - began
+            if not a.filter_groups:
+                return rollouts, micro, scores, 0, share
+            scores = self._shared_scores(scores)
+            for k in range(share):
+                group = (rollouts[k * g:(k + 1) * g], scores[k * g:(k + 1) * g])
+                (kept if group[1].max() > group[1].min() else dropped).append(group)
+            generated += share
+            short = torch.tensor([float(len(kept) < share)], device=self.layout.device)
+            dist.all_reduce(short, group=ps.get_data_parallel_group())
+            if not short.item():
+                break
+        chosen = (kept + dropped)[:share]
+        rollouts = [r for group, _ in chosen for r in group]
+        return rollouts, self._micro_batches(rollouts), torch.cat([s for _, s in chosen]), len(dropped), generated
+
+    def _shared_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """A reward model's scores (on the last pipeline stage) on every stage of the
+        replica."""
+        if self.scorer is None or ps.get_pipeline_model_parallel_world_size() == 1:
+            return scores
+        scores = scores.to(self.layout.device)
+        dist.broadcast(scores, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        return scores.cpu()
+
     def step(self, iteration, model, optimizer, scheduler, iterators, guard):
         a = self.align
-        clock = [self._now()]
-        rollouts = self._generate(iteration, model)
-        clock.append(self._now())
-        micro, scores = self._experience(rollouts)
-        clock.append(self._now())
+        began = self._now()
+        clock = {"rollout": 0.0, "reward": 0.0}
+        rollouts, micro, scores, filtered, generated = self._sample(iteration, model, clock)
+        began_logprobs = self._now()
         # Collected on the last pipeline stage, the one that computes the losses.
         old = _pick(Role(model).forward(micro, self.schedule, self._logprob_forward), "logp")
         ref = self._remote_reference(rollouts) if self.align.reference_url else \
             _pick(self.reference.forward(micro, self.schedule, self._logprob_forward), "logp")
-        values = self.critic.values(micro, self.schedule) if self.ppo else None
+        values = self.critic.values(micro, self.schedule) if self.uses_critic else None
         if self.last_stage:
             self._advantages(micro, scores, old, ref, values)
-        clock.append(self._now())
+        clock["logprobs"] = self._now() - began_logprobs
+        began_update = self._now()
         result = StepResult(None, 0)
         for _ in range(a.ppo_epochs):
             result = train_step(model, optimizer, scheduler, [iter(micro)], **self.schedule,
                                 guard=guard, forward=self._policy_forward)
-            if self.ppo:
+            if self.uses_critic:
                 value_loss = self.critic.train(micro, self.schedule)
                 if value_loss is not None:
                     result.metrics["value_loss"] = value_loss
-        # Means over every replica's rollouts.
-        totals = torch.tensor([float(scores.sum()), float(sum(len(r) for _, r in rollouts)),
-                               float(len(rollouts))], device=self.layout.device)
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        result.metrics.update(reward=float(totals[0] / totals[2]),
-                              reply_length=float(totals[1] / totals[2]))
-        clock.append(self._now())
+        clock["update"] = self._now() - began_update
+        result.metrics.update(self._rollout_metrics(rollouts, scores, filtered, generated))
         # Where the step's time goes (this rank's clock): generation, scoring, log-probabilities
         # (old, reference and values), the update; and the rollout's tokens/s (this replica's).
-        for name, began, ended in zip(("rollout", "reward", "logprobs", "update"), clock,
-                                      clock[1:]):
-            result.metrics[f"seconds_{name}"] = ended - began
+        for name in ("rollout", "reward", "logprobs", "update"):
+            result.metrics[f"seconds_{name}"] = clock[name]
+        result.metrics["seconds_step"] = self._now() - began
         result.metrics["rollout_tokens_per_second"] = \
-            sum(len(r) for _, r in rollouts) / max(clock[1] - clock[0], 1e-9)
+            sum(len(r) for _, r in rollouts) / max(clock["rollout"], 1e-9)
         return result
+
+    def _rollout_metrics(self, rollouts: list[tuple], scores: torch.Tensor, filtered: int,
+                         generated: int) -> dict[str, float]:
+        """Over every replica's rollouts: reward mean and std, reply length mean and max, the
+        share of replies cut at max_new_tokens, the share of groups dynamic sampling dropped."""
+        lengths = torch.tensor([float(len(r)) for _, r in rollouts])
+        cut = torch.tensor([float(len(r) >= self.align.max_new_tokens and r[-1] not in
+                                  self.stop_ids) for _, r in rollouts])
+        scores = scores.float()
+        totals = torch.tensor([float(scores.sum()), float((scores ** 2).sum()),
+                               float(lengths.sum()), float(len(rollouts)), float(cut.sum()),
+                               float(filtered), float(generated)], device=self.layout.device)
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        longest = lengths.max().to(self.layout.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        total, squares, length, n, cut, filtered, generated = totals.tolist()
+        mean = total / n
+        return {"reward": mean, "reward_std": max(squares / n - mean ** 2, 0.0) ** 0.5,
+                "reply_length": length / n, "reply_length_max": float(longest),
+                "reply_clipped": cut / n, "groups_filtered": filtered / max(generated, 1.0)}
 
     def _now(self) -> float:
         if self.layout.device == "cuda":
@@ -354,21 +451,20 @@ class RolloutTask(Task):
         return time.perf_counter()
 
     def _advantages(self, micro, scores, old, ref, values) -> None:
-        """Advantages (and for PPO returns) of every reply token, into the micro-batches."""
+        """Advantages (and with a critic returns) of every reply token, into the micro-batches:
+        the estimator's (advantage_estimator) of per-token rewards, the score at the last reply
+        token, and with use_kl_in_reward a KL penalty on every one."""
         a = self.align
         device = old[0].device
         mask = torch.cat([b["mask"] for b in micro]).to(device)
         old_logp, ref_logp = torch.cat(old), torch.cat(ref)
-        if values is None:  # GRPO: each reply's group-normalised reward on all its tokens
-            adv = advantages.group_normalized(scores.to(device), a.group_size)[:, None] * mask
-            returns = old_values = None
-        else:  # PPO: the score at the last reply token, a KL penalty on every one, GAE
-            old_values = torch.cat(values).float() * mask
-            rewards = -a.kl_coef * (old_logp - ref_logp) * mask
-            last = mask.size(1) - 1 - mask.flip(1).argmax(dim=1)
-            rewards[torch.arange(mask.size(0)), last] += scores.to(device)
-            adv, returns = advantages.gae(rewards, old_values, mask, a.gamma, a.lam)
-            adv = advantages.whiten(adv, mask)
+        rewards = torch.zeros_like(mask)
+        last = mask.size(1) - 1 - mask.flip(1).argmax(dim=1)
+        rewards[torch.arange(mask.size(0)), last] += scores.to(device)
+        if a.use_kl_in_reward:
+            rewards -= a.kl_coef * losses.kl_estimate(old_logp, ref_logp, a.kl_estimator) * mask
+        old_values = None if values is None else torch.cat(values).float() * mask
+        adv, returns = ESTIMATORS[a.advantage_estimator].fn(rewards, mask, old_values, a)
         mbs = self.cfg.stage.micro_batch_size
         for k, batch in enumerate(micro):
             rows = slice(k * mbs, (k + 1) * mbs)

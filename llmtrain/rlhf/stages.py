@@ -1,0 +1,36 @@
+"""The alignment stages in the stage registry (llmtrain.tasks): rm, dpo, grpo, ppo."""
+
+from __future__ import annotations
+
+from llmtrain.config.schema import Config
+from llmtrain.rlhf.checks import preference_problems, rollout_problems
+from llmtrain.rlhf.losses import PREFERENCE_LOSSES
+from llmtrain.tasks import TaskSpec, register
+
+ALIGN = "llmtrain.megatron.align"
+
+
+def _dpo_roles(cfg: Config) -> set[str]:
+    loss = PREFERENCE_LOSSES.get(cfg.stage.alignment.loss_type)
+    return {"reference"} if loss is None or loss.uses_reference else set()
+
+
+def _rollout_roles(critic: bool):
+    def roles(cfg: Config) -> set[str]:
+        a = cfg.stage.alignment
+        return ({"reference"} | ({"reward"} if a.reward == "model" else set())
+                | ({"critic"} if critic else set()))
+    return roles
+
+
+register(TaskSpec("rm", f"{ALIGN}.preference:RewardModelTask", ("preference",)))
+register(TaskSpec("dpo", f"{ALIGN}.preference:PolicyPreferenceTask", ("preference",),
+                  roles=_dpo_roles, possible_roles=frozenset({"reference"}),
+                  checks=preference_problems))
+register(TaskSpec("grpo", f"{ALIGN}.rollout:RolloutTask", ("prompts",), generates=True,
+                  roles=_rollout_roles(critic=False),
+                  possible_roles=frozenset({"reference", "reward"}), checks=rollout_problems))
+register(TaskSpec("ppo", f"{ALIGN}.rollout:RolloutTask", ("prompts",), generates=True,
+                  roles=_rollout_roles(critic=True),
+                  possible_roles=frozenset({"reference", "reward", "critic"}),
+                  checks=rollout_problems))
