@@ -36,9 +36,13 @@ def resolve(dcfg: DictConfig):
 def resolve_run(dcfg: DictConfig) -> Config:
     """A training run's typed config, with run lengths given in tokens turned into iterations."""
     cfg = resolve_token_lengths(resolve(dcfg))
-    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(["logging.wandb_project needs Weights & Biases: pip install wandb "
-                           "(or leave logging.wandb_project unset)"])
+    missing = [f"logging.{key} needs {name}: pip install 'llmtrain[{extra}]' (or leave "
+               f"logging.{key} unset)"
+               for key, extra, name in (("wandb_project", "wandb", "Weights & Biases"),
+                                        ("mlflow_tracking_uri", "mlflow", "MLflow"))
+               if getattr(cfg.logging, key) and importlib.util.find_spec(extra) is None]
+    if missing:
+        raise ConfigError(missing)
     return cfg
 
 

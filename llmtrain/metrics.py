@@ -1,4 +1,5 @@
-"""What a run reports each step: console lines and TensorBoard scalars, from one rank."""
+"""What a run reports each step: console lines, TensorBoard scalars and the experiment trackers
+(Weights & Biases, MLflow), from one rank."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from llmtrain.config.plan import flops_per_token, peak_tflops
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
+from llmtrain.tracking import Trackers
 
 GIB = 1024**3
 
@@ -47,15 +49,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(tensorboard_dir))
-        self.wandb = None
-        if enabled and cfg.logging.wandb_project:
-            import dataclasses
-
-            import wandb
-
-            self.wandb = wandb.init(project=cfg.logging.wandb_project,
-                                    name=cfg.logging.wandb_exp_name or cfg.name,
-                                    dir=cfg.output_dir, config=dataclasses.asdict(cfg))
+        self.trackers = Trackers(cfg, self.message) if enabled else None
         self.started = time.monotonic()
         self.last: dict[str, float] = {}
 
@@ -105,15 +99,16 @@ class RunLog:
         if self.writer:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, iteration)
-        if self.wandb:
-            self.wandb.log(scalars, step=iteration)
+        if self.trackers:
+            self.trackers.log(scalars, iteration)
 
     def message(self, text: str) -> None:
         if self.enabled:
             print(f"[llmtrain] {text}", flush=True)
 
-    def close(self) -> None:
+    def close(self, summary: Optional[Path] = None) -> None:
+        """`summary`: the run's summary.json, which MLflow keeps as an artifact."""
         if self.writer:
             self.writer.close()
-        if self.wandb:
-            self.wandb.finish()
+        if self.trackers:
+            self.trackers.finish(summary)

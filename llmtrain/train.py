@@ -160,6 +160,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     checkpoints.wait()
 
     summary = {}
+    summary_path = Path(cfg.output_dir) / "summary.json"
     if log.enabled:
         summary = {"final_loss": losses[-1] if losses else None, "first_loss":
                    losses[0] if losses else None, "steps": stage.train_iters,
@@ -169,9 +170,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
                    "metrics": metrics,
                    "preempted_after_step": preempted[0] if preempted else None}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "summary.json").write_text(
-            json.dumps(finite_or_null(summary), indent=1, allow_nan=False))
-    log.close()
+        summary_path.write_text(json.dumps(finite_or_null(summary), indent=1, allow_nan=False))
+    log.close(summary_path)
     if preempted:
         saved = f"saved step {preempted[0]}" if save_dir else "nothing saved (checkpoint.save=null)"
         raise RunStopped(f"{preempted[1]} received: stopped after step {preempted[0]}, {saved}; "

@@ -55,10 +55,22 @@ def _peer(module: str, spec: dict) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def _llmtrain(overrides: list[str], steps: int, warmup: int) -> dict:
+def run_overrides(overrides: list[str], steps: int, warmup: int) -> list[str]:
+    """The user's overrides sized to the benchmark's own run: `warmup + steps` iterations, no
+    evaluation, and a learning-rate schedule that fits them (a warm-up over the untimed steps,
+    then constant; the learning rate does not change a step's time), whatever the optimizer's
+    or stage's group says for a full run."""
+    return [*overrides, f"stage.train_iters={warmup + steps}", "stage.train_tokens=null",
+            "stage.epochs=null", "stage.eval_interval=0", "optim.lr_decay_style=constant",
+            f"optim.lr_warmup_iters={warmup}", "optim.lr_warmup_tokens=null",
+            "optim.lr_decay_iters=null", "optim.lr_decay_tokens=null"]
+
+
+def llmtrain_step_times(overrides: list[str], steps: int, warmup: int) -> dict:
+    """llmtrain's own run of `warmup + steps` iterations: its timed step seconds and peak memory."""
     with tempfile.TemporaryDirectory() as run_dir:
-        _run([sys.executable, "-m", "llmtrain", *overrides, f"stage.train_iters={warmup + steps}",
-              "stage.eval_interval=0", f"hydra.run.dir={run_dir}"])
+        _run([sys.executable, "-m", "llmtrain", *run_overrides(overrides, steps, warmup),
+              f"hydra.run.dir={run_dir}"])
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     return {"step_seconds": summary["step_seconds"][warmup:],
             "peak_memory_gib": summary["memory/peak_gib"]}
@@ -76,7 +88,7 @@ def main() -> None:
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        dcfg = compose("config", overrides=args.overrides)
+        dcfg = compose("config", overrides=run_overrides(args.overrides, args.steps, args.warmup))
     dcfg.output_dir = "."
     cfg = resolve_run(dcfg)
     machine = detect_machine()
@@ -95,7 +107,7 @@ def main() -> None:
             "padded_vocab_size": layout.padded_vocab_size, "fp8": cfg.precision.fp8,
             "fp8_recipe": cfg.precision.fp8_recipe, "steps": args.steps, "warmup": args.warmup}
 
-    results = {"llmtrain": _llmtrain(args.overrides, args.steps, args.warmup)}
+    results = {"llmtrain": llmtrain_step_times(args.overrides, args.steps, args.warmup)}
     for peer in filter(None, args.peers.split(",")):
         if peer == "mcore":
             results["megatron-core (bare)"] = _peer("llmtrain.megatron.bench_peer", spec)

@@ -375,7 +375,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard logging."""
+    """Console and TensorBoard logging, and the experiment trackers (llmtrain/tracking.py)."""
 
     name: str = "default"
     log_interval: int = 1
@@ -385,6 +385,11 @@ class LoggingConfig:
     # Weights & Biases (needs `pip install wandb`): on when a project is named.
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
+    # MLflow (needs `pip install mlflow`): on when a tracking URI is given (http://host:5000,
+    # file:///path, sqlite:///path.db); the run name defaults to the run's name.
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_experiment: str = "llmtrain"
+    mlflow_run_name: Optional[str] = None
     # torch.profiler over steps profile_step_start..profile_step_end on profile_ranks: a Chrome
     # trace in <run>/profile and a summary of the GPU's time in the log (llmtrain/profiling.py).
     profile: bool = False

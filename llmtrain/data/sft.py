@@ -29,6 +29,7 @@ import numpy as np
 from llmtrain.config.schema import Config, SFTConfig, TokenizerConfig
 from llmtrain.config.validate import split_fractions
 from llmtrain.data import chat, indexed, selfcognition
+from llmtrain.data.hf_datasets import folder_fingerprint
 from llmtrain.data.sources import Chunk, DataError, chunks, parse_chunk
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from llmtrain.data.workers import Progress, ordered_map
@@ -155,10 +156,14 @@ def _source_key(entries: Sequence[str], sft: SFTConfig, tokenizer: Tokenizer) ->
             parts += [entry, sft.model_name, sft.model_author]
         else:
             path = Path(entry)
+            if path.is_dir():  # a dataset in the Hugging Face formats
+                parts.append(folder_fingerprint(path))
+                continue
             if not path.is_file():
                 raise DataError(f"data.data_path entry {entry}: no such file, and no tokenized "
                                 f"SFT set (`{entry}_sft.json`); entries are json/jsonl/parquet "
-                                f"files, prefixes written by `python -m llmtrain.data tokenize "
+                                f"files, Hugging Face dataset folders, prefixes written by "
+                                f"`python -m llmtrain.data tokenize "
                                 f"--sft`, or {SELF_COGNITION}")
             stat = path.stat()
             parts += [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]

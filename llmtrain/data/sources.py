@@ -1,4 +1,5 @@
-"""Reading raw corpora: jsonl (optionally .zst), JSON arrays (WuDao), parquet and plain text.
+"""Reading raw corpora: jsonl (optionally .zst), JSON arrays (WuDao), parquet, plain text, and
+datasets in the Hugging Face formats (llmtrain/data/hf_datasets.py).
 
 Files are cut into chunks that worker processes parse (`parse_chunk`), so that reading stays
 cheap for the main process. Every record keeps where it came from (file and line, or record or
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import IO, Iterator, Optional, Sequence
 
 SUPPORTED = ".jsonl, .json (JSON lines or one JSON array), .parquet, .txt (documents separated " \
-            "by blank lines), each optionally compressed as .zst (except parquet)"
+            "by blank lines), each optionally compressed as .zst (except parquet), and folders " \
+            "written by datasets.save_to_disk or holding .parquet or .arrow shards"
 SKIP_HINT = "pass --skip-bad-lines to skip such lines and count them"
 
 
@@ -230,6 +232,11 @@ def chunks(paths: Sequence[str | os.PathLike], chunk_bytes: int = 1 << 22,
     """Chunks of every input file, in order. `columns`: the keys needed (parquet reads only
     those, and a missing one is reported before anything is read)."""
     for path in map(str, paths):
+        if Path(path).is_dir():
+            from llmtrain.data.hf_datasets import hf_chunks
+
+            yield from hf_chunks(path, records_per_chunk, columns)
+            continue
         if not Path(path).is_file():
             raise DataError(f"{path}: no such file: check the path")
         kind = input_format(path)
