@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_llmtrain
+from conftest import run_llmtrain, run_read_only
 from hf_models import FAMILIES, assert_identical, tensors, tiny_hf
 from llmtrain.convert import convert
 from llmtrain.convert.run import CheckFailed
@@ -179,3 +179,21 @@ def test_output_that_holds_files_is_not_overwritten(tmp_path):
     error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
     assert "exists and is not empty: choose a new folder" in error
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_read_only_output_is_refused_before_any_weight_is_read(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    # Weights that cannot be read: the output must be refused before anything touches them.
+    (hf / "model.safetensors").write_bytes(b"not a safetensors file")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    for output, probed in ((folder, folder), (folder / "new" / "mcore", folder)):
+        done = run_read_only(folder, "llmtrain.convert", f"input={hf}", f"output={output}")
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert (f"output={output}: cannot write to {probed} (" in done.stderr
+                and "choose a folder you can write to" in done.stderr), done.stderr
+        assert "Traceback" not in done.stderr
+    assert list(folder.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    error = _refused(f"input={hf}", f"output={tmp_path / 'file' / 'mcore'}")
+    assert f"cannot write to {tmp_path / 'file'} (" in error

@@ -106,8 +106,25 @@ def _check_options(c: ConvertConfig) -> None:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             problems.append(f"output={out} exists and is not empty: choose a new folder (nothing "
                             f"is overwritten)")
+        else:
+            problems += _unwritable(out)
     if problems:
         raise ConversionError("the conversion has problem(s):\n  - " + "\n  - ".join(problems))
+
+
+def _unwritable(out: Path) -> list[str]:
+    """The output, or the folder it would be made in, must take files: checked before a weight
+    is read (a read-only file system, no permission, a file in the way)."""
+    from llmtrain.data.sources import DataError, check_writable
+
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        check_writable(existing, f"output={out}")
+    except DataError as error:
+        return [str(error)]
+    return []
 
 
 def _job(c: ConvertConfig, m: ModelConfig, dtype: str, sequences, **extra) -> Job:
