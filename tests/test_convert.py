@@ -197,3 +197,30 @@ def test_read_only_output_is_refused_before_any_weight_is_read(tmp_path):
     (tmp_path / "file").write_text("")
     error = _refused(f"input={hf}", f"output={tmp_path / 'file' / 'mcore'}")
     assert f"cannot write to {tmp_path / 'file'} (" in error
+
+
+def test_truncated_weight_file_is_named(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(hf)).save_pretrained(str(hf), max_shard_size="200KB")
+    (hf / "model.safetensors").unlink(missing_ok=True)
+    shard = sorted(hf.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])  # a download that stopped half way
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert f"{shard} cannot be read, it is damaged or truncated ({len(data) // 2} bytes;" in error
+    assert "download or copy it again" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_that_does_not_match_the_weights_names_the_tensors(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert (f"12 tensor(s) of {hf} do not have the shape {hf}/config.json gives them:"
+            in error), error
+    assert ("model.layers.0.mlp.down_proj.weight in model.safetensors: [64, 160], config.json "
+            "makes it [64, 128]") in error
+    assert "use the config.json published with them" in error and "Traceback" not in error

@@ -34,13 +34,25 @@ def weight_files(folder: Path) -> dict[str, str]:
     return {}
 
 
-def _names_in(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+def _open(path: Path):
+    """A safetensors file's handle (its header read, the data memory mapped) or a .bin file's
+    state dict (memory mapped); a damaged or truncated file is named with what to do."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+            return safe_open(str(path), framework="pt")
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:
+        from llmtrain.convert.mapping import ConversionError
+
+        raise ConversionError(f"{path} cannot be read, it is damaged or truncated "
+                              f"({path.stat().st_size} bytes; {error}): download or copy it "
+                              f"again") from None
+
+
+def _names_in(path: Path) -> list[str]:
+    return list(_open(path).keys())
 
 
 def missing_files(folder: Path) -> list[str]:
@@ -79,17 +91,23 @@ class HFReader:
         if name not in self.files:
             raise KeyError(f"{name} is not in the checkpoint at {self.folder}")
         file, stored = self.files[name]
-        if file not in self._open:
-            path = self.folder / file
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._open[file] = safe_open(str(path), framework="pt")
-            else:
-                self._open[file] = torch.load(path, map_location="cpu", mmap=True,
-                                              weights_only=True)
-        handle = self._open[file]
+        handle = self._handle(file)
         return handle.get_tensor(stored) if file.endswith(".safetensors") else handle[stored]
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            self._open[file] = _open(self.folder / file)
+        return self._open[file]
+
+    def shapes(self) -> dict[str, tuple[str, list[int]]]:
+        """{name: (file, shape)} from the files' headers (every file opened, none read)."""
+        result = {}
+        for name, (file, stored) in self.files.items():
+            handle = self._handle(file)
+            shape = (handle.get_slice(stored).get_shape() if file.endswith(".safetensors")
+                     else list(handle[stored].shape))
+            result[name] = (file, list(shape))
+        return result
 
     def dtype(self) -> torch.dtype:
         """The floating-point format the checkpoint stores (of its first tensor)."""

@@ -154,6 +154,27 @@ def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfi
         raise ConversionError("\n".join(problems))
 
 
+def _check_shapes(reader: hf_files.HFReader, hf_config, folder: Path) -> None:
+    """Every stored tensor has the shape its config.json gives it (read from the files' headers,
+    against the Hugging Face model built without memory): a config that does not describe the
+    weights is refused before any is read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {name: list(t.shape) for name, t in
+                    AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    wrong = [f"{name} in {file}: {shape}, config.json makes it {expected[name]}"
+             for name, (file, shape) in reader.shapes().items()
+             if name in expected and expected[name] != shape]
+    if wrong:
+        raise ConversionError(f"{len(wrong)} tensor(s) of {folder} do not have the shape "
+                              f"{folder / hf_files.CONFIG} gives them:\n    "
+                              + "\n    ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else "")
+                              + "\n  the config does not describe these weights: use the "
+                                "config.json published with them")
+
+
 def _model_of(c: ConvertConfig, folder: Path):
     """(Hugging Face config, family, model config) of the config.json in `folder`; model= must
     agree with it."""
@@ -178,6 +199,7 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size)
     reader = hf_files.HFReader(folder, family.base_prefix)
+    _check_shapes(reader, hf_config, folder)
     _check_tensor_names(reader, family, m, folder)
     source = _dtype_name(getattr(hf_config, "dtype", None)) or _dtype_name(
         reader.dtype()) or "fp32"
