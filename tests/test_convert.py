@@ -224,3 +224,26 @@ def test_config_that_does_not_match_the_weights_names_the_tensors(tmp_path):
     assert ("model.layers.0.mlp.down_proj.weight in model.safetensors: [64, 160], config.json "
             "makes it [64, 128]") in error
     assert "use the config.json published with them" in error and "Traceback" not in error
+
+
+def test_tied_checkpoint_that_stores_the_output_layer_too(tmp_path):
+    """Some published tied checkpoints store lm_head.weight, equal to the embedding: transformers
+    loads them, so does the conversion; one that differs is refused with the difference."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf("qwen2", tmp_path / "hf")  # tied
+    stored = load_file(str(hf / "model.safetensors"))
+    embedding = stored["model.embed_tokens.weight"]
+    save_file({**stored, "lm_head.weight": embedding.clone()}, str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    report = convert(f"input={hf}", "check_only=true", **QUIET)
+    _check_passed_tightly(report)
+
+    different = embedding.clone()
+    different[3, 5] += 0.5
+    save_file({**stored, "lm_head.weight": different}, str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert (f"{hf} stores lm_head.weight, which differs from model.embed_tokens.weight by up "
+            f"to 0.5, though its config.json ties them (tie_word_embeddings=true): set "
+            f"tie_word_embeddings to false in config.json to keep both") in error, error

@@ -135,10 +135,30 @@ def _job(c: ConvertConfig, m: ModelConfig, dtype: str, sequences, **extra) -> Jo
                max_shard_bytes=int(c.max_shard_size_gb * 10**9), **extra)
 
 
+def _tied_head(reader: hf_files.HFReader, mapping, m: ModelConfig, folder: Path) -> set[str]:
+    """{lm_head.weight} where a tied model's file stores it too (some published ones do): it is
+    the embedding again, left out; one that differs from it is refused."""
+    head = "lm_head.weight"
+    if not m.share_embeddings_and_output_weights or head not in reader.names():
+        return set()
+    import torch
+
+    embedding = mapping.rule("embedding.word_embeddings.weight").hf[0]
+    a, b = reader.read(head), reader.read(embedding)
+    if a.shape != b.shape or not torch.equal(a, b):
+        difference = (f"by up to {(a.float() - b.float()).abs().max().item():.3g}"
+                      if a.shape == b.shape else f"in shape, {list(a.shape)} vs {list(b.shape)}")
+        raise ConversionError(f"{folder} stores {head}, which differs from {embedding} "
+                              f"{difference}, though its config.json ties them "
+                              f"(tie_word_embeddings=true): set tie_word_embeddings to false "
+                              f"in config.json to keep both")
+    return {head}
+
+
 def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfig,
                         folder: Path) -> None:
     mapping = family.mapping(m)
-    present = set(reader.names())
+    present = set(reader.names()) - _tied_head(reader, mapping, m, folder)
     missing = [n for n in mapping.hf_names() if n not in present]
     unused = [n for n in present if n not in mapping.by_hf and not mapping.is_ignored(n)]
     problems = []
