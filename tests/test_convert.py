@@ -8,12 +8,17 @@ bad-input cases run the real command. Multi-process layouts are in test_convert_
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_llmtrain, run_read_only
+from conftest import ROOT, run_llmtrain, run_read_only
 from hf_models import FAMILIES, assert_identical, tensors, tiny_hf
 from llmtrain.convert import convert
 from llmtrain.convert.run import CheckFailed
@@ -247,3 +252,26 @@ def test_tied_checkpoint_that_stores_the_output_layer_too(tmp_path):
     assert (f"{hf} stores lm_head.weight, which differs from model.embed_tokens.weight by up "
             f"to 0.5, though its config.json ties them (tie_word_embeddings=true): set "
             f"tie_word_embeddings to false in config.json to keep both") in error, error
+
+
+def _process_group(group: int) -> list[str]:
+    """`ps -g GROUP`: the processes of a process group, with their state (Z: defunct)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            name, rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+            if int(rest.split()[2]) == group:
+                found.append(f"{pid} {rest.split()[0]} {name.split('(', 1)[1]}")
+    return found
+
+
+def test_no_process_outlives_the_command(tmp_path):
+    """Under a PID 1 that reaps no orphans (a container without an init), any child left
+    running when the command ends stays behind as a defunct process."""
+    hf = tiny_hf("llama", tmp_path / "hf")
+    command = subprocess.Popen([sys.executable, "-m", "llmtrain.convert", f"input={hf}",
+                                f"output={tmp_path / 'mcore'}"], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, start_new_session=True)
+    assert command.wait() == 0
+    assert _process_group(command.pid) == []
