@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,40 @@ def test_no_process_outlives_the_command(tmp_path):
                                stdout=subprocess.DEVNULL, start_new_session=True)
     assert command.wait() == 0
     assert _process_group(command.pid) == []
+
+
+def test_linear_rope_scaling_converts_and_yarn_and_dynamic_are_refused(tmp_path):
+    """Linear scaling is Megatron-Core's seq_len_interpolation_factor: the logits match. YaRN and
+    dynamic NTK are refused, naming what Megatron-Core lacks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmtrain.convert.families import by_name
+    from llmtrain.convert.mapping import ConversionError
+
+    def llama(name: str, rope: dict):
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, rope_scaling=rope)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(str(tmp_path / name))
+        return tmp_path / name
+
+    hf = llama("linear", {"rope_type": "linear", "factor": 4.0})
+    report = convert(f"input={hf}", "check_only=true", **QUIET)
+    _check_passed_tightly(report, num_layers=2)
+    model = report["model"]
+    assert model["seq_len_interpolation_factor"] == 4.0 and not model["rope_scaling"]
+    from llmtrain.config.schema import ModelConfig
+
+    family = by_name("llama")  # the config written back says linear again
+    written = family.hf_config(ModelConfig(**model))
+    assert written.rope_parameters["rope_type"] == "linear"
+    assert written.rope_parameters["factor"] == 4.0
+
+    for kind, missing in (("yarn", "drops its attention factor (mscale)"),
+                          ("dynamic", "no RoPE whose base grows with the sequence length")):
+        hf = llama(kind, {"rope_type": kind, "factor": 4.0,
+                          "original_max_position_embeddings": 32})
+        with pytest.raises(ConversionError,
+                           match=rf"RoPE scaling of type '{kind}': .*{re.escape(missing)}"):
+            convert(f"input={hf}", "check_only=true", **QUIET)
