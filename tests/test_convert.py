@@ -313,3 +313,23 @@ def test_linear_rope_scaling_converts_and_yarn_and_dynamic_are_refused(tmp_path)
         with pytest.raises(ConversionError,
                            match=rf"RoPE scaling of type '{kind}': .*{re.escape(missing)}"):
             convert(f"input={hf}", "check_only=true", **QUIET)
+
+
+def test_gpt2_in_the_hubs_layout_comes_back_in_it(tmp_path):
+    """GPT-2 checkpoints on the Hub store names without `transformer.` and the attention masks
+    (attn.bias, attn.masked_bias): the way back writes the names and tensors it came with."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf("gpt2", tmp_path / "hf")
+    stored = {name.removeprefix("transformer."): tensor
+              for name, tensor in load_file(str(hf / "model.safetensors")).items()}
+    for i in range(4):
+        stored[f"h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128)).view(1, 1, 128, 128)
+        stored[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(stored, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+
+    _check_passed_tightly(convert(f"input={hf}", f"output={mcore}", **QUIET))
+    report = convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}", **QUIET)
+    _check_passed_tightly(report)
+    assert_identical(tensors(hf), tensors(back))

@@ -146,6 +146,36 @@ class ShardWriter:
         return self.written
 
 
+LAYOUT = "hf_layout.safetensors"
+
+
+def save_layout(source: Path, target: Path, base_prefix: str, is_buffer) -> None:
+    """What a Hugging Face checkpoint holds beyond the weights, kept beside the Megatron one so
+    that the way back writes the names and tensors it came with: names saved without the
+    model's prefix (GPT-2 on the Hub), and buffers (GPT-2's attention masks, rotary inv_freq)."""
+    from safetensors.torch import save_file
+
+    reader = HFReader(source, base_prefix)
+    without_prefix = any(name != reader.files[name][1] for name in reader.names())
+    buffers = {reader.files[name][1]: reader.read(name).contiguous()
+               for name in reader.names() if is_buffer(name) and not name.startswith("lm_head.")}
+    if without_prefix or buffers:
+        save_file(buffers, str(Path(target) / LAYOUT),
+                  metadata={"without_prefix": str(without_prefix)})
+
+
+def read_layout(folder: Path) -> tuple[bool, dict[str, torch.Tensor]]:
+    """(names saved without the prefix, buffers) that `save_layout` kept in `folder`."""
+    path = Path(folder) / LAYOUT
+    if not path.exists():
+        return False, {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata()["without_prefix"] == "True",
+                {name: f.get_tensor(name) for name in f.keys()})
+
+
 def finish_index(folder: Path, parts: list[dict[str, list[str]]]) -> list[str]:
     """Name the written files as transformers does (model.safetensors, or model-0000i-of-0000n
     with an index) in the order given; return the final file names."""

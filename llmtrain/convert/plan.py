@@ -284,7 +284,9 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                                                              else None)
     sequences, tokens_from = tokenize(tokenizer, c.prompts, m.vocab_size, cfg.data.seq_length,
                                       c.seed)
-    job = _job(c, m, c.dtype or source, sequences, iteration=iteration)
+    without_prefix = hf_files.read_layout(root)[0]
+    job = _job(c, m, c.dtype or source, sequences, iteration=iteration,
+               strip_prefix=family.base_prefix if without_prefix else "")
     job = dataclasses.replace(job, input=str(root.resolve()))
     plan = Plan(c, family, m, cfg, layout, job, source_dtype=source, tokens_from=tokens_from)
     if tokenizer is None:
