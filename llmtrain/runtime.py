@@ -47,3 +47,15 @@ def sync_device(device: str) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def stop_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started by this process, outlives it by a moment, and
+    under a PID 1 that reaps no orphans (a container without an init) stays a defunct process in
+    the command's group: stopped and waited for once no child process is left that shares it."""
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if tracker._pid is not None and not multiprocessing.active_children():
+        tracker._stop()

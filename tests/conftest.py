@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,24 @@ def tiny_llama(tmp_path_factory):
         {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>"}))
     convert(f"input={hf}", f"output={root / 'mcore'}", say=lambda *_: None)
     return hf, root / "mcore"
+
+
+def run_read_only(folder: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> ARGS` with `folder` read-only: a read-only bind mount in a private
+    mount namespace as root (root ignores permission bits), no write permission else."""
+    command = [sys.executable, "-m", module, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        finally:
+            folder.chmod(0o755)
+    if shutil.which("unshare") is None:
+        pytest.skip("a read-only folder for root needs unshare -m")
+    mount = f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && "
+    done = subprocess.run(["unshare", "-m", "sh", "-c", mount + " ".join(f"'{c}'" for c in command)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    if "mount:" in done.stderr:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    return done

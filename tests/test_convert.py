@@ -8,12 +8,18 @@ bad-input cases run the real command. Multi-process layouts are in test_convert_
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_llmtrain
+from conftest import ROOT, run_llmtrain, run_read_only
 from hf_models import FAMILIES, assert_identical, tensors, tiny_hf
 from llmtrain.convert import convert
 from llmtrain.convert.run import CheckFailed
@@ -179,3 +185,151 @@ def test_output_that_holds_files_is_not_overwritten(tmp_path):
     error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
     assert "exists and is not empty: choose a new folder" in error
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_read_only_output_is_refused_before_any_weight_is_read(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    # Weights that cannot be read: the output must be refused before anything touches them.
+    (hf / "model.safetensors").write_bytes(b"not a safetensors file")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    for output, probed in ((folder, folder), (folder / "new" / "mcore", folder)):
+        done = run_read_only(folder, "llmtrain.convert", f"input={hf}", f"output={output}")
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert (f"output={output}: cannot write to {probed} (" in done.stderr
+                and "choose a folder you can write to" in done.stderr), done.stderr
+        assert "Traceback" not in done.stderr
+    assert list(folder.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    error = _refused(f"input={hf}", f"output={tmp_path / 'file' / 'mcore'}")
+    assert f"cannot write to {tmp_path / 'file'} (" in error
+
+
+def test_truncated_weight_file_is_named(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(hf)).save_pretrained(str(hf), max_shard_size="200KB")
+    (hf / "model.safetensors").unlink(missing_ok=True)
+    shard = sorted(hf.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])  # a download that stopped half way
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert f"{shard} cannot be read, it is damaged or truncated ({len(data) // 2} bytes;" in error
+    assert "download or copy it again" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_that_does_not_match_the_weights_names_the_tensors(tmp_path):
+    hf = tiny_hf("llama", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert (f"12 tensor(s) of {hf} do not have the shape {hf}/config.json gives them:"
+            in error), error
+    assert ("model.layers.0.mlp.down_proj.weight in model.safetensors: [64, 160], config.json "
+            "makes it [64, 128]") in error
+    assert "use the config.json published with them" in error and "Traceback" not in error
+
+
+def test_tied_checkpoint_that_stores_the_output_layer_too(tmp_path):
+    """Some published tied checkpoints store lm_head.weight, equal to the embedding: transformers
+    loads them, so does the conversion; one that differs is refused with the difference."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf("qwen2", tmp_path / "hf")  # tied
+    stored = load_file(str(hf / "model.safetensors"))
+    embedding = stored["model.embed_tokens.weight"]
+    save_file({**stored, "lm_head.weight": embedding.clone()}, str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    report = convert(f"input={hf}", "check_only=true", **QUIET)
+    _check_passed_tightly(report)
+
+    different = embedding.clone()
+    different[3, 5] += 0.5
+    save_file({**stored, "lm_head.weight": different}, str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
+    assert (f"{hf} stores lm_head.weight, which differs from model.embed_tokens.weight by up "
+            f"to 0.5, though its config.json ties them (tie_word_embeddings=true): set "
+            f"tie_word_embeddings to false in config.json to keep both") in error, error
+
+
+def _process_group(group: int) -> list[str]:
+    """`ps -g GROUP`: the processes of a process group, with their state (Z: defunct)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            name, rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+            if int(rest.split()[2]) == group:
+                found.append(f"{pid} {rest.split()[0]} {name.split('(', 1)[1]}")
+    return found
+
+
+def test_no_process_outlives_the_command(tmp_path):
+    """Under a PID 1 that reaps no orphans (a container without an init), any child left
+    running when the command ends stays behind as a defunct process."""
+    hf = tiny_hf("llama", tmp_path / "hf")
+    command = subprocess.Popen([sys.executable, "-m", "llmtrain.convert", f"input={hf}",
+                                f"output={tmp_path / 'mcore'}"], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, start_new_session=True)
+    assert command.wait() == 0
+    assert _process_group(command.pid) == []
+
+
+def test_linear_rope_scaling_converts_and_yarn_and_dynamic_are_refused(tmp_path):
+    """Linear scaling is Megatron-Core's seq_len_interpolation_factor: the logits match. YaRN and
+    dynamic NTK are refused, naming what Megatron-Core lacks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmtrain.convert.families import by_name
+    from llmtrain.convert.mapping import ConversionError
+
+    def llama(name: str, rope: dict):
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, rope_scaling=rope)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(str(tmp_path / name))
+        return tmp_path / name
+
+    hf = llama("linear", {"rope_type": "linear", "factor": 4.0})
+    report = convert(f"input={hf}", "check_only=true", **QUIET)
+    _check_passed_tightly(report, num_layers=2)
+    model = report["model"]
+    assert model["seq_len_interpolation_factor"] == 4.0 and not model["rope_scaling"]
+    from llmtrain.config.schema import ModelConfig
+
+    family = by_name("llama")  # the config written back says linear again
+    written = family.hf_config(ModelConfig(**model))
+    assert written.rope_parameters["rope_type"] == "linear"
+    assert written.rope_parameters["factor"] == 4.0
+
+    for kind, missing in (("yarn", "drops its attention factor (mscale)"),
+                          ("dynamic", "no RoPE whose base grows with the sequence length")):
+        hf = llama(kind, {"rope_type": kind, "factor": 4.0,
+                          "original_max_position_embeddings": 32})
+        with pytest.raises(ConversionError,
+                           match=rf"RoPE scaling of type '{kind}': .*{re.escape(missing)}"):
+            convert(f"input={hf}", "check_only=true", **QUIET)
+
+
+def test_gpt2_in_the_hubs_layout_comes_back_in_it(tmp_path):
+    """GPT-2 checkpoints on the Hub store names without `transformer.` and the attention masks
+    (attn.bias, attn.masked_bias): the way back writes the names and tensors it came with."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf("gpt2", tmp_path / "hf")
+    stored = {name.removeprefix("transformer."): tensor
+              for name, tensor in load_file(str(hf / "model.safetensors")).items()}
+    for i in range(4):
+        stored[f"h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128)).view(1, 1, 128, 128)
+        stored[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(stored, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+
+    _check_passed_tightly(convert(f"input={hf}", f"output={mcore}", **QUIET))
+    report = convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}", **QUIET)
+    _check_passed_tightly(report)
+    assert_identical(tensors(hf), tensors(back))

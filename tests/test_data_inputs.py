@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import ROOT
+from conftest import ROOT, run_read_only
 from data_helpers import conversations, documents, train_bpe, write_jsonl
 from llmtrain.data.__main__ import main
 
@@ -275,27 +274,6 @@ def test_clean_that_keeps_nothing_fails(data_cmd, tmp_path):
 
 # Outputs that cannot be written: refused before any input is read.
 
-def run_read_only(folder, *args: str) -> subprocess.CompletedProcess:
-    """`python -m llmtrain.data ARGS` with `folder` read-only: a read-only bind mount in a
-    private mount namespace as root (root ignores permission bits), no write permission else."""
-    command = [sys.executable, "-m", "llmtrain.data", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        try:
-            return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-        finally:
-            folder.chmod(0o755)
-    if shutil.which("unshare") is None:
-        pytest.skip("a read-only folder for root needs unshare -m")
-    mount = f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && "
-    done = subprocess.run(["unshare", "-m", "sh", "-c", mount + " ".join(f"'{c}'" for c in command)],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-    if "mount:" in done.stderr:
-        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
-    return done
-
-
 def test_read_only_output_folder_is_refused_before_reading(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -306,7 +284,8 @@ def test_read_only_output_folder_is_refused_before_reading(tmp_path):
             ("tokenize", "--output-prefix", folder / "tok", folder),
             ("merge", "--output-prefix", folder / "all", folder)):
         extra = ["--docs-per-shard", "2"] if verb == "shard" else []
-        done = run_read_only(folder, verb, "--input", str(missing), option, str(target), *extra)
+        done = run_read_only(folder, "llmtrain.data", verb, "--input", str(missing), option,
+                             str(target), *extra)
         assert done.returncode == 2, done.stderr
         assert f"{option} {target}: cannot write to {where} (" in done.stderr
         assert "choose a folder you can write to, or make this one writable" in done.stderr

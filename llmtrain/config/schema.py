@@ -54,6 +54,8 @@ class ModelConfig:
     # Llama 3.1 RoPE frequency scaling.
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
+    # Linear RoPE scaling (position interpolation): positions are divided by this factor.
+    seq_len_interpolation_factor: Optional[float] = None
     share_embeddings_and_output_weights: bool = False
     # Sliding-window attention (Mistral 7B v0.1): each token sees [left, right] tokens around it;
     # None: the whole causal context.

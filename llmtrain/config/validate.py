@@ -183,7 +183,7 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"{m.max_position_embeddings} or less")
 
     if (m.position_embedding_type == "rope" and data.seq_length > m.max_position_embeddings
-            and not m.rope_scaling):
+            and not m.rope_scaling and not m.seq_len_interpolation_factor):
         problems.append(f"data.seq_length={data.seq_length} exceeds the "
                         f"{m.max_position_embeddings} positions model {m.name} was made for "
                         f"(max_position_embeddings) and no RoPE scaling extends them: set "

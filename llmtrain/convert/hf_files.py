@@ -34,13 +34,25 @@ def weight_files(folder: Path) -> dict[str, str]:
     return {}
 
 
-def _names_in(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+def _open(path: Path):
+    """A safetensors file's handle (its header read, the data memory mapped) or a .bin file's
+    state dict (memory mapped); a damaged or truncated file is named with what to do."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+            return safe_open(str(path), framework="pt")
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:
+        from llmtrain.convert.mapping import ConversionError
+
+        raise ConversionError(f"{path} cannot be read, it is damaged or truncated "
+                              f"({path.stat().st_size} bytes; {error}): download or copy it "
+                              f"again") from None
+
+
+def _names_in(path: Path) -> list[str]:
+    return list(_open(path).keys())
 
 
 def missing_files(folder: Path) -> list[str]:
@@ -79,17 +91,23 @@ class HFReader:
         if name not in self.files:
             raise KeyError(f"{name} is not in the checkpoint at {self.folder}")
         file, stored = self.files[name]
-        if file not in self._open:
-            path = self.folder / file
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._open[file] = safe_open(str(path), framework="pt")
-            else:
-                self._open[file] = torch.load(path, map_location="cpu", mmap=True,
-                                              weights_only=True)
-        handle = self._open[file]
+        handle = self._handle(file)
         return handle.get_tensor(stored) if file.endswith(".safetensors") else handle[stored]
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            self._open[file] = _open(self.folder / file)
+        return self._open[file]
+
+    def shapes(self) -> dict[str, tuple[str, list[int]]]:
+        """{name: (file, shape)} from the files' headers (every file opened, none read)."""
+        result = {}
+        for name, (file, stored) in self.files.items():
+            handle = self._handle(file)
+            shape = (handle.get_slice(stored).get_shape() if file.endswith(".safetensors")
+                     else list(handle[stored].shape))
+            result[name] = (file, list(shape))
+        return result
 
     def dtype(self) -> torch.dtype:
         """The floating-point format the checkpoint stores (of its first tensor)."""
@@ -126,6 +144,36 @@ class ShardWriter:
         if self.pending:
             self._flush()
         return self.written
+
+
+LAYOUT = "hf_layout.safetensors"
+
+
+def save_layout(source: Path, target: Path, base_prefix: str, is_buffer) -> None:
+    """What a Hugging Face checkpoint holds beyond the weights, kept beside the Megatron one so
+    that the way back writes the names and tensors it came with: names saved without the
+    model's prefix (GPT-2 on the Hub), and buffers (GPT-2's attention masks, rotary inv_freq)."""
+    from safetensors.torch import save_file
+
+    reader = HFReader(source, base_prefix)
+    without_prefix = any(name != reader.files[name][1] for name in reader.names())
+    buffers = {reader.files[name][1]: reader.read(name).contiguous()
+               for name in reader.names() if is_buffer(name) and not name.startswith("lm_head.")}
+    if without_prefix or buffers:
+        save_file(buffers, str(Path(target) / LAYOUT),
+                  metadata={"without_prefix": str(without_prefix)})
+
+
+def read_layout(folder: Path) -> tuple[bool, dict[str, torch.Tensor]]:
+    """(names saved without the prefix, buffers) that `save_layout` kept in `folder`."""
+    path = Path(folder) / LAYOUT
+    if not path.exists():
+        return False, {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata()["without_prefix"] == "True",
+                {name: f.get_tensor(name) for name in f.keys()})
 
 
 def finish_index(folder: Path, parts: list[dict[str, list[str]]]) -> list[str]:

@@ -24,3 +24,5 @@ class Job:
     max_shard_bytes: int = 5 * 10**9
     legacy: Optional[LegacyCheckpoint] = None
     iteration: int = 0  # mcore_to_hf: the step read
+    # mcore_to_hf: the prefix left out of the names written (a checkpoint that came without it).
+    strip_prefix: str = ""

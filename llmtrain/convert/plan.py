@@ -106,8 +106,25 @@ def _check_options(c: ConvertConfig) -> None:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             problems.append(f"output={out} exists and is not empty: choose a new folder (nothing "
                             f"is overwritten)")
+        else:
+            problems += _unwritable(out)
     if problems:
         raise ConversionError("the conversion has problem(s):\n  - " + "\n  - ".join(problems))
+
+
+def _unwritable(out: Path) -> list[str]:
+    """The output, or the folder it would be made in, must take files: checked before a weight
+    is read (a read-only file system, no permission, a file in the way)."""
+    from llmtrain.data.sources import DataError, check_writable
+
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        check_writable(existing, f"output={out}")
+    except DataError as error:
+        return [str(error)]
+    return []
 
 
 def _job(c: ConvertConfig, m: ModelConfig, dtype: str, sequences, **extra) -> Job:
@@ -118,10 +135,30 @@ def _job(c: ConvertConfig, m: ModelConfig, dtype: str, sequences, **extra) -> Jo
                max_shard_bytes=int(c.max_shard_size_gb * 10**9), **extra)
 
 
+def _tied_head(reader: hf_files.HFReader, mapping, m: ModelConfig, folder: Path) -> set[str]:
+    """{lm_head.weight} where a tied model's file stores it too (some published ones do): it is
+    the embedding again, left out; one that differs from it is refused."""
+    head = "lm_head.weight"
+    if not m.share_embeddings_and_output_weights or head not in reader.names():
+        return set()
+    import torch
+
+    embedding = mapping.rule("embedding.word_embeddings.weight").hf[0]
+    a, b = reader.read(head), reader.read(embedding)
+    if a.shape != b.shape or not torch.equal(a, b):
+        difference = (f"by up to {(a.float() - b.float()).abs().max().item():.3g}"
+                      if a.shape == b.shape else f"in shape, {list(a.shape)} vs {list(b.shape)}")
+        raise ConversionError(f"{folder} stores {head}, which differs from {embedding} "
+                              f"{difference}, though its config.json ties them "
+                              f"(tie_word_embeddings=true): set tie_word_embeddings to false "
+                              f"in config.json to keep both")
+    return {head}
+
+
 def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfig,
                         folder: Path) -> None:
     mapping = family.mapping(m)
-    present = set(reader.names())
+    present = set(reader.names()) - _tied_head(reader, mapping, m, folder)
     missing = [n for n in mapping.hf_names() if n not in present]
     unused = [n for n in present if n not in mapping.by_hf and not mapping.is_ignored(n)]
     problems = []
@@ -135,6 +172,27 @@ def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfi
                         f"{', '.join(sorted(unused)[:8])}" + (" ..." if len(unused) > 8 else ""))
     if problems:
         raise ConversionError("\n".join(problems))
+
+
+def _check_shapes(reader: hf_files.HFReader, hf_config, folder: Path) -> None:
+    """Every stored tensor has the shape its config.json gives it (read from the files' headers,
+    against the Hugging Face model built without memory): a config that does not describe the
+    weights is refused before any is read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = {name: list(t.shape) for name, t in
+                    AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+    wrong = [f"{name} in {file}: {shape}, config.json makes it {expected[name]}"
+             for name, (file, shape) in reader.shapes().items()
+             if name in expected and expected[name] != shape]
+    if wrong:
+        raise ConversionError(f"{len(wrong)} tensor(s) of {folder} do not have the shape "
+                              f"{folder / hf_files.CONFIG} gives them:\n    "
+                              + "\n    ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else "")
+                              + "\n  the config does not describe these weights: use the "
+                                "config.json published with them")
 
 
 def _model_of(c: ConvertConfig, folder: Path):
@@ -161,6 +219,7 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size)
     reader = hf_files.HFReader(folder, family.base_prefix)
+    _check_shapes(reader, hf_config, folder)
     _check_tensor_names(reader, family, m, folder)
     source = _dtype_name(getattr(hf_config, "dtype", None)) or _dtype_name(
         reader.dtype()) or "fp32"
@@ -225,7 +284,9 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                                                              else None)
     sequences, tokens_from = tokenize(tokenizer, c.prompts, m.vocab_size, cfg.data.seq_length,
                                       c.seed)
-    job = _job(c, m, c.dtype or source, sequences, iteration=iteration)
+    without_prefix = hf_files.read_layout(root)[0]
+    job = _job(c, m, c.dtype or source, sequences, iteration=iteration,
+               strip_prefix=family.base_prefix if without_prefix else "")
     job = dataclasses.replace(job, input=str(root.resolve()))
     plan = Plan(c, family, m, cfg, layout, job, source_dtype=source, tokens_from=tokens_from)
     if tokenizer is None:

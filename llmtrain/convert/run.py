@@ -41,8 +41,14 @@ def _write_model_yaml(plan: Plan, folder: Path) -> Path:
 def _finish_hf_folder(plan: Plan, folder: Path, parts: list) -> None:
     """Index the weight files; add config.json (the input's, or one made from the model) and the
     tokenizer; record the format written."""
-    hf_files.finish_index(folder, parts)
     source = Path(plan.job.input)
+    buffers = hf_files.read_layout(source)[1]
+    if buffers:
+        from safetensors.torch import save_file
+
+        save_file(buffers, str(folder / "part-buffers.safetensors"), metadata={"format": "pt"})
+        parts = [*parts, {"part-buffers.safetensors": list(buffers)}]
+    hf_files.finish_index(folder, parts)
     if (source / hf_files.CONFIG).exists():
         hf_files.copy_side_files(source, folder, skip=NOT_HF)
     else:
@@ -112,6 +118,8 @@ def execute(plan: Plan, say=print) -> dict:
         elif out is not None:
             if job.direction == "hf_to_mcore":
                 hf_files.copy_side_files(Path(job.input), out)
+                hf_files.save_layout(Path(job.input), out, plan.family.base_prefix,
+                                     plan.family.mapping(plan.model).is_ignored)
             report["model_config"] = str(_write_model_yaml(plan, out))
         if "records" in result:
             hf_folder = out if job.direction == "mcore_to_hf" else Path(job.input)

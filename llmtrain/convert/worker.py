@@ -88,6 +88,8 @@ def _mcore_to_hf(job: Job, cfg: Config, layout: Layout) -> dict:
     for name, tensor in weights.whole_tensors(chunks):
         if writer is not None:
             for hf_name, hf_tensor in mapping.to_hf(name, tensor).items():
+                if job.strip_prefix and hf_name.startswith(job.strip_prefix):
+                    hf_name = hf_name[len(job.strip_prefix):]
                 writer.add(hf_name, hf_tensor.to(dtype))
     parts = weights.gather_to_first(writer.close() if writer else None)
     result = {"hf_parts": sorted((p for p in parts or [] if p), key=lambda p: sorted(p))}

@@ -128,6 +128,16 @@ def launch(cfg: Config, layout: Layout, node_rank: int = 0, spawn: bool = False,
     conversion. `spawn` starts a worker process even for a one-process run, so that this process
     stays free to supervise it. Exits with REQUEUE_EXIT_CODE when a worker asked for a requeue,
     or when the workers stopped after a preemption notice."""
+    from llmtrain.runtime import stop_resource_tracker
+
+    try:
+        return _launch(cfg, layout, node_rank, spawn, entry)
+    finally:
+        stop_resource_tracker()
+
+
+def _launch(cfg: Config, layout: Layout, node_rank: int, spawn: bool,
+            entry: Optional[Callable]) -> dict:
     os.environ.update(cfg.launcher.env)
     port = cfg.launcher.master_port or free_port()
     if layout.world_size == 1 and not spawn:

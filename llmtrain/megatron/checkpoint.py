@@ -68,6 +68,18 @@ CONTENT_METADATA = {"distrib_optim_sharding_type":
                     "fully_reshardable" if HAVE_APEX_OR_TE else "dp_reshardable"}
 
 
+def stop_writer_process() -> None:
+    """Megatron's checkpoint writer starts a multiprocessing manager (for its results queue) that
+    lives as long as the process: stopped and waited for when the worker ends, so that no process
+    outlives the command."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    if queue is not None:
+        queue._manager.shutdown()
+        filesystem_async._results_queue = None
+
+
 def step_dir(root: str | os.PathLike, iteration: int) -> Path:
     root = Path(root)
     if iteration == 0 and (root / "release").is_dir() and not (root / "iter_0000000").exists():

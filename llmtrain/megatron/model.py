@@ -157,6 +157,7 @@ def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel,
                 rotary_base=cfg.model.rotary_base,
                 rope_scaling=cfg.model.rope_scaling,
                 rope_scaling_factor=cfg.model.rope_scaling_factor,
+                seq_len_interpolation_factor=cfg.model.seq_len_interpolation_factor,
                 vp_stage=stage,
                 pg_collection=groups,
             )

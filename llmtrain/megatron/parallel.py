@@ -49,6 +49,9 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown() -> None:
+    from llmtrain.megatron.checkpoint import stop_writer_process
+
+    stop_writer_process()
     if dist.is_initialized():
         ps.destroy_model_parallel()
         dist.destroy_process_group()

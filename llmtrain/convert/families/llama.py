@@ -14,6 +14,16 @@ from llmtrain.convert.mapping import QKV, Concat, Rule, Vocabulary, head_counts,
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
+# RoPE scalings Megatron-Core 0.19.2 cannot reproduce, and what it lacks.
+ROPE_MISSING = {
+    "yarn": "Megatron-Core's GPTModel computes YaRN's frequencies but drops its attention factor "
+            "(mscale) outside multi-latent attention, so the logits would differ",
+    "dynamic": "Megatron-Core has no RoPE whose base grows with the sequence length (dynamic "
+               "NTK); to keep the positions the model was trained on, set rope_type to default "
+               "in config.json",
+    "longrope": "Megatron-Core has no per-channel LongRoPE factors",
+}
+
 
 def rope_fields(c, problems: list[str], partial: bool = False) -> dict:
     """RoPE base, scaling and (where the family has it, `partial`) the fraction of channels
@@ -30,8 +40,12 @@ def rope_fields(c, problems: list[str], partial: bool = False) -> dict:
                 problems.append(f"Llama 3 RoPE scaling with {key}={rope.get(key)} (Megatron-Core "
                                 f"has {value} built in)")
         fields.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
+    elif kind == "linear":
+        fields["seq_len_interpolation_factor"] = float(rope["factor"])
+    elif kind in ROPE_MISSING:
+        problems.append(f"RoPE scaling of type {kind!r}: {ROPE_MISSING[kind]}")
     elif kind != "default":
-        problems.append(f"RoPE scaling of type {kind!r} (default and llama3 convert)")
+        problems.append(f"RoPE scaling of type {kind!r} (default, linear and llama3 convert)")
     percent = float(rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
                     or 1.0)
     if partial:
@@ -47,6 +61,8 @@ def hf_rope(m: ModelConfig) -> dict:
         rope["partial_rotary_factor"] = m.rotary_percent
     if m.rope_scaling:
         rope.update(rope_type="llama3", factor=m.rope_scaling_factor, **LLAMA3_ROPE)
+    elif m.seq_len_interpolation_factor:
+        rope.update(rope_type="linear", factor=m.seq_len_interpolation_factor)
     return rope
 
 
