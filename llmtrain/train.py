@@ -22,6 +22,7 @@ from llmtrain.megatron.model import build_model
 from llmtrain.megatron.nonfinite import NonFiniteGuard
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from llmtrain.megatron.step import eval_step, schedule_name, train_step
+from llmtrain.megatron.transforms import apply_transforms
 from llmtrain.metrics import RunLog
 from llmtrain.preemption import Watcher
 from llmtrain.profiling import StepProfiler
@@ -78,6 +79,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     task = task_for(cfg, layout, tokenizer, log.message)
     chunks = task.build_model() if task else build_model(cfg, layout)
     initialize_weights(chunks, cfg.seed)
+    apply_transforms(cfg, chunks, log.message)  # LoRA adapters on a frozen base (peft=lora)
     model = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
