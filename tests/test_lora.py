@@ -3,6 +3,8 @@ another layout, refused on another base."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import compose_config, run_llmtrain, summary
@@ -81,3 +83,63 @@ def test_lora_settings_are_checked_before_anything_starts():
     assert "peft.r=0 must be at least 1" in text
     assert "peft.target_modules=['q_proj']: name one or more of linear_qkv" in text
     assert "give its checkpoint with checkpoint.load=<folder>" in text
+
+
+def test_adapters_go_out_as_a_peft_folder_and_merged_into_the_base(tiny_llama, tmp_path):
+    """A LoRA SFT of a converted Hugging Face Llama; its adapters load with the real `peft`
+    package onto the Hugging Face base and give the logits of the merged export, which the
+    converter checked against llmtrain's model with its adapters (at TP 2)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf, mcore = tiny_llama
+    run = tmp_path / "run"
+    run_llmtrain(f"hydra.searchpath=[file://{mcore}]", "model=hf", f"checkpoint.load={mcore}",
+                 *SFT[1:], "stage.train_iters=3", f"hydra.run.dir={run}")
+    out = run_llmtrain("direction=mcore_to_hf", f"input={run}/checkpoints",
+                       f"output={tmp_path / 'merged'}", "tensor_model_parallel_size=2",
+                       f"tokenizer={hf}", module="llmtrain.convert").stdout
+    assert "top-1 agreement of the logits: 1.000" in out
+    run_llmtrain("direction=lora_to_peft", f"input={run}/checkpoints",
+                 f"output={tmp_path / 'adapter'}", module="llmtrain.convert")
+
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(hf)
+        plain = base(tokens).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")(tokens).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits
+    assert (adapted - plain).abs().max() > 1e-3  # the adapters changed the model
+    assert torch.allclose(adapted, merged, rtol=1e-4, atol=1e-4), (adapted - merged).abs().max()
+
+    # Generation from the adapter checkpoint (merged on load into the engine's weights) is
+    # transformers' greedy continuation on the merged model.
+    from inference_helpers import corpus_tokenizer, hf_greedy
+
+    text = "The capital of France is"
+    (tmp_path / "prompts.txt").write_text(text + "\n")
+    generated = tmp_path / "generated.jsonl"
+    run_llmtrain(f"load={run}/checkpoints", f"input={tmp_path / 'prompts.txt'}",
+                 f"output={generated}", "sampling.greedy=true",
+                 "sampling.num_tokens_to_generate=8", module="llmtrain.generate")
+    record = json.loads(generated.read_text().splitlines()[0])
+    ids = corpus_tokenizer(hf).encode(text, add_special_tokens=False).ids
+    assert record["generated_tokens"] == hf_greedy(tmp_path / "merged", ids, 8)
+
+
+def test_lora_dpo_raises_the_margin_against_the_base_with_adapters_off(base, tmp_path):
+    """The reference is the trained model with its adapters off: the margin starts at 0 (the
+    adapters start as a no-op) and rises."""
+    from rlhf_helpers import TINY, separable_pairs
+
+    data = separable_pairs(tmp_path / "pairs.jsonl", count=64)
+    out = run_llmtrain("stage=dpo", "data=preference", f"data.data_path=[{data}]", *TINY,
+                       "model.num_layers=2", "optim.lr=5e-3", "optim.min_lr=5e-3",
+                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
+                       "stage.train_iters=6", "peft=lora", f"checkpoint.load={base}",
+                       f"hydra.run.dir={tmp_path / 'dpo'}", "checkpoint.save=null").stdout
+    assert "(frozen reference)" not in out  # no second copy was loaded
+    margin = summary(tmp_path / "dpo")["metrics"]["margin"]
+    assert margin[0] == pytest.approx(0.0, abs=1e-6)
+    assert margin[-1] > margin[0] + 0.1, margin

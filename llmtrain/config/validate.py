@@ -40,7 +40,7 @@ CHOICES = {
 }
 # What peft.target_modules may name (Megatron's linear layers), and the stages LoRA trains.
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "all-linear")
-LORA_STAGES = ("sft",)
+LORA_STAGES = ("sft", "dpo")
 
 
 # The files each tokenizer type is loaded from.
@@ -497,6 +497,11 @@ def peft_problems(cfg: Config) -> list[str]:
     if cfg.stage.name not in LORA_STAGES:
         problems.append(f"peft=lora with stage={cfg.stage.name} is not supported yet: use "
                         f"stage={' or '.join(LORA_STAGES)}, or peft=none")
+    a = cfg.stage.alignment
+    for key in ("reference_load", "reference_tensor_model_parallel_size"):
+        if getattr(a, key) is not None:
+            problems.append(f"stage.alignment.{key}: with peft=lora the reference is the base "
+                            f"model itself, its adapters switched off: unset it")
     if cfg.model.num_moe_experts:
         problems.append("peft=lora on a mixture-of-experts model is not supported yet (expert "
                         "layers are sharded by expert parallelism): use peft=none")

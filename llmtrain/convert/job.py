@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from llmtrain.config.schema import ModelConfig
+from llmtrain.config.schema import ModelConfig, PeftConfig
 from llmtrain.convert.legacy import LegacyCheckpoint
 
 
@@ -24,3 +24,6 @@ class Job:
     max_shard_bytes: int = 5 * 10**9
     legacy: Optional[LegacyCheckpoint] = None
     iteration: int = 0  # mcore_to_hf: the step read
+    # A LoRA adapter checkpoint's base step folder (llmtrain.convert.peft) and PEFT settings.
+    base: Optional[str] = None
+    peft: Optional[PeftConfig] = None

@@ -211,3 +211,13 @@ def adapters_disabled(chunks: list):
     finally:
         for adapter in found:
             adapter.enabled = True
+
+
+@torch.no_grad()
+def merge(chunks: list) -> None:
+    """Add every adapter's (alpha / r) B A into its base weight and switch the adapter off: the
+    model computes the same, with the base's layers alone (a merged export; generation)."""
+    for adapter in adapters(chunks):
+        weight = adapter.base[0].weight
+        weight.add_(adapter.delta().to(weight.dtype))
+        adapter.enabled = False

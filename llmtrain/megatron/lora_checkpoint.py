@@ -10,10 +10,11 @@ has none), and a run whose base differs stops before loading anything.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
-from llmtrain.config.schema import Config
+from llmtrain.config.schema import Config, PeftConfig
 from llmtrain.errors import RunStopped
 
 MANIFESTS = ("integrity.json", ".metadata")
@@ -66,3 +67,33 @@ def check_base(cfg: Config, stored: Optional[dict], folder: Path) -> None:
                          f"gives {current['path']} (sha256 {current['sha256'][:12]}): set "
                          f"checkpoint.load to the base the adapters were trained on, or start a "
                          f"new run (another checkpoint.save)", exit_code=2)
+
+
+def adapter_of(root: Path, iteration: int) -> Optional[tuple[str, PeftConfig]]:
+    """(base step folder, LoRA settings) of a peft=lora run's step; None for a whole model.
+    ValueError when the base is gone or no longer the one the adapters were trained on."""
+    from llmtrain.megatron.checkpoint import DESCRIPTOR, step_dir
+
+    path = step_dir(root, iteration) / DESCRIPTOR
+    descriptor = json.loads(path.read_text()) if path.exists() else {}
+    if "base" not in descriptor:
+        return None
+    base = Path(descriptor["base"]["path"])
+    manifest = next((base / n for n in MANIFESTS if (base / n).is_file()), None)
+    if manifest is None or hashlib.sha256(manifest.read_bytes()).hexdigest() != descriptor[
+            "base"]["sha256"]:
+        raise ValueError(f"{path.parent} holds LoRA adapters of the base model {base}, which is "
+                         f"missing or has changed since: restore that checkpoint")
+    return str(base), PeftConfig(**descriptor["config"]["peft"])
+
+
+def load_with_adapters(root, iteration: int, chunks: list, base: str, peft: PeftConfig) -> None:
+    """Collective: the base step into freshly built chunks, then the adapters of `iteration` of
+    `root` beside it (llmtrain.megatron.lora)."""
+    from llmtrain.megatron import checkpoint, lora
+
+    base = Path(base)
+    step = 0 if base.name == "release" else int(base.name.removeprefix("iter_"))
+    checkpoint.load(base.parent, step, chunks, None, None, weights_only=True)
+    lora.add_adapters(chunks, peft, 0)
+    checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
