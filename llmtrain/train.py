@@ -20,6 +20,7 @@ from llmtrain.megatron.nonfinite import NonFiniteGuard
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from llmtrain.megatron.step import eval_step, schedule_name
 from llmtrain.megatron.tasks import task_for
+from llmtrain.megatron.transforms import apply_transforms
 from llmtrain.metrics import RunLog
 from llmtrain.preemption import Watcher
 from llmtrain.profiling import StepProfiler
@@ -75,6 +76,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     task = task_for(cfg, layout, tokenizer, log.message)
     chunks = task.build_model()
     initialize_weights(chunks, cfg.seed)
+    apply_transforms(cfg, chunks, log.message)  # LoRA adapters on a frozen base (peft=lora)
     model = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)

@@ -376,6 +376,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (docs/lora.md). none: every weight trains. lora: low-rank
+    adapters on a frozen base model (checkpoint.load), named as Hugging Face PEFT names them."""
+
+    name: str = "none"  # none | lora
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    # Megatron's linear layers (linear_qkv, linear_proj, linear_fc1, linear_fc2), or all-linear.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class LoggingConfig:
     """Console and TensorBoard logging, and the experiment trackers (llmtrain/tracking.py)."""
 
@@ -466,5 +479,6 @@ class Config:
     stage: StageConfig = field(default_factory=StageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -37,7 +37,11 @@ CHOICES = {
     "device": (None, "cpu", "cuda"),
     "checkpoint.resume": ("auto", "never"),
     "optim.on_nonfinite": ("stop", "skip"),
+    "peft.name": ("none", "lora"),
 }
+# What peft.target_modules may name (Megatron's linear layers), and the stages LoRA trains.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "all-linear")
+LORA_STAGES = ("sft", "dpo")
 
 
 # The files each tokenizer type is loaded from.
@@ -378,6 +382,7 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                             f"data.tokenizer.{key} (the tokenizer the data was made with)")
 
     problems += checkpoint_problems(cfg)
+    problems += peft_problems(cfg)
     problems += alignment_problems(cfg, dp, generates)
     padded_vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
     problems += role_layout_problems(cfg, world, padded_vocab)
@@ -468,4 +473,37 @@ def checkpoint_problems(cfg: Config) -> list[str]:
         problems.append(f"checkpoint.allow_config_change names {', '.join(unknown)}, which is no "
                         f"config field or group (write them as on the command line, e.g. "
                         f"model.hidden_size, or `tokenizer`)")
+    return problems
+
+
+def peft_problems(cfg: Config) -> list[str]:
+    """LoRA's settings (docs/lora.md)."""
+    peft, problems = cfg.peft, []
+    if peft.name != "lora":
+        return problems
+    if peft.r < 1:
+        problems.append(f"peft.r={peft.r} must be at least 1 (the adapters' rank)")
+    if peft.lora_alpha <= 0:
+        problems.append(f"peft.lora_alpha={peft.lora_alpha} must be positive (the adapters' "
+                        f"output is scaled by lora_alpha / r)")
+    if not 0 <= peft.lora_dropout < 1:
+        problems.append(f"peft.lora_dropout={peft.lora_dropout} must be in [0, 1)")
+    unknown = [t for t in peft.target_modules if t not in LORA_TARGETS]
+    if unknown or not peft.target_modules:
+        problems.append(f"peft.target_modules={list(peft.target_modules)}: name one or more of "
+                        f"{', '.join(LORA_TARGETS)}")
+    if not cfg.checkpoint.load:
+        problems.append("peft=lora trains adapters on a frozen base model: give its checkpoint "
+                        "with checkpoint.load=<folder> (a trained or converted model)")
+    if cfg.stage.name not in LORA_STAGES:
+        problems.append(f"peft=lora with stage={cfg.stage.name} is not supported yet: use "
+                        f"stage={' or '.join(LORA_STAGES)}, or peft=none")
+    a = cfg.stage.alignment
+    for key in ("reference_load", "reference_tensor_model_parallel_size"):
+        if getattr(a, key) is not None:
+            problems.append(f"stage.alignment.{key}: with peft=lora the reference is the base "
+                            f"model itself, its adapters switched off: unset it")
+    if cfg.model.num_moe_experts:
+        problems.append("peft=lora on a mixture-of-experts model is not supported yet (expert "
+                        "layers are sharded by expert parallelism): use peft=none")
     return problems

@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 from llmtrain.config.schema import LauncherConfig, ModelConfig
 
-DIRECTIONS = ("hf_to_mcore", "mcore_to_hf", "megatron_to_mcore")
+DIRECTIONS = ("hf_to_mcore", "mcore_to_hf", "megatron_to_mcore", "lora_to_peft")
 DTYPES = ("fp32", "bf16", "fp16")
 
 DEFAULT_PROMPTS = [
@@ -27,7 +27,9 @@ class ConvertConfig:
     # hf_to_mcore: a Hugging Face folder into a Megatron-Core distributed checkpoint;
     # mcore_to_hf: back (from any llmtrain checkpoint folder);
     # megatron_to_mcore: a Megatron-LM checkpoint (iter_NNNNNNN/mp_rank_XX/model_optim_rng.pt or
-    # release/) into a Megatron-Core distributed checkpoint.
+    # release/) into a Megatron-Core distributed checkpoint;
+    # lora_to_peft: a peft=lora run's adapters into a Hugging Face PEFT adapter folder (mcore_to_hf
+    # of such a run merges them into the base: docs/lora.md).
     direction: str = "hf_to_mcore"
     input: str = MISSING
     # Required unless check_only=true.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from llmtrain.config.schema import ModelConfig
+from llmtrain.config.schema import ModelConfig, PeftConfig
 from llmtrain.convert.legacy import LegacyCheckpoint
 
 
@@ -26,3 +26,6 @@ class Job:
     iteration: int = 0  # mcore_to_hf: the step read
     # mcore_to_hf: the prefix left out of the names written (a checkpoint that came without it).
     strip_prefix: str = ""
+    # A LoRA adapter checkpoint's base step folder (llmtrain.convert.peft) and PEFT settings.
+    base: Optional[str] = None
+    peft: Optional[PeftConfig] = None

@@ -15,10 +15,12 @@ from llmtrain.config.schema import (
     DataConfig,
     ModelConfig,
     ParallelConfig,
+    PeftConfig,
     StageConfig,
 )
 from llmtrain.config.validate import Layout, Machine, padded_vocab_size, validate
 from llmtrain.convert import families, hf_files, legacy
+from llmtrain.convert import peft as peft_files
 from llmtrain.convert.check import tokenize
 from llmtrain.convert.config import DIRECTIONS, DTYPES, ConvertConfig
 from llmtrain.convert.families import Family
@@ -249,12 +251,46 @@ def _read_mcore(root: Path) -> tuple[Path, int]:
     return root, iteration
 
 
+def _adapter(root: Path, iteration: int) -> Optional[tuple[str, PeftConfig]]:
+    from llmtrain.megatron.lora_checkpoint import adapter_of
+
+    try:
+        return adapter_of(root, iteration)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def _plan_lora_to_peft(c: ConvertConfig) -> Plan:
+    from llmtrain.generate.plan import run_config
+
+    root, iteration = _read_mcore(Path(c.input))
+    adapter = _adapter(root, iteration)
+    run = run_config(root)
+    if adapter is None or run is None:
+        raise ConversionError(f"{root} holds no LoRA adapters of a peft=lora training run: "
+                              f"direction=lora_to_peft exports those; a whole model goes out "
+                              f"with direction=mcore_to_hf")
+    m = c.model or ModelConfig(**run["model"])
+    family = families.by_name(m.family)
+    if family.name not in peft_files.FAMILIES:
+        raise ConversionError(f"direction=lora_to_peft supports Llama-style families "
+                              f"({', '.join(peft_files.FAMILIES)}), not {family.name}: merge the "
+                              f"adapters with direction=mcore_to_hf instead")
+    cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
+                                   c.pipeline_model_parallel_size)
+    job = dataclasses.replace(_job(c, m, c.dtype or "fp32", []), input=str(root.resolve()),
+                              iteration=iteration, check_dtype=None, base=adapter[0],
+                              peft=adapter[1])
+    return Plan(c, family, m, cfg, layout, job, source_dtype=job.dtype)
+
+
 def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
     from llmtrain.megatron import checkpoint
 
     from llmtrain.generate.plan import run_config, run_tokenizer_folder
 
     root, iteration = _read_mcore(Path(c.input))
+    adapter = _adapter(root, iteration)  # merged into its base on the way out
     run = run_config(root)  # a training run's checkpoints: its model and tokenizer
     if (root / hf_files.CONFIG).exists():
         _, family, m = _model_of(c, root)
@@ -270,7 +306,8 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                               f"conf/model/)")
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size)
-    stored = checkpoint.stored_tensors(checkpoint.step_dir(root, iteration))
+    stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else
+                                       checkpoint.step_dir(root, iteration))
     embedding = stored.get("embedding.word_embeddings.weight")
     if embedding is None or embedding[0][1] != m.hidden_size or embedding[0][0] < m.vocab_size:
         raise ConversionError(f"{checkpoint.step_dir(root, iteration)} does not hold a model of "
@@ -286,7 +323,8 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                                       c.seed)
     without_prefix = hf_files.read_layout(root)[0]
     job = _job(c, m, c.dtype or source, sequences, iteration=iteration,
-               strip_prefix=family.base_prefix if without_prefix else "")
+               strip_prefix=family.base_prefix if without_prefix else "",
+               base=adapter and adapter[0], peft=adapter and adapter[1])
     job = dataclasses.replace(job, input=str(root.resolve()))
     plan = Plan(c, family, m, cfg, layout, job, source_dtype=source, tokens_from=tokens_from)
     if tokenizer is None:
@@ -339,4 +377,5 @@ def prepare(c: ConvertConfig) -> Plan:
     if not Path(c.input).exists():
         raise ConversionError(f"input={c.input} does not exist: check the path")
     return {"hf_to_mcore": _plan_hf_to_mcore, "mcore_to_hf": _plan_mcore_to_hf,
-            "megatron_to_mcore": _plan_megatron_to_mcore}[c.direction](c)
+            "megatron_to_mcore": _plan_megatron_to_mcore,
+            "lora_to_peft": _plan_lora_to_peft}[c.direction](c)

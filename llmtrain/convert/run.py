@@ -115,7 +115,7 @@ def execute(plan: Plan, say=print) -> dict:
                                  plan.layout.pipeline_model_parallel_size}}
         if job.direction == "mcore_to_hf":
             _finish_hf_folder(plan, out, result["hf_parts"])
-        elif out is not None:
+        elif out is not None and job.direction != "lora_to_peft":
             if job.direction == "hf_to_mcore":
                 hf_files.copy_side_files(Path(job.input), out)
                 hf_files.save_layout(Path(job.input), out, plan.family.base_prefix,

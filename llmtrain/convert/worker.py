@@ -17,8 +17,9 @@ import torch
 from llmtrain.config.schema import Config, PrecisionConfig
 from llmtrain.config.validate import Layout
 from llmtrain.convert import families, hf_files, legacy
+from llmtrain.convert import peft as peft_files
 from llmtrain.convert.job import Job
-from llmtrain.megatron import checkpoint, parallel, probe, weights
+from llmtrain.megatron import checkpoint, lora, lora_checkpoint, parallel, probe, weights
 from llmtrain.megatron.model import build_model
 from llmtrain.runtime import quiet_libraries
 
@@ -46,11 +47,35 @@ def _build(cfg: Config, layout: Layout, dtype: str) -> list:
     return [chunk.to(TORCH_DTYPES[dtype]) for chunk in chunks]
 
 
-def _fresh(cfg: Config, layout: Layout, dtype: str, root: str, iteration: int) -> list:
-    """A new model loaded from a written checkpoint the way training loads it."""
+def _fresh(cfg: Config, layout: Layout, dtype: str, root: str, iteration: int,
+           job: Job | None = None, merged: bool = True) -> list:
+    """A new model loaded from a written checkpoint the way training loads it; a LoRA run's
+    step (job.base set) goes onto its base, its adapters `merged` into the base weights or
+    applied as training applies them."""
     chunks = _build(cfg, layout, dtype)
-    checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+    if job is None or job.base is None:
+        checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+        return chunks
+    _with_adapters(job, chunks)
+    if merged:
+        lora.merge(chunks)
     return chunks
+
+
+def _with_adapters(job: Job, chunks: list) -> None:
+    lora_checkpoint.load_with_adapters(job.input, job.iteration, chunks, job.base, job.peft)
+
+
+def _lora_to_peft(job: Job, cfg: Config, layout: Layout) -> dict:
+    chunks = _build(cfg, layout, job.dtype)
+    _with_adapters(job, chunks)
+    tensors = {name: tensor.clone() for name, tensor in weights.whole_tensors(chunks)
+               if lora.is_adapter_key(name)}
+    everyone = weights.gather_to_first(tensors if weights.is_first_of_tensor_group() else {})
+    if everyone is not None:
+        peft_files.write(Path(job.output), {k: v for part in everyone for k, v in part.items()},
+                         job.peft, str(Path(job.base).parent))
+    return {}
 
 
 def _probe(job: Job, chunks: list) -> dict:
@@ -79,14 +104,14 @@ def _hf_to_mcore(job: Job, cfg: Config, layout: Layout) -> dict:
 
 def _mcore_to_hf(job: Job, cfg: Config, layout: Layout) -> dict:
     mapping = families.by_name(job.model.family).mapping(job.model)
-    chunks = _fresh(cfg, layout, job.dtype, job.input, job.iteration)
+    chunks = _fresh(cfg, layout, job.dtype, job.input, job.iteration, job)
     writer = None
     if weights.is_first_of_tensor_group():
         prefix = f"part-pp{weights.pipeline_rank():03d}"
         writer = hf_files.ShardWriter(Path(job.output), prefix, job.max_shard_bytes)
     dtype = TORCH_DTYPES[job.dtype]
     for name, tensor in weights.whole_tensors(chunks):
-        if writer is not None:
+        if writer is not None and not lora.is_adapter_key(name):
             for hf_name, hf_tensor in mapping.to_hf(name, tensor).items():
                 if job.strip_prefix and hf_name.startswith(job.strip_prefix):
                     hf_name = hf_name[len(job.strip_prefix):]
@@ -94,10 +119,12 @@ def _mcore_to_hf(job: Job, cfg: Config, layout: Layout) -> dict:
     parts = weights.gather_to_first(writer.close() if writer else None)
     result = {"hf_parts": sorted((p for p in parts or [] if p), key=lambda p: sorted(p))}
     if job.check_dtype is not None:
-        if job.check_dtype != job.dtype:
+        # A LoRA step is checked as it trains: the adapters beside the base, not merged.
+        if job.check_dtype != job.dtype or job.base:
             del chunks
             gc.collect()
-            chunks = _fresh(cfg, layout, job.check_dtype, job.input, job.iteration)
+            chunks = _fresh(cfg, layout, job.check_dtype, job.input, job.iteration, job,
+                            merged=False)
         result.update(_probe(job, chunks))
     return result if parts is not None else {}
 
@@ -126,4 +153,4 @@ def _megatron_to_mcore(job: Job, cfg: Config, layout: Layout) -> dict:
 
 
 _DIRECTIONS = {"hf_to_mcore": _hf_to_mcore, "mcore_to_hf": _mcore_to_hf,
-               "megatron_to_mcore": _megatron_to_mcore}
+               "megatron_to_mcore": _megatron_to_mcore, "lora_to_peft": _lora_to_peft}

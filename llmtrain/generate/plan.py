@@ -128,8 +128,14 @@ def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> bool:
     True when it is a reward model."""
     from llmtrain.megatron import checkpoint
 
+    from llmtrain.megatron.lora_checkpoint import adapter_of
+
     step = checkpoint.step_dir(root, iteration)
-    stored = checkpoint.stored_tensors(step)
+    try:
+        adapter = adapter_of(root, iteration)  # a LoRA run's step: the shapes are its base's
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
+    stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else step)
     embedding = stored.get("embedding.word_embeddings.weight", ([0, 0], None))[0]
     layers = {shape[0] for name, (shape, _) in stored.items()
               if name.startswith("decoder.layers.") and name.endswith(".weight")

@@ -47,7 +47,7 @@ from llmtrain.config import changes
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.errors import RunStopped
-from llmtrain.megatron import rng
+from llmtrain.megatron import lora, lora_checkpoint, rng
 
 TRACKER = "latest_checkpointed_iteration.txt"
 DESCRIPTOR = "llmtrain.json"
@@ -146,8 +146,8 @@ def _model_state(model: list) -> dict:
     state = {}
     for key, chunk in zip(_keys(model), model):
         inner = unwrap(chunk)
-        state[key] = inner.sharded_state_dict(
-            metadata={"dp_cp_group": inner.pg_collection.dp_cp})
+        state[key] = lora.saved_part(inner, inner.sharded_state_dict(
+            metadata={"dp_cp_group": inner.pg_collection.dp_cp}))
     return state
 
 
@@ -343,6 +343,7 @@ def describe(cfg: Config, layout: Layout, tokenizer, iteration: int) -> dict:
         "rng_states": True,
         "versions": {"llmtrain": __version__, "megatron_core": megatron.core.__version__,
                      "torch": torch.__version__},
+        **lora_checkpoint.descriptor_entry(cfg),
     }
 
 
@@ -405,7 +406,8 @@ class Checkpoints:
     def _plan(self) -> Plan:
         """Rank 0: the step to load, or the error that stops the run (no collectives here)."""
         ck = self.cfg.checkpoint
-        load_dir = Path(ck.load) if ck.load else None
+        # A LoRA run's checkpoint.load is its base model (llmtrain.megatron.transforms).
+        load_dir = Path(ck.load) if ck.load and self.cfg.peft.name == "none" else None
         if ck.resume == "never":
             note = "checkpoint.resume=never: starting from fresh weights"
             existing = listing(self.root).complete if self.root else []
@@ -521,6 +523,7 @@ class Checkpoints:
         if plan.folder is None:
             return Restored()
         self._check_config(plan)
+        lora_checkpoint.check_base(self.cfg, plan.descriptor, plan.folder)
         folder = plan.folder
         if self.cfg.checkpoint.verify_integrity:
             damaged = _damaged_files(folder)
@@ -810,7 +813,7 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
         loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_keys(model), model):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded.pop(key), strict=False)
-        wrong = [k for k in missing if _REBUILT not in k
+        wrong = [k for k in missing if _REBUILT not in k and not lora.in_base(unwrap(chunk), k)
                  and not (weights_only and k.startswith(HEADS))] + list(unexpected)
         if wrong:
             raise NotThisModel(f"{source} does not match this model: {', '.join(wrong[:5])}; give "

@@ -20,6 +20,7 @@ Data-parallel replicas (GRPO and PPO rollouts) generate independently, each its 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.generate.sampler import Mode, RowSampling, row_keys
 from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence, check_batch
-from llmtrain.megatron import checkpoint
+from llmtrain.megatron import checkpoint, lora, lora_checkpoint
 from llmtrain.megatron.model import build_model, params_dtype
 from llmtrain.megatron.replica import Replica
 
@@ -45,7 +46,12 @@ def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.
     if layout.virtual_pipeline_model_parallel_size:
         raise ValueError("generation runs without virtual pipeline stages")
     chunks = [chunk.to(params_dtype(cfg)) for chunk in build_model(cfg, layout)]
-    checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+    adapter = lora_checkpoint.adapter_of(Path(root), iteration)
+    if adapter is None:
+        checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+    else:  # a peft=lora run's step: its base, the adapters merged into this model's weights
+        lora_checkpoint.load_with_adapters(root, iteration, chunks, *adapter)
+        lora.merge(chunks)
     # One position per step is bound by launch overhead: the compiled bias-dropout-add (nothing
     # to fuse at inference) costs more than it saves (Llama 3.2 1B on an H100: 34 -> 44 tok/s).
     chunks[0].config.bias_dropout_fusion = False

@@ -137,6 +137,24 @@ class Role:
                           forward=forward)
 
 
+class AdaptersOff(Role):
+    """The reference of a peft=lora run: the trained model itself, its adapters switched off and
+    in eval mode while it runs (no second copy of the base weights)."""
+
+    def forward(self, micro: list[dict], schedule: dict, forward) -> list[dict]:
+        from llmtrain.megatron.lora import adapters_disabled
+
+        training = [chunk.training for chunk in self.chunks]
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with adapters_disabled(self.chunks):
+                return super().forward(micro, schedule, forward)
+        finally:
+            for chunk, mode in zip(self.chunks, training):
+                chunk.train(mode)
+
+
 def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool, say,
                 placement: Optional[Placement] = None, step: Optional[int] = None) -> Role:
     """A role that is not trained: the seed's initial weights, or `step` (default: the latest)

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state as ps
 
-from llmtrain.megatron.align.heads import build_scalar_model, load_frozen, scores
+from llmtrain.megatron.align.heads import AdaptersOff, build_scalar_model, load_frozen, scores
 from llmtrain.megatron.data import batches
 from llmtrain.megatron.model import build_model
 from llmtrain.megatron.step import train_step
@@ -84,7 +84,7 @@ class PreferenceTask(Task):
                      f"loaded")
             return
         source = self.align.reference_load or self.cfg.checkpoint.load
-        self.reference = load_frozen(
+        self.reference = AdaptersOff(model) if self.cfg.peft.name == "lora" else load_frozen(
             self.cfg, self.layout, source, scalar=False, say=self.say,
             placement=self.placement(self.align.reference_tensor_model_parallel_size))
         if self.align.reference_logprobs == "precomputed":

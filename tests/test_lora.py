@@ -1,0 +1,145 @@
+"""peft=lora: adapters on a frozen base, trained for SFT, saved alone, resumed exactly under
+another layout, refused on another base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose_config, run_llmtrain, summary
+
+SMALL = ["model.num_layers=2", "data.seq_length=64", "stage.micro_batch_size=2",
+         "stage.global_batch_size=4", "optim.lr_warmup_iters=0"]
+SFT = [*SMALL, "stage=sft", "data=sft", "data.split='100,0,0'", "stage.epochs=null",
+       "stage.train_iters=6", "optim.lr=5e-3", "optim.min_lr=5e-3", "peft=lora", "peft.r=4"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A two-step pretrained tiny model: the frozen base of the LoRA runs."""
+    run_dir = tmp_path_factory.mktemp("base")
+    run_llmtrain(*SMALL, "stage.train_iters=2", "optim.lr=1e-3", f"hydra.run.dir={run_dir}")
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lora")
+    out = run_llmtrain(*SFT, f"checkpoint.load={base}", f"hydra.run.dir={run_dir}").stdout
+    return run_dir, out
+
+
+def test_lora_sft_learns_and_saves_the_adapters_alone(uninterrupted):
+    from llmtrain.megatron.checkpoint import stored_tensors
+
+    run_dir, out = uninterrupted
+    assert "LoRA: 8 adapters (r=4) on the frozen base" in out
+    losses = summary(run_dir)["losses"]
+    assert losses[-1] < losses[0] - 0.3
+    stored = stored_tensors(run_dir / "checkpoints" / "iter_0000006")
+    model = {k: v[0] for k, v in stored.items() if not k.startswith("optimizer.")}
+    # Layers stacked (2 of them); fused QKV: one (A, B) pair per q, k, v, B of q with the
+    # query rows (8 heads x 32), of k and v the 4 groups' rows; gated fc1: per gate, up.
+    attention, mlp = "decoder.layers.self_attention.", "decoder.layers.mlp."
+    assert model[attention + "linear_qkv_lora.A_k"] == [2, 4, 256]
+    assert model[attention + "linear_qkv_lora.B_q"] == [2, 256, 4]
+    assert model[attention + "linear_qkv_lora.B_v"] == [2, 128, 4]
+    assert model[mlp + "linear_fc1_lora.B_gate"] == [2, 704, 4]
+    assert model[mlp + "linear_fc2_lora.A_fc2"] == [2, 4, 704]
+    # The adapters alone: no base weight is saved, and the optimizer holds only adapters' state.
+    assert sorted(model) == sorted(k for k in stored if k.startswith("decoder.") and "_lora." in k)
+    assert len(model) == 2 * (3 + 1 + 2 + 1)
+    assert all("_lora." in k for k in stored if k.startswith("optimizer."))
+
+def test_lora_resumes_exactly_at_tp2(base, uninterrupted, tmp_path):
+    """Three steps at TP 2 (two gloo processes), stopped, resumed: the one-process losses."""
+    reference = summary(uninterrupted[0])["losses"]
+    args = [*SFT, "parallel=tp2pp1", f"checkpoint.load={base}", f"hydra.run.dir={tmp_path}"]
+    run_llmtrain(*args, "stage.exit_interval=3")
+    assert summary(tmp_path)["losses"] == pytest.approx(reference[:3], rel=1e-5)
+    out = run_llmtrain(*args).stdout
+    assert "resuming after step 3" in out
+    assert summary(tmp_path)["losses"] == pytest.approx(reference[3:], rel=1e-5)
+
+
+def test_lora_refuses_its_checkpoint_on_another_base(uninterrupted, tmp_path):
+    other = tmp_path / "other"
+    run_llmtrain(*SMALL, "stage.train_iters=2", "optim.lr=2e-3", f"hydra.run.dir={other}")
+    process = run_llmtrain(*SFT, "stage.train_iters=8", f"checkpoint.load={other}/checkpoints",
+                           f"hydra.run.dir={uninterrupted[0]}", check=False)
+    assert process.returncode == 2
+    assert "holds LoRA adapters trained on the base model" in process.stderr
+    assert "set checkpoint.load to the base the adapters were trained on" in process.stderr
+
+
+def test_lora_settings_are_checked_before_anything_starts():
+    from llmtrain.config.validate import ConfigError, Machine, validate
+
+    cfg = compose_config("stage=sft", "peft=lora", "peft.r=0", "peft.target_modules=[q_proj]")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, Machine())
+    text = str(error.value)
+    assert "peft.r=0 must be at least 1" in text
+    assert "peft.target_modules=['q_proj']: name one or more of linear_qkv" in text
+    assert "give its checkpoint with checkpoint.load=<folder>" in text
+
+
+def test_adapters_go_out_as_a_peft_folder_and_merged_into_the_base(tiny_llama, tmp_path):
+    """A LoRA SFT of a converted Hugging Face Llama; its adapters load with the real `peft`
+    package onto the Hugging Face base and give the logits of the merged export, which the
+    converter checked against llmtrain's model with its adapters (at TP 2)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf, mcore = tiny_llama
+    run = tmp_path / "run"
+    run_llmtrain(f"hydra.searchpath=[file://{mcore}]", "model=hf", f"checkpoint.load={mcore}",
+                 *SFT[1:], "stage.train_iters=3", f"hydra.run.dir={run}")
+    out = run_llmtrain("direction=mcore_to_hf", f"input={run}/checkpoints",
+                       f"output={tmp_path / 'merged'}", "tensor_model_parallel_size=2",
+                       f"tokenizer={hf}", module="llmtrain.convert").stdout
+    assert "top-1 agreement of the logits: 1.000" in out
+    run_llmtrain("direction=lora_to_peft", f"input={run}/checkpoints",
+                 f"output={tmp_path / 'adapter'}", module="llmtrain.convert")
+
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(hf)
+        plain = base(tokens).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")(tokens).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits
+    assert (adapted - plain).abs().max() > 1e-3  # the adapters changed the model
+    assert torch.allclose(adapted, merged, rtol=1e-4, atol=1e-4), (adapted - merged).abs().max()
+
+    # Generation from the adapter checkpoint (merged on load into the engine's weights) is
+    # transformers' greedy continuation on the merged model.
+    from inference_helpers import corpus_tokenizer, hf_greedy
+
+    text = "The capital of France is"
+    (tmp_path / "prompts.txt").write_text(text + "\n")
+    generated = tmp_path / "generated.jsonl"
+    run_llmtrain(f"load={run}/checkpoints", f"input={tmp_path / 'prompts.txt'}",
+                 f"output={generated}", "sampling.greedy=true",
+                 "sampling.num_tokens_to_generate=8", module="llmtrain.generate")
+    record = json.loads(generated.read_text().splitlines()[0])
+    ids = corpus_tokenizer(hf).encode(text, add_special_tokens=False).ids
+    assert record["generated_tokens"] == hf_greedy(tmp_path / "merged", ids, 8)
+
+
+def test_lora_dpo_raises_the_margin_against_the_base_with_adapters_off(base, tmp_path):
+    """The reference is the trained model with its adapters off: the margin starts at 0 (the
+    adapters start as a no-op) and rises."""
+    from rlhf_helpers import TINY, separable_pairs
+
+    data = separable_pairs(tmp_path / "pairs.jsonl", count=64)
+    out = run_llmtrain("stage=dpo", "data=preference", f"data.data_path=[{data}]", *TINY,
+                       "model.num_layers=2", "optim.lr=5e-3", "optim.min_lr=5e-3",
+                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
+                       "stage.train_iters=6", "peft=lora", f"checkpoint.load={base}",
+                       f"hydra.run.dir={tmp_path / 'dpo'}", "checkpoint.save=null").stdout
+    assert "(frozen reference)" not in out  # no second copy was loaded
+    margin = summary(tmp_path / "dpo")["metrics"]["margin"]
+    assert margin[0] == pytest.approx(0.0, abs=1e-6)
+    assert margin[-1] > margin[0] + 0.1, margin
