@@ -10,6 +10,8 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.data.tokenizer import load_tokenizer
@@ -91,8 +93,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     schedule_args = dict(num_microbatches=layout.num_microbatches, seq_length=cfg.data.seq_length,
                          micro_batch_size=stage.micro_batch_size, device=layout.device)
 
+    threads = f" of {torch.get_num_threads()} thread(s)" if layout.device == "cpu" else ""
     log.message(f"training {cfg.model.name} for {stage.train_iters} steps on "
-                f"{layout.world_size} {layout.device} process(es), pipeline schedule "
+                f"{layout.world_size} {layout.device} process(es){threads}, pipeline schedule "
                 f"{schedule_name()}; output in {cfg.output_dir}")
     losses: list[float] = []
     lrs: list[float] = []

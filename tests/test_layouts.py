@@ -11,6 +11,9 @@ for that and none for a real mismatch (a wrong shard or batch moves the loss by 
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from conftest import FAST, run_llmtrain, summary
@@ -36,6 +39,10 @@ def reference(tmp_path_factory):
 ], ids=lambda args: " ".join(args))
 def test_layout_matches_one_process(layout, reference, tmp_path):
     out = run_llmtrain(*FAST, *STEPS, *layout, f"hydra.run.dir={tmp_path}").stdout
+    processes, threads = map(int, re.search(r"on (\d+) cpu process\(es\) of (\d+) thread",
+                                            out).groups())
+    if processes > 1:  # the cores shared out: a thread per core each would oversubscribe them
+        assert threads == max(1, len(os.sched_getaffinity(0)) // processes)
     if "parallel.virtual_pipeline_model_parallel_size=2" in layout:
         assert "pipeline schedule forward_backward_pipelining_with_interleaving" in out
     losses = summary(tmp_path)["losses"]
