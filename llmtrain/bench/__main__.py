@@ -5,6 +5,7 @@ In one process tree on one machine it runs
      overrides say), its step times read from the run's summary.json;
   2. the bare Megatron-Core step of the same shape (llmtrain/megatron/bench_peer.py);
   3. the Hugging Face transformers step of the same shape (llmtrain/bench/hf_peer.py),
+  4. with --peers full, a peft=lora run's full fine-tune (the same overrides with peft=none),
 and prints tokens/s, TFLOP/s, MFU and peak memory of each, with ratios to llmtrain. Figures are
 medians over the steps after warm-up. Benchmarks are not tests: nothing here asserts a speed.
 
@@ -82,7 +83,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--peers", default="mcore,hf",
-                        help="comma-separated peers to run beside llmtrain: mcore, hf, hf-compile")
+                        help="comma-separated peers to run beside llmtrain: mcore, hf, hf-compile, "
+                             "full (a peft=lora run's full fine-tune: the same overrides, peft=none)")
     parser.add_argument("overrides", nargs="*", help="llmtrain config overrides")
     args = parser.parse_args()
 
@@ -111,13 +113,21 @@ def main() -> None:
     for peer in filter(None, args.peers.split(",")):
         if peer == "mcore":
             results["megatron-core (bare)"] = _peer("llmtrain.megatron.bench_peer", spec)
+        elif peer == "full":
+            full = [o for o in args.overrides if not o.startswith(("peft", "checkpoint.load"))]
+            try:
+                results["llmtrain full fine-tune"] = _llmtrain([*full, "peft=none"], args.steps,
+                                                               args.warmup)
+            except RuntimeError as error:  # out of memory, say: the table shows it
+                results["llmtrain full fine-tune"] = {
+                    "failed": str(error).strip().splitlines()[-1][:60]}
         elif peer in ("hf", "hf-compile"):
             if cfg.precision.fp8:
                 continue  # transformers has no FP8 training path to compare with
             results[f"transformers{' + compile' if peer == 'hf-compile' else ''}"] = _peer(
                 "llmtrain.bench.hf_peer", {**spec, "compile": peer == "hf-compile"})
         else:
-            raise SystemExit(f"unknown peer {peer!r}: choose from mcore, hf, hf-compile")
+            raise SystemExit(f"unknown peer {peer!r}: choose from mcore, hf, hf-compile, full")
 
     print(f"\n{cfg.model.name}, {cfg.precision.name}"
           f"{' ' + cfg.precision.fp8_recipe if cfg.precision.fp8 else ''}, seq "
