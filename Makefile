@@ -11,7 +11,7 @@ PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*
 	python3.12 python3; do "$$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null \
 	&& { echo "$$p"; break; }; done)
 RUN := PYTHONPATH=$(CURDIR) $(PY)
-TEST_ARGS ?= -m "not slow and not gpu"
+TEST_ARGS ?= -m "not slow and not gpu" --durations=40
 
 .PHONY: run test test-all venv bench bench-data clean-venv
 

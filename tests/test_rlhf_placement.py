@@ -29,14 +29,16 @@ def reward_model(tmp_path_factory):
 def assert_same_steps(own: dict, shared: dict, exact: list[str], close: list[str]) -> None:
     """The same rollouts, scored alike, and training that agrees up to rounding: another TP
     size sums in another order, and normalising advantages over near-equal scores magnifies
-    that (losses and value losses of ~3e-3 agree to ~3e-6). A role that gave a replica another
-    replica's outputs moved the mean reward by 1e-3 after one step."""
+    that (losses and value losses of ~3e-3 agree to ~3e-6); the KL of a policy that moved by
+    0.09 in two steps drifts by up to 6e-3 of itself once a critic's rounding has steered its
+    updates. A role that gave a replica another replica's outputs moved the mean reward (compared
+    exactly) by 1e-3 after one step."""
     for name in exact:
         assert own["metrics"][name] == pytest.approx(shared["metrics"][name], rel=1e-5,
                                                      abs=1e-6)
     assert own["losses"] == pytest.approx(shared["losses"], abs=5e-5)
     for name in close:
-        assert own["metrics"][name] == pytest.approx(shared["metrics"][name], rel=5e-3, abs=1e-6)
+        assert own["metrics"][name] == pytest.approx(shared["metrics"][name], rel=1e-2, abs=1e-6)
 
 
 @pytest.mark.parametrize("case", OWN, ids=list(OWN))
