@@ -16,6 +16,7 @@ from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import REQUEUE_EXIT_CODE, RunStopped
+from llmtrain.hf_save import save_hf
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.nonfinite import NonFiniteGuard
@@ -146,9 +147,15 @@ def _train(cfg: Config, layout: Layout) -> dict:
             # The other trained roles (PPO's critic) first: the trained model's commit, which
             # resuming starts from, comes last.
             task.save(iteration, blocking=bool(signal_name or exiting))
+            hf_now = bool(cfg.checkpoint.save_hf and cfg.checkpoint.save_hf_interval
+                          and iteration % cfg.checkpoint.save_hf_interval == 0
+                          and iteration < stage.train_iters)
             checkpoints.save(iteration, model, optimizer, scheduler,
-                             blocking=bool(signal_name or exiting))
+                             blocking=bool(signal_name or exiting or hf_now))
             last_saved = iteration
+            if hf_now:
+                checkpoints.wait()
+                save_hf(save_dir, iteration, log.message)
         if signal_name:
             preempted = (iteration, signal_name)
             break
@@ -163,6 +170,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
         checkpoints.save(stage.train_iters, model, optimizer, scheduler)
     task.wait()
     checkpoints.wait()
+    if (save_dir and cfg.checkpoint.save_hf and not preempted and not exiting
+            and (last_saved == stage.train_iters or cfg.checkpoint.save_on_exit)):
+        save_hf(save_dir, stage.train_iters, log.message)  # the last step
 
     summary = {}
     summary_path = Path(cfg.output_dir) / "summary.json"

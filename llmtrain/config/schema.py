@@ -357,6 +357,10 @@ class CheckpointConfig:
     # Load weights only and start a new schedule (fine-tuning from a converted model).
     finetune: bool = False
     save_on_exit: bool = True
+    # A Hugging Face folder (hf_iter_NNNNNNN/ in `save`, with the tokenizer) of the last step,
+    # and of every save_hf_interval-th step (a multiple of save_interval) when set.
+    save_hf: bool = False
+    save_hf_interval: Optional[int] = None
     # auto: resume from the latest complete step (`save` first, then `load`), skipping incomplete
     # ones with a warning; never: start from fresh weights. load_step: exactly this step, or fail.
     resume: str = "auto"  # auto | never

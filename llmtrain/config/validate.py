@@ -463,6 +463,15 @@ def checkpoint_problems(cfg: Config) -> list[str]:
     if ck.keep_every is not None and not ck.keep_last:
         problems.append("checkpoint.keep_every keeps steps that keep_last would delete: set "
                         "checkpoint.keep_last too (without it every checkpoint is kept)")
+    if ck.save_hf and not ck.save:
+        problems.append("checkpoint.save_hf writes its Hugging Face folder beside the Megatron "
+                        "checkpoints: set checkpoint.save too")
+    if ck.save_hf_interval is not None and (
+            ck.save_hf_interval < 1 or not ck.save_interval
+            or ck.save_hf_interval % ck.save_interval):
+        problems.append(f"checkpoint.save_hf_interval={ck.save_hf_interval} must be a multiple "
+                        f"of checkpoint.save_interval={ck.save_interval} (it exports saved "
+                        f"steps), or null (the last step only)")
     if ck.load_step is not None and ck.load_step < 0:
         problems.append(f"checkpoint.load_step={ck.load_step} must be a step number (>= 0)")
     if ck.load_step is not None and ck.resume == "never":
