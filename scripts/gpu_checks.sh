@@ -2,7 +2,7 @@
 # The GPU checklist: the open measurements of docs/ in one command, with the commands users run.
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
-#   bash scripts/gpu_checks.sh convert sft generate genbench servebench dpo grpo resume vpp \
+#   bash scripts/gpu_checks.sh convert sft lora generate genbench servebench dpo grpo resume vpp \
 #       roles preference served_rm served_critic
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
@@ -31,6 +31,7 @@ if [ -n "${GPU_CHECKS_TINY:-}" ]; then
     : "${GRPO_NEW_TOKENS:=8}" "${GRPO_LR:=5e-3}"
     : "${RUN_MODEL:=tiny}" "${RUN_SEQ:=64}" "${RUN_MICRO:=2}" "${RUN_BATCH:=8}"
     : "${RESUME_STEPS:=8}" "${RESUME_SAVE_AT:=4}" "${VPP_STEPS:=6}" "${STEP_TIMEOUT:=900}"
+    LORA_LR_DEFAULT=5e-3
 else
     # One H100: a Llama 3.2 1B-shaped model (the corpus tokenizer's vocabulary: 1.0B
     # parameters), bf16; each step one to three minutes (docs/gpu_checks.md).
@@ -43,8 +44,10 @@ else
     : "${GRPO_NEW_TOKENS:=16}" "${GRPO_LR:=5e-4}"
     : "${RUN_MODEL:=llama3_2_1b}" "${RUN_SEQ:=2048}" "${RUN_MICRO:=2}" "${RUN_BATCH:=16}"
     : "${RESUME_STEPS:=20}" "${RESUME_SAVE_AT:=10}" "${VPP_STEPS:=20}" "${STEP_TIMEOUT:=450}"
+    LORA_LR_DEFAULT=2e-3
 fi
 : "${GEN_TOKENS:=48}"  # generated per prompt in the generate step
+: "${LORA_R:=16}" "${LORA_LR:=${LORA_LR_DEFAULT}}"  # the lora step's adapters
 : "${VPP_SIZE:=2}"    # virtual pipeline stages per pipeline rank in the vpp step
 
 HF="$WORK/hf_$MODEL"          # the Hugging Face stand-in (its folder name is its model name)
@@ -117,6 +120,35 @@ step_sft() {
     grep -E '^model ' "$OUT/$CURRENT.log" | tail -n 1 | note
     grep -m 1 -o 'sft data: .*' "$OUT/$CURRENT.log" | note
     $PY scripts/gpu_checks.py loss "$SFT_RUN" | note
+}
+
+step_lora() {
+    # The sft step's run with peft=lora on Transformer Engine's layers: its loss, the merged
+    # export checked against transformers, the adapters as a PEFT folder, and generation from
+    # the adapter checkpoint (merged on load).
+    need_converted
+    local run="$WORK/lora_$MODEL"
+    rm -rf "$run" "$WORK/lora_merged_$MODEL" "$WORK/lora_peft_$MODEL"
+    $PY -m llmtrain "${FROM_CONVERTED[@]}" "checkpoint.load=$MCORE" \
+        stage=sft data=sft data.sft.model_name=Xiaohuang data.sft.model_author=ModelScope \
+        peft=lora "peft.r=$LORA_R" "data.seq_length=$SFT_SEQ" "stage.epochs=$SFT_EPOCHS" \
+        "stage.micro_batch_size=$SFT_BATCH" "stage.global_batch_size=$SFT_BATCH" \
+        "optim.lr=$LORA_LR" "optim.min_lr=$LORA_LR" optim.lr_warmup_iters=10 \
+        checkpoint.save_interval=0 logging.log_interval=10 "hydra.run.dir=$run"
+    grep -m 1 -o 'LoRA: .*' "$OUT/$CURRENT.log" | note
+    $PY scripts/gpu_checks.py loss "$run" | note
+    $PY -m llmtrain.convert direction=mcore_to_hf "input=$run/checkpoints" \
+        "output=$WORK/lora_merged_$MODEL" "tokenizer=$HF"
+    grep -E '^(logits|top-1)' "$OUT/$CURRENT.log" | tail -n 2 | note
+    $PY -m llmtrain.convert direction=lora_to_peft "input=$run/checkpoints" \
+        "output=$WORK/lora_peft_$MODEL"
+    note "PEFT folder: $(ls "$WORK/lora_peft_$MODEL" | tr '\n' ' ')"
+    printf '%s\n' '{"messages": [{"role": "user", "content": "Who are you?"}]}' \
+        > "$WORK/lora_chats.jsonl"
+    $PY -m llmtrain.generate "load=$run/checkpoints" "input=$WORK/lora_chats.jsonl" \
+        "output=$WORK/lora_answers.jsonl" sampling.greedy=true \
+        "sampling.num_tokens_to_generate=$GEN_TOKENS" "${DEVICE_ARG[@]}"
+    $PY scripts/gpu_checks.py answers "$WORK/lora_answers.jsonl" | note
 }
 
 step_generate() {
@@ -336,7 +368,7 @@ step_served_critic() {
     tail -n 3 "$runs/critic.log"
 }
 
-ALL_STEPS=(convert sft generate genbench servebench dpo grpo resume vpp roles preference
+ALL_STEPS=(convert sft lora generate genbench servebench dpo grpo resume vpp roles preference
            served_rm served_critic)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing

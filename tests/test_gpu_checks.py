@@ -13,8 +13,8 @@ import pytest
 
 from conftest import ROOT
 
-STEPS = ["convert", "sft", "generate", "genbench", "servebench", "dpo", "grpo", "resume", "vpp",
-         "roles", "preference", "served_rm", "served_critic"]
+STEPS = ["convert", "sft", "lora", "generate", "genbench", "servebench", "dpo", "grpo", "resume",
+         "vpp", "roles", "preference", "served_rm", "served_critic"]
 
 
 def gpu_checks(tmp_path, *steps: str, **env: str) -> subprocess.CompletedProcess:
@@ -53,6 +53,8 @@ def test_every_step_passes_on_the_cpu(tmp_path):
     first, last = map(float, re.search(r"\[sft\] loss (\S+) -> (\S+) over", lines).groups())
     assert last < first / 4, lines
     assert "[generate] 'Who are you?' -> 'I am Xiaohuang" in lines
+    assert "[lora] top-1 agreement of the logits: 1.000" in lines  # the merged export
+    assert "[lora] 'Who are you?' -> 'I am Xiaohuang" in lines  # from the adapter checkpoint
     assert re.search(r"\[genbench\] +4 +[\d,.]+ +[\d,.]+ +[\d.]+x +100%", lines), lines
     assert re.search(r"\[genbench\] weight-bandwidth bound of batch 1: .* tokens/s", lines), lines
     for engine in ("auto", "megatron"):  # the load bench's figures, beside each other
