@@ -195,8 +195,8 @@ def test_validation_reports_every_problem_at_once():
         "logging.profile needs 1 <= profile_step_start (5) <= profile_step_end (4) <= "
         "stage.train_iters (20)",
         "precision.use_te_op_fuser=true needs Transformer Engine's layers (a GPU with "
-        "llmtrain[gpu] installed) and a dense SwiGLU MLP without parallel.cpu_offloading; leave "
-        "it unset to choose automatically",
+        "llmtrain[gpu] installed) and a dense SwiGLU MLP without parallel.cpu_offloading or "
+        "LoRA adapters on linear_fc1/linear_fc2; leave it unset to choose automatically",
         "model tiny has 4 KV groups (num_query_groups), which tensor parallel size 8 does not "
         "divide: choose a TP that divides it",
         "data.seq_length=100 must be divisible by 2 x context parallel size = 6",

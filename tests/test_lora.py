@@ -85,6 +85,22 @@ def test_lora_settings_are_checked_before_anything_starts():
     assert "give its checkpoint with checkpoint.load=<folder>" in text
 
 
+def test_adapters_on_the_mlp_keep_transformer_engines_mlp_unfused():
+    """Transformer Engine's operation fuser runs the whole MLP as one op: no adapter could add
+    to linear_fc1's or linear_fc2's output (found on the H200), so LoRA there goes without it."""
+    from llmtrain.config.validate import ConfigError, Machine, validate
+    from llmtrain.megatron.model import te_op_fuser
+
+    gpu = Machine(gpus=1, has_transformer_engine=True)
+    lora = ["model=llama3_2_1b", "stage=sft", "data=sft", "peft=lora", "checkpoint.load=/base"]
+    for targets, fused in (("[all-linear]", False), ("[linear_fc2]", False),
+                           ("[linear_qkv,linear_proj]", True)):
+        cfg = compose_config(*lora, f"peft.target_modules={targets}")
+        assert te_op_fuser(cfg, validate(cfg, gpu)) is fused, targets
+    with pytest.raises(ConfigError, match="or LoRA adapters on linear_fc1/linear_fc2"):
+        validate(compose_config(*lora, "precision.use_te_op_fuser=true"), gpu)
+
+
 def test_adapters_go_out_as_a_peft_folder_and_merged_into_the_base(tiny_llama, tmp_path):
     """A LoRA SFT of a converted Hugging Face Llama; its adapters load with the real `peft`
     package onto the Hugging Face base and give the logits of the merged export, which the

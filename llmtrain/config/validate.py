@@ -115,10 +115,17 @@ def _get(cfg: Config, dotted: str):
 
 def te_op_fuser_fits(cfg: Config, use_te: bool) -> bool:
     """Transformer Engine's operation fuser runs a dense SwiGLU MLP (its GELU is not the exact
-    one GPT-2 and Bloom were trained with), not beside activation offloading."""
+    one GPT-2 and Bloom were trained with), not beside activation offloading, and hides its
+    linear layers' outputs from the LoRA adapters that would add to them."""
     m = cfg.model
     return (use_te and m.activation == "swiglu" and not m.num_moe_experts
-            and not m.parallel_attention_mlp and not cfg.parallel.cpu_offloading)
+            and not m.parallel_attention_mlp and not cfg.parallel.cpu_offloading
+            and not _lora_on_mlp(cfg))
+
+
+def _lora_on_mlp(cfg: Config) -> bool:
+    targets = set(cfg.peft.target_modules)
+    return cfg.peft.name == "lora" and bool(targets & {"all-linear", "linear_fc1", "linear_fc2"})
 
 
 def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
@@ -253,7 +260,8 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
     if prec.use_te_op_fuser and not te_op_fuser_fits(cfg, use_te):
         problems.append("precision.use_te_op_fuser=true needs Transformer Engine's layers (a GPU "
                         "with llmtrain[gpu] installed) and a dense SwiGLU MLP without "
-                        "parallel.cpu_offloading; leave it unset to choose automatically")
+                        "parallel.cpu_offloading or LoRA adapters on linear_fc1/linear_fc2; "
+                        "leave it unset to choose automatically")
     if par.use_distributed_optimizer and device == "cpu" and not (prec.bf16 or prec.fp16):
         problems.append("parallel.use_distributed_optimizer=true on CPU needs precision=bf16 or "
                         "fp16 (Megatron-Core's fp32 distributed optimizer cannot resume there)")
