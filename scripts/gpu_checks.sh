@@ -31,7 +31,7 @@ if [ -n "${GPU_CHECKS_TINY:-}" ]; then
     : "${GRPO_NEW_TOKENS:=8}" "${GRPO_LR:=5e-3}"
     : "${RUN_MODEL:=tiny}" "${RUN_SEQ:=64}" "${RUN_MICRO:=2}" "${RUN_BATCH:=8}"
     : "${RESUME_STEPS:=8}" "${RESUME_SAVE_AT:=4}" "${VPP_STEPS:=6}" "${STEP_TIMEOUT:=900}"
-    LORA_LR_DEFAULT=5e-3
+    : "${LORA_R:=16}" "${LORA_LR:=5e-3}"
 else
     # One H100: a Llama 3.2 1B-shaped model (the corpus tokenizer's vocabulary: 1.0B
     # parameters), bf16; each step one to three minutes (docs/gpu_checks.md).
@@ -44,10 +44,9 @@ else
     : "${GRPO_NEW_TOKENS:=16}" "${GRPO_LR:=5e-4}"
     : "${RUN_MODEL:=llama3_2_1b}" "${RUN_SEQ:=2048}" "${RUN_MICRO:=2}" "${RUN_BATCH:=16}"
     : "${RESUME_STEPS:=20}" "${RESUME_SAVE_AT:=10}" "${VPP_STEPS:=20}" "${STEP_TIMEOUT:=450}"
-    LORA_LR_DEFAULT=2e-3
+    : "${LORA_R:=16}" "${LORA_LR:=2e-3}"
 fi
 : "${GEN_TOKENS:=48}"  # generated per prompt in the generate step
-: "${LORA_R:=16}" "${LORA_LR:=${LORA_LR_DEFAULT}}"  # the lora step's adapters
 : "${VPP_SIZE:=2}"    # virtual pipeline stages per pipeline rank in the vpp step
 
 HF="$WORK/hf_$MODEL"          # the Hugging Face stand-in (its folder name is its model name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from llmtrain.config.changes import unknown_entries
-from llmtrain.config.schema import Config
+from llmtrain.config.schema import Config, PeftConfig
 from llmtrain.data.chat import FORMATS, TEMPLATES
 from llmtrain.rlhf.checks import alignment_problems
 from llmtrain.tasks import either, stage_names, stages_where, task_spec
@@ -40,7 +40,9 @@ CHOICES = {
     "peft.name": ("none", "lora"),
 }
 # What peft.target_modules may name (Megatron's linear layers), and the stages LoRA trains.
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "all-linear")
+# Megatron's linear layers a LoRA may target; peft.target_modules=[all-linear] names them all.
+LORA_LAYERS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LORA_TARGETS = (*LORA_LAYERS, "all-linear")
 LORA_STAGES = ("sft", "dpo")
 
 
@@ -123,9 +125,14 @@ def te_op_fuser_fits(cfg: Config, use_te: bool) -> bool:
             and not _lora_on_mlp(cfg))
 
 
+def lora_targets(peft: PeftConfig) -> tuple[str, ...]:
+    """The layers that peft.target_modules names."""
+    return LORA_LAYERS if "all-linear" in peft.target_modules else tuple(peft.target_modules)
+
+
 def _lora_on_mlp(cfg: Config) -> bool:
-    targets = set(cfg.peft.target_modules)
-    return cfg.peft.name == "lora" and bool(targets & {"all-linear", "linear_fc1", "linear_fc2"})
+    mlp = {"linear_fc1", "linear_fc2"}
+    return cfg.peft.name == "lora" and bool(mlp.intersection(lora_targets(cfg.peft)))
 
 
 def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:

@@ -13,6 +13,8 @@ import json
 import re
 from pathlib import Path
 
+from llmtrain.config.validate import lora_targets
+
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 FAMILIES = ("llama", "qwen3")  # Llama, Mistral, Qwen2 and Qwen3 share the llama family's names
 # Megatron's adapter parts -> the Hugging Face modules (below model.layers.<i>.).
@@ -42,13 +44,11 @@ def mcore_name(name: str, target_of: dict[str, str]) -> str:
 
 def adapter_config(peft, base: str) -> dict:
     """PEFT's LoraConfig as it saves it, for what llmtrain trained."""
-    from llmtrain.megatron.lora import targets
-
     modules = {"linear_qkv": ["q_proj", "k_proj", "v_proj"], "linear_proj": ["o_proj"],
                "linear_fc1": ["gate_proj", "up_proj"], "linear_fc2": ["down_proj"]}
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": peft.r, "lora_alpha": peft.lora_alpha, "lora_dropout": peft.lora_dropout,
-            "target_modules": sorted(m for t in targets(peft) for m in modules[t]),
+            "target_modules": sorted(m for t in lora_targets(peft) for m in modules[t]),
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
             "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
 

@@ -30,16 +30,12 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from llmtrain.config.schema import PeftConfig
+from llmtrain.config.validate import LORA_LAYERS, lora_targets
 from llmtrain.megatron.weights import global_names, shard, tensor_group
 
-# Megatron's linear layers a LoRA may target; column-parallel ones split their output.
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# The column-parallel layers a LoRA may target split their output.
 COLUMN = ("linear_qkv", "linear_fc1")
 SUFFIX = "_lora"
-
-
-def targets(peft: PeftConfig) -> tuple[str, ...]:
-    return TARGETS if "all-linear" in peft.target_modules else tuple(peft.target_modules)
 
 
 class LoraAdapter(torch.nn.Module):
@@ -152,7 +148,7 @@ def has_adapters(module: torch.nn.Module) -> bool:
 
 def is_adapter_key(key: str) -> bool:
     """A parameter or checkpoint key of an adapter."""
-    return any(f"{t}{SUFFIX}." in key for t in TARGETS)
+    return any(f"{t}{SUFFIX}." in key for t in LORA_LAYERS)
 
 
 def saved_part(model: torch.nn.Module, state: dict) -> dict:
@@ -173,7 +169,7 @@ def add_adapters(chunks: list, peft: PeftConfig, seed: int) -> int:
     """Freeze every weight and attach adapters to the targeted layers; return how many. A is
     drawn as PEFT draws it (Kaiming-uniform) at its whole shape from a generator seeded by its
     global name, so every layout starts alike; B starts at zero (the model is unchanged)."""
-    wanted = targets(peft)
+    wanted = lora_targets(peft)
     for chunk in chunks:
         for param in chunk.parameters():
             param.requires_grad_(False)
