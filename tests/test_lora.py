@@ -159,3 +159,18 @@ def test_lora_dpo_raises_the_margin_against_the_base_with_adapters_off(base, tmp
     margin = summary(tmp_path / "dpo")["metrics"]["margin"]
     assert margin[0] == pytest.approx(0.0, abs=1e-6)
     assert margin[-1] > margin[0] + 0.1, margin
+
+
+def test_adapters_merged_into_a_bf16_base_are_judged_as_bf16(tiny_llama, tmp_path):
+    """W + (alpha / r) B A cannot be stored exactly in bf16: the merged export of a LoRA run on
+    a bf16 base is checked against the model as it trained within bf16's rounding, not fp32's."""
+    hf, _ = tiny_llama
+    base, run = tmp_path / "bf16", tmp_path / "run"
+    run_llmtrain(f"input={hf}", f"output={base}", "dtype=bf16", module="llmtrain.convert")
+    run_llmtrain(f"hydra.searchpath=[file://{base}]", "model=hf", f"checkpoint.load={base}",
+                 *SFT[1:], "stage.train_iters=2", f"hydra.run.dir={run}")
+    out = run_llmtrain("direction=mcore_to_hf", f"input={run}/checkpoints",
+                       f"output={tmp_path / 'merged'}", f"tokenizer={hf}",
+                       module="llmtrain.convert").stdout
+    assert "tolerance for bf16" in out and "EXCEEDED" not in out
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"

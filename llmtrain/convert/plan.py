@@ -326,7 +326,10 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                strip_prefix=family.base_prefix if without_prefix else "",
                base=adapter and adapter[0], peft=adapter and adapter[1])
     job = dataclasses.replace(job, input=str(root.resolve()))
-    plan = Plan(c, family, m, cfg, layout, job, source_dtype=source, tokens_from=tokens_from)
+    # Merged weights W + (alpha / r) B A are computed in fp32 and rounded to the written format,
+    # so a bf16 export of them is judged by bf16's tolerances (run.tolerance_dtype).
+    plan = Plan(c, family, m, cfg, layout, job, source_dtype="fp32" if adapter else source,
+                tokens_from=tokens_from)
     if tokenizer is None:
         plan.notes.append("no tokenizer: the Hugging Face folder gets none (add tokenizer=<dir>)")
     return plan

@@ -215,5 +215,5 @@ def merge(chunks: list) -> None:
     model computes the same, with the base's layers alone (a merged export; generation)."""
     for adapter in adapters(chunks):
         weight = adapter.base[0].weight
-        weight.add_(adapter.delta().to(weight.dtype))
+        weight.copy_(weight.float() + adapter.delta())  # one rounding to the weight's format
         adapter.enabled = False
