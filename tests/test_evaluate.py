@@ -162,3 +162,9 @@ def test_bad_evaluation_requests_say_what_to_do(tiny_llama, tmp_path):
                  say=lambda *_: None)
     with pytest.raises(InferenceError, match="no llmtrain server answers at http://127.0.0.1:9"):
         evaluate("server=http://127.0.0.1:9", "tasks=[x]", say=lambda *_: None)
+    # A server that cannot start says so at once, with its status, rather than after the timeout.
+    from llmtrain.evaluate.server import started
+
+    with pytest.raises(InferenceError, match="the server exited with status 2 before it was"):
+        with started(str(mcore), ["engine=no_such_engine"], timeout=600):
+            pass

@@ -75,8 +75,10 @@ def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
 
     ready = threading.Event()
     threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(timeout) or not found:
-        raise InferenceError("the server did not start (its output is above)"
-                             if process.poll() is not None
-                             else f"the server was not ready after {timeout:.0f} s")
-    return found[0]
+    ended = ready.wait(timeout)
+    if found:
+        return found[0]
+    if ended:  # its output closed before it said it was ready: it exited
+        raise InferenceError(f"the server exited with status {process.wait()} before it was "
+                             f"ready (its output is above)")
+    raise InferenceError(f"the server was not ready after {timeout:.0f} s")
