@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 
 from llmtrain.generate.sampler import Mode, RowSampling, row_keys
-from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence, check_batch
+from llmtrain.generate.sequence import (OnFinish, OnToken, Output, Sampling, Sequence,
+                                        check_batch)
 from llmtrain.megatron.replica import Replica
 from llmtrain.megatron.kv_model import KVModel
 
@@ -141,6 +142,15 @@ class DecodeEngine(Replica):
         while self.busy:
             self.advance()
         return outputs
+
+    def warm_up(self) -> None:
+        """Compile the decode step for one row and for several before the first request (a
+        server's): Inductor specialises a size of 1, so without this the first batch of two or
+        more waits seconds for a compilation while its clients wait for their first token.
+        (On a CPU the same few eager steps.)"""
+        greedy = Sampling(temperature=0, seed=0)
+        for rows in sorted({1, min(2, self.max_batch_size)}):
+            self.generate([Sequence([0] * (2 + i), 2, greedy) for i in range(rows)])
 
     def _run_batch(self, batch):  # one rank: nobody follows
         raise RuntimeError("a decode engine has no follower ranks")

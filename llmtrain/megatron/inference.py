@@ -86,6 +86,9 @@ class Engine(Replica):
     # The interface of the continuously batching engine (llmtrain.megatron.decode_engine), on
     # static batches: what waits when one starts joins the next.
 
+    def warm_up(self) -> None:
+        """Nothing to compile ahead: Megatron-Core's engine runs eagerly."""
+
     def add(self, sequence: Sequence, on_token=None, on_finish=None) -> None:
         """Driver: queue a sequence; `on_token(token, logprob, top) -> stop?` and
         `on_finish(Output)` are called from `advance`."""

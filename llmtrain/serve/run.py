@@ -44,6 +44,7 @@ def _application(c: ServeConfig, plan: Plan, engine, text: Text, name: str):
     from llmtrain.serve.batcher import Batcher
     from llmtrain.serve.openai_api import Server
 
+    engine.warm_up()
     batcher = Batcher(engine, text, c.batch_wait_ms / 1000)
     return (batcher, build(batcher, Server(text, name, plan.max_sequence_length), c.log_requests),
             "OpenAI API under /v1, Megatron-LM's PUT /api")
