@@ -161,7 +161,9 @@ class KVModel:
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         # One tensor per layer: each is a whole allocation, so one compiled layer step fits all.
-        shape = (max_batch_size, self.groups, max_sequence_length, self.head_dim)
+        # One position more than a sequence uses: a span (at most max_sequence_length) is then
+        # never the cache's whole length, a case the compiler would specialise and recompile.
+        shape = (max_batch_size, self.groups, max_sequence_length + 1, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                      for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device)
