@@ -44,13 +44,26 @@ def main(spec: dict) -> dict:
         num_query_groups=m["num_query_groups"], normalization=m["normalization"],
         layernorm_epsilon=m["layernorm_epsilon"], gated_linear_unit=gated,
         activation_func=F.silu if gated else F.gelu, add_bias_linear=m["add_bias_linear"],
-        add_qkv_bias=m["add_qkv_bias"], attention_dropout=0.0, hidden_dropout=0.0,
+        add_qkv_bias=m["add_qkv_bias"], kv_channels=m["kv_channels"],
+        qk_layernorm=m["qk_layernorm"], attention_dropout=0.0, hidden_dropout=0.0,
+        # Mixture of experts as NVIDIA's recipes run it on one GPU: grouped GEMM, alltoall.
+        num_moe_experts=m["num_moe_experts"], moe_router_topk=m["moe_router_topk"],
+        moe_ffn_hidden_size=m["moe_ffn_hidden_size"],
+        moe_shared_expert_intermediate_size=m["moe_shared_expert_intermediate_size"],
+        moe_shared_expert_gate=m["moe_shared_expert_gate"],
+        moe_router_load_balancing_type=m["moe_router_load_balancing_type"],
+        moe_aux_loss_coeff=m["moe_aux_loss_coeff"],
+        moe_router_pre_softmax=m["moe_router_pre_softmax"],
+        moe_grouped_gemm=bool(m["num_moe_experts"]), moe_token_dispatcher_type="alltoall",
         bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
         fp8=spec["fp8"], fp8_recipe=spec["fp8_recipe"] or "delayed",
         bias_activation_fusion=True, apply_rope_fusion=True, masked_softmax_fusion=False,
         cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te",
         calculate_per_token_loss=False)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_with_transformer_engine_spec(),
+    layer_spec = get_gpt_layer_with_transformer_engine_spec(
+        num_experts=m["num_moe_experts"], moe_grouped_gemm=bool(m["num_moe_experts"]),
+        qk_layernorm=m["qk_layernorm"])
+    model = GPTModel(config=config, transformer_layer_spec=layer_spec,
                      vocab_size=spec["padded_vocab_size"], max_sequence_length=seq,
                      position_embedding_type=m["position_embedding_type"],
                      rotary_base=m["rotary_base"],
