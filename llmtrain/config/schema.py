@@ -75,6 +75,9 @@ class ModelConfig:
     # Softmax over all experts before the top-k choice, weights not renormalised (Qwen MoE);
     # false: softmax over the k chosen logits (Mixtral).
     moe_router_pre_softmax: bool = False
+    # The router's logits and softmax in this format whatever the precision (fp32 | fp64; None:
+    # the model's).
+    moe_router_dtype: Optional[str] = None
 
 
 @dataclass
