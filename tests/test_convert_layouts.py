@@ -42,7 +42,8 @@ def test_tp2_pp2_and_back_under_another_layout(tmp_path):
                    "pipeline_model_parallel_size=2")
     assert "on 4 process(es) (TP 2 x PP 2)" in out
     report = _report(mcore)
-    assert report["layout"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+    assert report["layout"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                "expert_model_parallel_size": 1}
     _tight(report["check"])
     _convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}",
              "pipeline_model_parallel_size=2")

@@ -79,13 +79,18 @@ def _dtype_name(value) -> Optional[str]:
     return DTYPE_NAMES.get(str(value)) if value is not None else None
 
 
-def _megatron_config(c: ConvertConfig, m: ModelConfig, tp: int, pp: int) -> tuple[Config, Layout]:
+def _megatron_config(c: ConvertConfig, m: ModelConfig, tp: int, pp: int,
+                     ep: int = 1) -> tuple[Config, Layout]:
+    """The Megatron side on TP x PP x EP processes (EP of them data-parallel: expert
+    parallelism splits the experts over data-parallel ranks)."""
     seq = min(c.check_max_tokens, m.max_position_embeddings)
     cfg = Config(name=f"convert_{m.name}", seed=c.seed, device="cpu", model=m,
-                 parallel=ParallelConfig(name=f"tp{tp}pp{pp}", tensor_model_parallel_size=tp,
-                                         pipeline_model_parallel_size=pp),
+                 parallel=ParallelConfig(name=f"tp{tp}pp{pp}" + (f"ep{ep}" if ep > 1 else ""),
+                                         tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp,
+                                         expert_model_parallel_size=ep, data_parallel_size=ep),
                  data=DataConfig(kind="mock", seq_length=seq),
-                 stage=StageConfig(micro_batch_size=1, global_batch_size=1),
+                 stage=StageConfig(micro_batch_size=1, global_batch_size=ep),
                  launcher=c.launcher, output_dir=str(c.output or "."))
     return cfg, validate(cfg, Machine(gpus=0, has_transformer_engine=False))
 
@@ -219,7 +224,7 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
                               + ", ".join(missing))
     hf_config, family, m = _model_of(c, folder)
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
-                                   c.pipeline_model_parallel_size)
+                                   c.pipeline_model_parallel_size, c.expert_model_parallel_size)
     reader = hf_files.HFReader(folder, family.base_prefix)
     _check_shapes(reader, hf_config, folder)
     _check_tensor_names(reader, family, m, folder)
@@ -305,7 +310,7 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                               f"beside it saying which model it holds: add model=<name> (one of "
                               f"conf/model/)")
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
-                                   c.pipeline_model_parallel_size)
+                                   c.pipeline_model_parallel_size, c.expert_model_parallel_size)
     stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else
                                        checkpoint.step_dir(root, iteration))
     embedding = stored.get("embedding.word_embeddings.weight")

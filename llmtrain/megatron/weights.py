@@ -116,6 +116,25 @@ def is_first_of_tensor_group() -> bool:
             and ps.get_context_parallel_rank() == 0)
 
 
+def is_expert(global_name: str) -> bool:
+    """A routed expert's parameter: held by its expert-parallel rank only."""
+    return ".mlp.experts." in global_name
+
+
+def writes(global_name: str) -> bool:
+    """Whether this rank writes what it gathered of a parameter: the first rank of its TP group
+    among the data-parallel copies; for an expert, among the copies on its EP rank (with expert
+    parallelism the data-parallel ranks hold different experts)."""
+    if is_expert(global_name):
+        return (ps.get_expert_tensor_parallel_rank() == 0
+                and ps.get_expert_data_parallel_rank() == 0)
+    return is_first_of_tensor_group()
+
+
+def expert_rank() -> int:
+    return ps.get_expert_model_parallel_rank()
+
+
 def pipeline_rank() -> int:
     return ps.get_pipeline_model_parallel_rank()
 
