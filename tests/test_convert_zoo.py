@@ -225,6 +225,34 @@ def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
     assert extra == pytest.approx(13_824 / 8 * 4096 * 64 / 2**30)
 
 
+def test_qwen3_235b_a22b_plans_for_sixteen_nodes_with_its_experts_split_sixteen_ways():
+    """The plan `dry_run=true` prints for the largest Qwen3-MoE: TP 4 x PP 2 x EP 16 on 128 GPUs
+    fits an 80 GB GPU. Each rank holds a 16th of its stage's 47 x 128 experts (split over TP
+    4), and their optimizer state whole: a rank's experts have no other copy to shard it with
+    (DP 16 / EP 16)."""
+    cfg = compose_config("model=qwen3_235b_a22b", "parallel.tensor_model_parallel_size=4",
+                         "parallel.pipeline_model_parallel_size=2",
+                         "parallel.expert_model_parallel_size=16", "launcher.nnodes=16",
+                         "device=cuda", "precision=bf16", "data=mock", "data.seq_length=4096",
+                         "stage.micro_batch_size=1", "stage.global_batch_size=1024",
+                         "parallel.use_distributed_optimizer=true")
+    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
+    plan = describe(cfg, layout)
+    # 235.094 B as published, plus 128 padding rows each for the embedding and the output layer.
+    assert "qwen3_235b_a22b: 235.095 B parameters (94 layers, hidden 4096, vocab 151936 padded " \
+           "to 152064)" in plan
+    assert "128 = 16 node(s) x 8  |  TP 4  PP 2  CP 1  EP 16  DP 16" in plan
+    memory = memory_plan(cfg, layout)
+    layer, experts = 2_487_755_008, 128 * 3 * 4096 * 1536
+    last_stage = (47 * layer + 4096 + 152_064 * 4096) // 4  # layers, final norm, output layer
+    own_experts = 47 * experts // 4 // 16
+    assert memory.params_per_rank == last_stage - 47 * experts // 4 + own_experts
+    # Adam's 12 bytes a parameter under bf16: the dense part sharded 16 ways, the experts not.
+    dense = memory.params_per_rank - own_experts
+    assert memory.optimizer == pytest.approx((dense * 12 / 16 + own_experts * 12) / 2**30)
+    assert memory.total < 80
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama3_2_1b", "mistral_7b", "qwen2_5_0_5b",
                                   "qwen3_0_6b", "bloom_560m", "falcon_7b"])
 def test_the_benchmarks_transformers_peer_builds_the_published_model(name):
