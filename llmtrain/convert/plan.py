@@ -183,14 +183,17 @@ def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfi
 
 def _check_shapes(reader: hf_files.HFReader, hf_config, folder: Path) -> None:
     """Every stored tensor has the shape its config.json gives it (read from the files' headers,
-    against the Hugging Face model built without memory): a config that does not describe the
-    weights is refused before any is read."""
+    against the Hugging Face model built without memory, under the names it saves: transformers
+    holds a MoE layer's experts as one fused tensor but stores each expert's own): a config that
+    does not describe the weights is refused before any is read."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
         expected = {name: list(t.shape) for name, t in
-                    AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+                    revert_weight_conversion(model, model.state_dict()).items()}
     wrong = [f"{name} in {file}: {shape}, config.json makes it {expected[name]}"
              for name, (file, shape) in reader.shapes().items()
              if name in expected and expected[name] != shape]
