@@ -245,7 +245,8 @@ def test_moe_config_that_does_not_convert_or_describe_its_experts_is_refused(tmp
                                               "convert yet: dense MLP layers between the MoE"):
         convert(f"input={hf}", "check_only=true", **QUIET)
     (hf / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 64}))
-    with pytest.raises(ConversionError, match=r"48 tensor\(s\) of .* do not have the shape") as error:
+    wrong = r"48 tensor\(s\) of .* do not have the shape"  # 4 layers x 4 experts x 3
+    with pytest.raises(ConversionError, match=wrong) as error:
         convert(f"input={hf}", "check_only=true", **QUIET)
     assert ("model.layers.0.mlp.experts.0.down_proj.weight in model.safetensors: [64, 96], "
             "config.json makes it [64, 64]") in str(error.value)
@@ -263,6 +264,19 @@ def test_moe_routing_normalised_the_wrong_way_fails_the_check(tmp_path, monkeypa
                         lambda *args: {**fields(*args), "moe_router_pre_softmax": True})
     with pytest.raises(CheckFailed, match="beyond the tolerances"):
         convert(f"input={hf}", "check_only=true", **QUIET)
+
+
+def test_both_expert_layouts_have_the_same_whole_model_names():
+    """Megatron's local experts (SequentialMLP, on CPU) and Transformer Engine's grouped ones
+    (TEGroupedMLP, on GPU) name expert k of an EP rank differently; both get the whole model's
+    name of that expert (here the rank's first is expert 4)."""
+    from llmtrain.megatron.weights import expert_name
+
+    whole = "decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight"
+    assert expert_name("decoder.layers.3.mlp.experts.local_experts.1.linear_fc1.weight", 4) == whole
+    assert expert_name("decoder.layers.3.mlp.experts.linear_fc1.weight1", 4) == whole
+    assert (expert_name("decoder.layers.0.mlp.experts.linear_fc2.weight11", 0)
+            == "decoder.layers.0.mlp.experts.local_experts.11.linear_fc2.weight")
 
 
 def test_tied_checkpoint_that_stores_the_output_layer_too(tmp_path):

@@ -63,7 +63,8 @@ def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
     mlp = h * ffn * gated + ffn * h + (ffn * gated + h) * bias
     if m.num_moe_experts:  # every routed expert, the router, the shared expert and its gate
         shared = m.moe_shared_expert_intermediate_size or 0
-        mlp = (mlp + h) * m.num_moe_experts + h * shared * (gated + 1) + h * m.moe_shared_expert_gate
+        mlp = ((mlp + h) * m.num_moe_experts + h * shared * (gated + 1)
+               + h * m.moe_shared_expert_gate)
     # Falcon's parallel layers share one norm between attention and MLP unless told otherwise.
     layer_norms = 1 if m.parallel_attention_mlp and not m.parallel_mlp_layernorm else 2
     return ParamCounts(

@@ -2,9 +2,9 @@
 
 A family (llmtrain.convert.families) lists rules: one Megatron parameter (its whole, unsharded
 tensor under its global name, `{i}` standing for the layer and `{e}` for the expert of a
-mixture-of-experts layer) made from one or more Hugging Face tensors by a transform. Every transform is a pair of exact inverses built from reshapes,
-concatenations, slices and transposes, so Hugging Face -> Megatron -> Hugging Face gives back
-bitwise-identical tensors. Slicing into TP shards and PP stages is not done here but by
+mixture-of-experts layer) made from one or more Hugging Face tensors by a transform. Every
+transform is a pair of exact inverses built from reshapes, concatenations, slices and
+transposes, so Hugging Face -> Megatron -> Hugging Face gives back bitwise-identical tensors. Slicing into TP shards and PP stages is not done here but by
 `llmtrain.megatron.weights`, from the whole tensors.
 """
 
