@@ -19,8 +19,11 @@ def _config(kind: str):
         GPT2Config,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     small = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -49,11 +52,33 @@ def _config(kind: str):
         "qwen3": lambda: Qwen3Config(**llama, head_dim=32, tie_word_embeddings=True),
         "glm": lambda: GlmConfig(**llama, head_dim=16, partial_rotary_factor=0.5,
                                  pad_token_id=None),
+        # Mixtures of experts: 4 experts, 2 per token. Mixtral: softmax over the two chosen.
+        "mixtral": lambda: MixtralConfig(**llama, num_local_experts=4, num_experts_per_tok=2),
+        # Qwen3-MoE: Q/K norms, experts narrower than intermediate_size, renormalised top-k.
+        "qwen3_moe": lambda: Qwen3MoeConfig(**llama, head_dim=32, num_experts=4,
+                                            num_experts_per_tok=2, moe_intermediate_size=96,
+                                            norm_topk_prob=True),
+        # Qwen2-MoE: softmax over all experts, not renormalised, and a gated shared expert.
+        "qwen2_moe": lambda: Qwen2MoeConfig(**llama, num_experts=4, num_experts_per_tok=2,
+                                            moe_intermediate_size=96,
+                                            shared_expert_intermediate_size=128),
     }[kind]()
 
 
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm",
-            "qwen3")
+            "qwen3", *MOE)
+
+
+def _train(model, steps: int = 2) -> None:
+    """A few optimizer steps on random tokens: a MoE model's routers and experts then differ from
+    their initialisation, as in a trained checkpoint."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        ids = torch.randint(model.config.vocab_size, (2, 16))
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def tiny_hf(kind: str, folder: Path, dtype: torch.dtype = torch.float32,
@@ -77,6 +102,8 @@ def tiny_hf(kind: str, folder: Path, dtype: torch.dtype = torch.float32,
         for name, param in model.named_parameters():
             if "norm" in name or ".ln" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+    if kind in MOE:
+        _train(model)
     model.to(dtype).save_pretrained(str(folder))
     if tokenizer:
         shutil.copy(corpus_tokenizer_path(), Path(folder) / "tokenizer.json")

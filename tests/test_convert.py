@@ -232,6 +232,53 @@ def test_config_that_does_not_match_the_weights_names_the_tensors(tmp_path):
     assert "use the config.json published with them" in error and "Traceback" not in error
 
 
+def test_moe_config_that_does_not_convert_or_describe_its_experts_is_refused(tmp_path):
+    """Dense MLP layers between MoE ones are named; experts narrower than config.json says are
+    found from the files' headers, under the names transformers stores them by (each expert's
+    own, not the fused tensor it holds them in)."""
+    from llmtrain.convert.mapping import ConversionError
+
+    hf = tiny_hf("qwen3_moe", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "mlp_only_layers": [1]}))
+    with pytest.raises(ConversionError, match="this Qwen3-MoE config uses what llmtrain cannot "
+                                              "convert yet: dense MLP layers between the MoE"):
+        convert(f"input={hf}", "check_only=true", **QUIET)
+    (hf / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 64}))
+    wrong = r"48 tensor\(s\) of .* do not have the shape"  # 4 layers x 4 experts x 3
+    with pytest.raises(ConversionError, match=wrong) as error:
+        convert(f"input={hf}", "check_only=true", **QUIET)
+    assert ("model.layers.0.mlp.experts.0.down_proj.weight in model.safetensors: [64, 96], "
+            "config.json makes it [64, 64]") in str(error.value)
+
+
+def test_moe_routing_normalised_the_wrong_way_fails_the_check(tmp_path, monkeypatch):
+    """Qwen3-MoE renormalises its top-k weights (norm_topk_prob): Megatron's softmax over the
+    k chosen logits. The softmax over all experts, not renormalised, gives 1e-2 relative
+    differences: the check fails."""
+    import llmtrain.convert.families.qwen_moe as qwen_moe
+
+    hf = tiny_hf("qwen3_moe", tmp_path / "hf")
+    fields = qwen_moe.moe_fields
+    monkeypatch.setattr(qwen_moe, "moe_fields",
+                        lambda *args: {**fields(*args), "moe_router_pre_softmax": True})
+    with pytest.raises(CheckFailed, match="beyond the tolerances"):
+        convert(f"input={hf}", "check_only=true", **QUIET)
+
+
+def test_both_expert_layouts_have_the_same_whole_model_names():
+    """Megatron's local experts (SequentialMLP, on CPU) and Transformer Engine's grouped ones
+    (TEGroupedMLP, on GPU) name expert k of an EP rank differently; both get the whole model's
+    name of that expert (here the rank's first is expert 4)."""
+    from llmtrain.megatron.weights import expert_name
+
+    whole = "decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight"
+    assert expert_name("decoder.layers.3.mlp.experts.local_experts.1.linear_fc1.weight", 4) == whole
+    assert expert_name("decoder.layers.3.mlp.experts.linear_fc1.weight1", 4) == whole
+    assert (expert_name("decoder.layers.0.mlp.experts.linear_fc2.weight11", 0)
+            == "decoder.layers.0.mlp.experts.local_experts.11.linear_fc2.weight")
+
+
 def test_tied_checkpoint_that_stores_the_output_layer_too(tmp_path):
     """Some published tied checkpoints store lm_head.weight, equal to the embedding: transformers
     loads them, so does the conversion; one that differs is refused with the difference."""

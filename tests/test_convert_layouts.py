@@ -1,7 +1,7 @@
 """Conversions on several processes, run as a user runs them (`python -m llmtrain.convert`):
-TP=2 x PP=2 and back (Qwen3), tensor-parallel ALiBi and parallel attention, a Megatron-LM
-checkpoint split over TP ranks, and training started from a converted checkpoint under another
-layout."""
+TP=2 x PP=2 and back (Qwen3), experts over EP=2 and back at TP=2 (Qwen2-MoE), tensor-parallel
+ALiBi and parallel attention, a Megatron-LM checkpoint split over TP ranks, and training started
+from a converted checkpoint under another layout."""
 
 from __future__ import annotations
 
@@ -42,10 +42,26 @@ def test_tp2_pp2_and_back_under_another_layout(tmp_path):
                    "pipeline_model_parallel_size=2")
     assert "on 4 process(es) (TP 2 x PP 2)" in out
     report = _report(mcore)
-    assert report["layout"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+    assert report["layout"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                "expert_model_parallel_size": 1}
     _tight(report["check"])
     _convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}",
              "pipeline_model_parallel_size=2")
+    _tight(_report(back)["check"])
+    assert_identical(tensors(hf), tensors(back))
+
+
+def test_experts_split_over_expert_parallel_ranks_and_back_under_tensor_parallelism(tmp_path):
+    """Qwen2-MoE (routed experts, a gated shared expert): written with its experts split over
+    two EP ranks, read back under TP 2 (each expert split over two TP ranks), bitwise."""
+    hf = tiny_hf("qwen2_moe", tmp_path / "hf")
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+    out = _convert(f"input={hf}", f"output={mcore}", "expert_model_parallel_size=2")
+    assert "on 2 process(es) (TP 1 x PP 1 x EP 2)" in out
+    assert _report(mcore)["layout"]["expert_model_parallel_size"] == 2
+    _tight(_report(mcore)["check"])
+    _convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}",
+             "tensor_model_parallel_size=2")
     _tight(_report(back)["check"])
     assert_identical(tensors(hf), tensors(back))
 

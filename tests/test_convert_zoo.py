@@ -36,6 +36,10 @@ PUBLISHED = {
     # their 752M and 2.03B count it twice).
     "qwen3_0_6b": 596_049_920, "qwen3_1_7b": 1_720_574_976, "qwen3_4b": 4_022_468_096,
     "qwen3_8b": 8_190_735_360, "qwen3_14b": 14_768_307_200, "qwen3_32b": 32_762_123_264,
+    # Mixtures of experts: every expert counted (the Hub index's total_size / 2 bytes in bf16),
+    # the shared expert and its gate too (Qwen1.5-MoE).
+    "mixtral_8x7b": 46_702_792_704, "qwen1_5_moe_a2_7b": 14_315_784_192,
+    "qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560,
 }
 # Entries added with conversion (the others came with training and its tests).
 CONVERSION_ZOO = (
@@ -43,11 +47,11 @@ CONVERSION_ZOO = (
     "llama3_2_3b", "mistral_7b", "mistral_7b_v0_3", "qwen2_0_5b", "qwen2_1_5b", "qwen2_5_0_5b",
     "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
     "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b",
-    "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
+    "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
+    "qwen3_30b_a3b", "qwen3_235b_a22b")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
-# Families with a Hugging Face mapping (MoE models convert later).
-DENSE = [name for name in ZOO if name not in ("tiny", "tiny_moe", "mixtral_8x7b",
-                                              "qwen1_5_moe_a2_7b")]
+# Published models (each of a family with a Hugging Face mapping), not the tiny test models.
+PUBLISHED_ZOO = [name for name in ZOO if name not in ("tiny", "tiny_moe")]
 CPU = Machine(gpus=0, has_transformer_engine=False)
 
 
@@ -55,11 +59,11 @@ def _model(name: str) -> ModelConfig:
     return compose_config(f"model={name}").model
 
 
-def test_every_published_dense_model_is_in_the_zoo():
-    assert sorted(PUBLISHED) == DENSE
+def test_every_published_model_is_in_the_zoo():
+    assert sorted(PUBLISHED) == PUBLISHED_ZOO
     assert set(CONVERSION_ZOO) <= set(ZOO)
     # Each is a named size of one family.
-    assert sorted(size for f in families.registered() for size in f.sizes) == DENSE
+    assert sorted(size for f in families.registered() for size in f.sizes) == PUBLISHED_ZOO
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -141,6 +145,36 @@ HUB_CONFIGS = {
         "num_attention_heads": 64, "num_hidden_layers": 64, "num_key_value_heads": 8,
         "rms_norm_eps": 1e-06, "rope_theta": 1000000, "sliding_window": None,
         "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936}),
+    "mixtral_8x7b": ("MixtralConfig", {
+        "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "num_attention_heads": 32, "num_experts_per_tok": 2,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "vocab_size": 32000}),
+    "qwen1_5_moe_a2_7b": ("Qwen2MoeConfig", {
+        "decoder_sparse_step": 1, "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 5632, "max_position_embeddings": 8192, "moe_intermediate_size": 1408,
+        "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 60,
+        "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 5632, "tie_word_embeddings": False,
+        "use_sliding_window": False, "vocab_size": 151936}),
+    "qwen3_30b_a3b": ("Qwen3MoeConfig", {
+        "attention_bias": False, "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 40960,
+        "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 48, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+        "use_sliding_window": False, "vocab_size": 151936}),
+    "qwen3_235b_a22b": ("Qwen3MoeConfig", {
+        "attention_bias": False, "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 12288, "max_position_embeddings": 40960,
+        "mlp_only_layers": [], "moe_intermediate_size": 1536, "norm_topk_prob": True,
+        "num_attention_heads": 64, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 94, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+        "use_sliding_window": False, "vocab_size": 151936}),
     "bloom_560m": ("BloomConfig", {
         "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
         "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
@@ -189,6 +223,34 @@ def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
     narrow = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kv_channels=80))
     extra = memory_plan(cfg, layout).activations - memory_plan(narrow, layout).activations
     assert extra == pytest.approx(13_824 / 8 * 4096 * 64 / 2**30)
+
+
+def test_qwen3_235b_a22b_plans_for_sixteen_nodes_with_its_experts_split_sixteen_ways():
+    """The plan `dry_run=true` prints for the largest Qwen3-MoE: TP 4 x PP 2 x EP 16 on 128 GPUs
+    fits an 80 GB GPU. Each rank holds a 16th of its stage's 47 x 128 experts (split over TP
+    4), and their optimizer state whole: a rank's experts have no other copy to shard it with
+    (DP 16 / EP 16)."""
+    cfg = compose_config("model=qwen3_235b_a22b", "parallel.tensor_model_parallel_size=4",
+                         "parallel.pipeline_model_parallel_size=2",
+                         "parallel.expert_model_parallel_size=16", "launcher.nnodes=16",
+                         "device=cuda", "precision=bf16", "data=mock", "data.seq_length=4096",
+                         "stage.micro_batch_size=1", "stage.global_batch_size=1024",
+                         "parallel.use_distributed_optimizer=true")
+    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
+    plan = describe(cfg, layout)
+    # 235.094 B as published, plus 128 padding rows each for the embedding and the output layer.
+    assert "qwen3_235b_a22b: 235.095 B parameters (94 layers, hidden 4096, vocab 151936 padded " \
+           "to 152064)" in plan
+    assert "128 = 16 node(s) x 8  |  TP 4  PP 2  CP 1  EP 16  DP 16" in plan
+    memory = memory_plan(cfg, layout)
+    layer, experts = 2_487_755_008, 128 * 3 * 4096 * 1536
+    last_stage = (47 * layer + 4096 + 152_064 * 4096) // 4  # layers, final norm, output layer
+    own_experts = 47 * experts // 4 // 16
+    assert memory.params_per_rank == last_stage - 47 * experts // 4 + own_experts
+    # Adam's 12 bytes a parameter under bf16: the dense part sharded 16 ways, the experts not.
+    dense = memory.params_per_rank - own_experts
+    assert memory.optimizer == pytest.approx((dense * 12 / 16 + own_experts * 12) / 2**30)
+    assert memory.total < 80
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3_2_1b", "mistral_7b", "qwen2_5_0_5b",

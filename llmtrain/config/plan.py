@@ -61,8 +61,10 @@ def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
     gated = 2 if m.activation == "swiglu" else 1
     ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
     mlp = h * ffn * gated + ffn * h + (ffn * gated + h) * bias
-    if m.num_moe_experts:
-        mlp = mlp * m.num_moe_experts + h * m.num_moe_experts
+    if m.num_moe_experts:  # every routed expert, the router, the shared expert and its gate
+        shared = m.moe_shared_expert_intermediate_size or 0
+        mlp = ((mlp + h) * m.num_moe_experts + h * shared * (gated + 1)
+               + h * m.moe_shared_expert_gate)
     # Falcon's parallel layers share one norm between attention and MLP unless told otherwise.
     layer_norms = 1 if m.parallel_attention_mlp and not m.parallel_mlp_layernorm else 2
     return ParamCounts(
@@ -140,16 +142,22 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
         counts.output or counts.embedding)  # a tied embedding has a copy on the last stage
     per_rank = counts.total if pp == 1 else max(first, last)
     per_rank = per_rank // tp
-    if m.num_moe_experts and layout.expert_model_parallel_size > 1:
-        experts = _expert_params(m) * m.num_moe_experts * layers_per_stage // tp
-        per_rank -= experts - experts // layout.expert_model_parallel_size
+    ep = layout.expert_model_parallel_size
+    # The routed experts of a stage, split over TP and EP (this rank's share: `experts`).
+    experts = _expert_params(m) * (m.num_moe_experts or 0) * layers_per_stage // tp
+    per_rank -= experts - experts // ep
+    experts //= ep
     half = prec.bf16 or prec.fp16
     weight_bytes = 2 if half else 4
     grad_bytes = 4 if prec.grad_reduce_in_fp32 or not half else 2
     # Adam: fp32 master copy (mixed precision only) + two moments.
     optim_bytes = (4 if half else 0) + (8 if cfg.optim.optimizer == "adam" else 4)
-    if cfg.parallel.use_distributed_optimizer:  # sharded over the data-parallel (x CP) ranks
-        optim_bytes /= layout.data_parallel_size * layout.context_parallel_size
+    optimizer = per_rank * optim_bytes
+    if cfg.parallel.use_distributed_optimizer:  # sharded over the data-parallel (x CP) ranks;
+        # an expert's over the ranks that hold it (DP x CP / EP)
+        replicas = layout.data_parallel_size * layout.context_parallel_size
+        optimizer = ((per_rank - experts) * optim_bytes / replicas
+                     + experts * optim_bytes / max(replicas // ep, 1))
     # Activations per layer and micro-batch with flash attention; the first stage holds up to
     # PP micro-batches in flight under 1F1B.
     s, b = cfg.data.seq_length, cfg.stage.micro_batch_size
@@ -164,7 +172,7 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
         params_per_rank=per_rank,
         weights=per_rank * weight_bytes / GIB,
         gradients=per_rank * grad_bytes / GIB,
-        optimizer=per_rank * optim_bytes / GIB,
+        optimizer=optimizer / GIB,
         activations=activations / GIB,
     )
 

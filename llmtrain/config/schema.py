@@ -72,9 +72,12 @@ class ModelConfig:
     moe_shared_expert_gate: bool = False
     moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
     moe_aux_loss_coeff: float = 0.01
-    # Softmax over all experts before the top-k choice, weights not renormalised (Qwen MoE);
-    # false: softmax over the k chosen logits (Mixtral).
+    # Softmax over all experts before the top-k choice, weights not renormalised (Qwen1.5/2-MoE:
+    # norm_topk_prob false); false: softmax over the k chosen logits (Mixtral, Qwen3-MoE).
     moe_router_pre_softmax: bool = False
+    # The router's logits and softmax in this format whatever the precision (fp32 | fp64; None:
+    # the model's).
+    moe_router_dtype: Optional[str] = None
 
 
 @dataclass

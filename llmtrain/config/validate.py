@@ -34,6 +34,7 @@ CHOICES = {
     "parallel.recompute_granularity": (None, "selective", "full"),
     "parallel.recompute_method": (None, "uniform", "block"),
     "parallel.moe_token_dispatcher_type": (None, "alltoall", "allgather"),
+    "model.moe_router_dtype": (None, "fp32", "fp64"),
     "device": (None, "cpu", "cuda"),
     "checkpoint.resume": ("auto", "never"),
     "optim.on_nonfinite": ("stop", "skip"),

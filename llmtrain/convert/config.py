@@ -40,6 +40,9 @@ class ConvertConfig:
     # Processes the conversion runs on (the checkpoint itself loads under any layout).
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Mixtures of experts: each layer's experts split over this many processes (as many
+    # data-parallel ones), each reading and writing its own.
+    expert_model_parallel_size: int = 1
     # Format of the written weights: fp32 | bf16 | fp16; null: the format the input stores.
     dtype: Optional[str] = None
     # Run both models on the prompts and compare every layer's output and the logits.

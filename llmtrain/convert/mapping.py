@@ -1,10 +1,10 @@
 """How Hugging Face tensors become Megatron-Core tensors and back: rules and exact transforms.
 
 A family (llmtrain.convert.families) lists rules: one Megatron parameter (its whole, unsharded
-tensor under its global name, `{i}` standing for the layer) made from one or more Hugging Face
-tensors by a transform. Every transform is a pair of exact inverses built from reshapes,
-concatenations, slices and transposes, so Hugging Face -> Megatron -> Hugging Face gives back
-bitwise-identical tensors. Slicing into TP shards and PP stages is not done here but by
+tensor under its global name, `{i}` standing for the layer and `{e}` for the expert of a
+mixture-of-experts layer) made from one or more Hugging Face tensors by a transform. Every
+transform is a pair of exact inverses built from reshapes, concatenations, slices and
+transposes, so Hugging Face -> Megatron -> Hugging Face gives back bitwise-identical tensors. Slicing into TP shards and PP stages is not done here but by
 `llmtrain.megatron.weights`, from the whole tensors.
 """
 
@@ -130,7 +130,8 @@ class Transposed(Transform):
 
 @dataclass(frozen=True)
 class Rule:
-    """Megatron parameter `mcore` from the Hugging Face tensors `hf` ({i}: the layer number)."""
+    """Megatron parameter `mcore` from the Hugging Face tensors `hf` ({i}: the layer number,
+    {e}: the expert's)."""
 
     mcore: str
     hf: tuple[str, ...]
@@ -152,6 +153,15 @@ def norm(mcore: str, hf: str, m: ModelConfig) -> list[Rule]:
     return linear(mcore, hf, m.normalization == "LayerNorm")
 
 
+def gated_mlp(mcore: str, hf: str, projections: tuple[str, str, str], bias: bool) -> list[Rule]:
+    """A SwiGLU MLP (a dense one, an expert, a shared expert) whose Hugging Face projections are
+    named (gate, up, down): Megatron's linear_fc1 holds [gate; up], linear_fc2 the down one."""
+    gate, up, down = (f"{hf}.{p}" for p in projections)
+    result = [Rule(f"{mcore}.linear_fc1.{kind}", (f"{gate}.{kind}", f"{up}.{kind}"), Concat())
+              for kind in (("weight", "bias") if bias else ("weight",))]
+    return result + linear(f"{mcore}.linear_fc2", down, bias)
+
+
 @dataclass
 class Mapping:
     """The rules of one family for one model, expanded over its layers."""
@@ -164,13 +174,14 @@ class Mapping:
 
     def __post_init__(self):
         self.by_mcore, self.by_hf = {}, {}
+        layers = range(self.model.num_layers)
+        experts = range(self.model.num_moe_experts or 0)
         for rule in self.rules:
-            if "{i}" in rule.mcore:
-                for i in range(self.model.num_layers):
-                    self._add(Rule(rule.mcore.format(i=i),
-                                   tuple(n.format(i=i) for n in rule.hf), rule.transform))
-            else:
-                self._add(rule)
+            places = ([{"i": i, "e": e} for i in layers for e in experts] if "{e}" in rule.mcore
+                      else [{"i": i} for i in layers] if "{i}" in rule.mcore else [{}])
+            for place in places:
+                self._add(Rule(rule.mcore.format(**place),
+                               tuple(n.format(**place) for n in rule.hf), rule.transform))
 
     def _add(self, rule: Rule) -> None:
         self.by_mcore[rule.mcore] = rule

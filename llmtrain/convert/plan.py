@@ -79,13 +79,18 @@ def _dtype_name(value) -> Optional[str]:
     return DTYPE_NAMES.get(str(value)) if value is not None else None
 
 
-def _megatron_config(c: ConvertConfig, m: ModelConfig, tp: int, pp: int) -> tuple[Config, Layout]:
+def _megatron_config(c: ConvertConfig, m: ModelConfig, tp: int, pp: int,
+                     ep: int = 1) -> tuple[Config, Layout]:
+    """The Megatron side on TP x PP x EP processes (EP of them data-parallel: expert
+    parallelism splits the experts over data-parallel ranks)."""
     seq = min(c.check_max_tokens, m.max_position_embeddings)
     cfg = Config(name=f"convert_{m.name}", seed=c.seed, device="cpu", model=m,
-                 parallel=ParallelConfig(name=f"tp{tp}pp{pp}", tensor_model_parallel_size=tp,
-                                         pipeline_model_parallel_size=pp),
+                 parallel=ParallelConfig(name=f"tp{tp}pp{pp}" + (f"ep{ep}" if ep > 1 else ""),
+                                         tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp,
+                                         expert_model_parallel_size=ep, data_parallel_size=ep),
                  data=DataConfig(kind="mock", seq_length=seq),
-                 stage=StageConfig(micro_batch_size=1, global_batch_size=1),
+                 stage=StageConfig(micro_batch_size=1, global_batch_size=ep),
                  launcher=c.launcher, output_dir=str(c.output or "."))
     return cfg, validate(cfg, Machine(gpus=0, has_transformer_engine=False))
 
@@ -178,14 +183,17 @@ def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfi
 
 def _check_shapes(reader: hf_files.HFReader, hf_config, folder: Path) -> None:
     """Every stored tensor has the shape its config.json gives it (read from the files' headers,
-    against the Hugging Face model built without memory): a config that does not describe the
-    weights is refused before any is read."""
+    against the Hugging Face model built without memory, under the names it saves: transformers
+    holds a MoE layer's experts as one fused tensor but stores each expert's own): a config that
+    does not describe the weights is refused before any is read."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
         expected = {name: list(t.shape) for name, t in
-                    AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+                    revert_weight_conversion(model, model.state_dict()).items()}
     wrong = [f"{name} in {file}: {shape}, config.json makes it {expected[name]}"
              for name, (file, shape) in reader.shapes().items()
              if name in expected and expected[name] != shape]
@@ -219,7 +227,7 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
                               + ", ".join(missing))
     hf_config, family, m = _model_of(c, folder)
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
-                                   c.pipeline_model_parallel_size)
+                                   c.pipeline_model_parallel_size, c.expert_model_parallel_size)
     reader = hf_files.HFReader(folder, family.base_prefix)
     _check_shapes(reader, hf_config, folder)
     _check_tensor_names(reader, family, m, folder)
@@ -305,7 +313,7 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
                               f"beside it saying which model it holds: add model=<name> (one of "
                               f"conf/model/)")
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
-                                   c.pipeline_model_parallel_size)
+                                   c.pipeline_model_parallel_size, c.expert_model_parallel_size)
     stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else
                                        checkpoint.step_dir(root, iteration))
     embedding = stored.get("embedding.word_embeddings.weight")

@@ -21,6 +21,8 @@ from llmtrain.launch.local import launch
 REPORT = "conversion_report.json"
 # From the finest to the coarsest format.
 PRECISION_ORDER = ["fp32", "fp16", "bf16"]
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+               "expert_model_parallel_size")
 # Files of a Megatron checkpoint folder that do not belong in a Hugging Face one.
 NOT_HF = (REPORT, "latest_checkpointed_iteration.txt")
 
@@ -98,10 +100,11 @@ def execute(plan: Plan, say=print) -> dict:
     created = job.output is not None and not Path(job.output).exists()
     if job.output:
         Path(job.output).mkdir(parents=True, exist_ok=True)
+    ep = plan.layout.expert_model_parallel_size
     say(f"[convert] {job.direction}: {job.input} -> {job.output or '(check only)'}; model "
         f"{plan.model.name} ({plan.family.name}), {job.dtype}, on {plan.layout.world_size} "
         f"process(es) (TP {plan.layout.tensor_model_parallel_size} x PP "
-        f"{plan.layout.pipeline_model_parallel_size})")
+        f"{plan.layout.pipeline_model_parallel_size}" + (f" x EP {ep})" if ep > 1 else ")"))
     for note in plan.notes:
         say(f"[convert] note: {note}")
     try:
@@ -110,9 +113,7 @@ def execute(plan: Plan, say=print) -> dict:
         report = {"direction": job.direction, "input": job.input,
                   "output": None if scratch else job.output, "family": plan.family.name,
                   "model": dataclasses.asdict(plan.model), "dtype": job.dtype,
-                  "layout": {"tensor_model_parallel_size": plan.layout.tensor_model_parallel_size,
-                             "pipeline_model_parallel_size":
-                                 plan.layout.pipeline_model_parallel_size}}
+                  "layout": {key: getattr(plan.layout, key) for key in LAYOUT_KEYS}}
         if job.direction == "mcore_to_hf":
             _finish_hf_folder(plan, out, result["hf_parts"])
         elif out is not None and job.direction != "lora_to_peft":

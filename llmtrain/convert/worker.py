@@ -106,12 +106,12 @@ def _mcore_to_hf(job: Job, cfg: Config, layout: Layout) -> dict:
     mapping = families.by_name(job.model.family).mapping(job.model)
     chunks = _fresh(cfg, layout, job.dtype, job.input, job.iteration, job)
     writer = None
-    if weights.is_first_of_tensor_group():
-        prefix = f"part-pp{weights.pipeline_rank():03d}"
+    if weights.tensor_rank() == 0:  # what a TP group gathers, its first rank writes
+        prefix = f"part-pp{weights.pipeline_rank():03d}-ep{weights.expert_rank():03d}"
         writer = hf_files.ShardWriter(Path(job.output), prefix, job.max_shard_bytes)
     dtype = TORCH_DTYPES[job.dtype]
     for name, tensor in weights.whole_tensors(chunks):
-        if writer is not None and not lora.is_adapter_key(name):
+        if writer is not None and weights.writes(name) and not lora.is_adapter_key(name):
             for hf_name, hf_tensor in mapping.to_hf(name, tensor).items():
                 if job.strip_prefix and hf_name.startswith(job.strip_prefix):
                     hf_name = hf_name[len(job.strip_prefix):]

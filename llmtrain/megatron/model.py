@@ -69,6 +69,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         moe_router_load_balancing_type=m.moe_router_load_balancing_type,
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_router_dtype=m.moe_router_dtype,
         moe_grouped_gemm=bool(m.num_moe_experts) and layout.use_transformer_engine,
         # Layout.
         tensor_model_parallel_size=layout.tensor_model_parallel_size,

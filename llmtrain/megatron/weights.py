@@ -16,7 +16,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+# A routed expert's parameter: SequentialMLP's (Megatron's local layers) and TEGroupedMLP's
+# (Transformer Engine's grouped GEMM), numbered among this EP rank's experts.
 _EXPERT = re.compile(r"local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
 def global_names(chunk: torch.nn.Module) -> dict[str, str]:
@@ -30,17 +33,28 @@ def global_names(chunk: torch.nn.Module) -> dict[str, str]:
         if match:
             layer = layers[int(match.group(1))]
             gname = gname.replace(match.group(0), f"decoder.layers.{layer.layer_number - 1}.", 1)
-        match = _EXPERT.search(gname)
-        if match:
+        if _EXPERT.search(gname) or _GROUPED_EXPERT.search(gname):
             if num_local_experts is None:
                 num_local_experts = (chunk.config.num_moe_experts
                                      // ps.get_expert_model_parallel_world_size())
-            expert = ps.get_expert_model_parallel_rank() * num_local_experts + int(match.group(1))
-            gname = gname.replace(match.group(0), f"local_experts.{expert}.", 1)
+            gname = expert_name(gname, ps.get_expert_model_parallel_rank() * num_local_experts)
         if gname == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
             gname = "embedding.word_embeddings.weight"
         names[name] = gname
     return names
+
+
+def expert_name(name: str, first: int) -> str:
+    """An expert's parameter under its whole-model name, the same for both expert layouts:
+    `experts.local_experts.{e}.linear_fc1.weight`, e counted over all experts (`first`: the
+    number of this rank's first expert). TEGroupedMLP's `experts.linear_fc1.weight{k}` is
+    SequentialMLP's expert k, as Megatron-Core's checkpoints store it."""
+    grouped = _GROUPED_EXPERT.search(name)
+    if grouped:
+        layer, kind, local = grouped.groups()
+        return name[:grouped.start()] + f"experts.local_experts.{first + int(local)}.{layer}.{kind}"
+    local = _EXPERT.search(name)
+    return name.replace(local.group(0), f"local_experts.{first + int(local.group(1))}.", 1)
 
 
 def is_gated(chunk: torch.nn.Module, global_name: str) -> bool:
@@ -114,6 +128,25 @@ def is_first_of_tensor_group() -> bool:
     """The rank that writes what its TP group gathered (first TP, DP and CP rank of its stage)."""
     return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
             and ps.get_context_parallel_rank() == 0)
+
+
+def is_expert(global_name: str) -> bool:
+    """A routed expert's parameter: held by its expert-parallel rank only."""
+    return ".mlp.experts." in global_name
+
+
+def writes(global_name: str) -> bool:
+    """Whether this rank writes what it gathered of a parameter: the first rank of its TP group
+    among the data-parallel copies; for an expert, among the copies on its EP rank (with expert
+    parallelism the data-parallel ranks hold different experts)."""
+    if is_expert(global_name):
+        return (ps.get_expert_tensor_parallel_rank() == 0
+                and ps.get_expert_data_parallel_rank() == 0)
+    return is_first_of_tensor_group()
+
+
+def expert_rank() -> int:
+    return ps.get_expert_model_parallel_rank()
 
 
 def pipeline_rank() -> int:

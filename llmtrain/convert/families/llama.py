@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.families import Family, unsupported
-from llmtrain.convert.mapping import QKV, Concat, Rule, Vocabulary, head_counts, linear, norm
+from llmtrain.convert.families.moe import PROJECTIONS, Experts
+from llmtrain.convert.mapping import QKV, Rule, Vocabulary, gated_mlp, head_counts, linear, norm
 
 # Llama 3.1's RoPE scaling as Megatron-Core implements it (only the factor is configurable).
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -152,8 +153,10 @@ def _qwen2_hf(m: ModelConfig):
     return Qwen2Config(**common_hf(m, "Qwen2ForCausalLM"), use_sliding_window=False)
 
 
-def rules(m: ModelConfig, fused_gate_up: bool = False) -> list[Rule]:
-    """Llama's names; `fused_gate_up`: one [gate; up] projection (GLM), Megatron's own layout."""
+def rules(m: ModelConfig, fused_gate_up: bool = False, experts: Experts | None = None,
+          ) -> list[Rule]:
+    """Llama's names; `fused_gate_up`: one [gate; up] projection (GLM), Megatron's own layout;
+    `experts`: a mixture-of-experts block in place of the MLP, named the family's way."""
     layer, hf = "decoder.layers.{i}", "model.layers.{i}"
     attention = f"{hf}.self_attn"
     result = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
@@ -165,14 +168,13 @@ def rules(m: ModelConfig, fused_gate_up: bool = False) -> list[Rule]:
     result += linear(f"{layer}.self_attention.linear_proj", f"{attention}.o_proj",
                      m.add_bias_linear)
     result += norm(f"{layer}.pre_mlp_layernorm", f"{hf}.post_attention_layernorm", m)
-    if fused_gate_up:
+    if experts is not None:
+        result += experts.rules(m, layer, hf)
+    elif fused_gate_up:
         result.append(Rule(f"{layer}.mlp.linear_fc1.weight", (f"{hf}.mlp.gate_up_proj.weight",)))
+        result += linear(f"{layer}.mlp.linear_fc2", f"{hf}.mlp.down_proj", m.add_bias_linear)
     else:
-        for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
-            result.append(Rule(f"{layer}.mlp.linear_fc1.{kind}",
-                               (f"{hf}.mlp.gate_proj.{kind}", f"{hf}.mlp.up_proj.{kind}"),
-                               Concat()))
-    result += linear(f"{layer}.mlp.linear_fc2", f"{hf}.mlp.down_proj", m.add_bias_linear)
+        result += gated_mlp(f"{layer}.mlp", f"{hf}.mlp", PROJECTIONS, m.add_bias_linear)
     result += norm("decoder.final_layernorm", "model.norm", m)
     if not m.share_embeddings_and_output_weights:
         result.append(Rule("output_layer.weight", ("lm_head.weight",), Vocabulary()))

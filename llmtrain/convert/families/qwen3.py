@@ -7,16 +7,23 @@ from __future__ import annotations
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.families import Family, unsupported
 from llmtrain.convert.families.llama import DECODER, SHARED, common_hf, decoder_fields, rules
+from llmtrain.convert.families.moe import Experts
 from llmtrain.convert.mapping import Rule
 
 
-def _fields(c) -> dict:
-    problems: list[str] = []
+def qwen3_fields(c, problems: list[str]) -> dict:
+    """The fields of a Qwen3 config (dense or MoE), the features they lack in `problems`."""
     fields = decoder_fields(c, problems)
     if c.attention_bias:
         problems.append("attention_bias=true (biases on Q/K/V and the output projection)")
     if c.use_sliding_window:
         problems.append("sliding-window attention on some layers (use_sliding_window)")
+    return fields
+
+
+def _fields(c) -> dict:
+    problems: list[str] = []
+    fields = qwen3_fields(c, problems)
     unsupported("Qwen3", problems)
     return fields
 
@@ -28,10 +35,12 @@ def _hf(m: ModelConfig):
                        use_sliding_window=False)
 
 
-def _rules(m: ModelConfig) -> list[Rule]:
+def qk_norm_rules(m: ModelConfig, experts: Experts | None = None) -> list[Rule]:
+    """Llama's rules (with a MoE block: Qwen3-MoE) and the Q/K norms."""
     layer, attention = "decoder.layers.{i}.self_attention", "model.layers.{i}.self_attn"
-    return rules(m) + [Rule(f"{layer}.q_layernorm.weight", (f"{attention}.q_norm.weight",)),
-                       Rule(f"{layer}.k_layernorm.weight", (f"{attention}.k_norm.weight",))]
+    return rules(m, experts=experts) + [
+        Rule(f"{layer}.q_layernorm.weight", (f"{attention}.q_norm.weight",)),
+        Rule(f"{layer}.k_layernorm.weight", (f"{attention}.k_norm.weight",))]
 
 
 QWEN3 = Family(
@@ -39,4 +48,4 @@ QWEN3 = Family(
     hf_config=_hf, defaults=dict(DECODER, add_qkv_bias=False, qk_layernorm=True),
     sizes=("qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b"),
     # The tied sizes' Hub checkpoints (0.6B, 1.7B) also store the output layer: the embedding.
-    **dict(SHARED, rules=_rules, ignored=(*SHARED["ignored"], r"^lm_head\.weight$")))
+    **dict(SHARED, rules=qk_norm_rules, ignored=(*SHARED["ignored"], r"^lm_head\.weight$")))
