@@ -153,16 +153,18 @@ def test_megatron_lm_checkpoint_imports_exactly(tmp_path):
 
 
 def test_training_starts_from_a_converted_checkpoint(tmp_path):
-    """Converted at TP 1, fine-tuned at TP 2 (weights only, a new schedule) with a learning rate
-    of 0 so that the weights stay put, exported: the original tensors come back."""
-    hf = tiny_hf("llama", tmp_path / "hf", tokenizer=True)
+    """Converted at TP 1, fine-tuned in bf16 at TP 2 (weights only, a new schedule) with a
+    learning rate of 0 so that the weights stay put, exported: the original tensors come back
+    (bf16 keeps fp32 main weights in the optimizer: they must be the loaded ones)."""
+    hf = tiny_hf("llama", tmp_path / "hf", dtype=torch.bfloat16, tokenizer=True)
     mcore, run, back = tmp_path / "mcore", tmp_path / "run", tmp_path / "back"
     out = _convert(f"input={hf}", f"output={mcore}", "check=false")
     assert f"model=hf checkpoint.load={mcore} checkpoint.finetune=true" in out
 
     train = run_llmtrain(
         f"hydra.searchpath=[file://{mcore}]", "model=hf", f"checkpoint.load={mcore}",
-        "checkpoint.finetune=true", "parallel=tp2pp1", *SHORT, "stage.train_iters=2",
+        "checkpoint.finetune=true", "parallel=tp2pp1", "precision=bf16", *SHORT,
+        "stage.train_iters=2",
         "optim.lr=0", "optim.min_lr=0", "optim.lr_warmup_iters=0", "checkpoint.save=ckpt",
         f"hydra.run.dir={run}").stdout
     assert f"loaded {mcore}/iter_0000000 (weights only: a new schedule starts)" in train

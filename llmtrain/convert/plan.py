@@ -223,8 +223,12 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
     folder = Path(c.input)
     missing = hf_files.missing_files(folder)
     if missing:
+        megatron = (folder / "latest_checkpointed_iteration.txt").exists() or any(
+            folder.glob("iter_*"))
         raise ConversionError(f"the Hugging Face checkpoint at {folder} lacks: "
-                              + ", ".join(missing))
+                              + ", ".join(missing) + ("; it holds a Megatron checkpoint: add "
+                              "direction=mcore_to_hf to convert it to Hugging Face"
+                              if megatron else ""))
     hf_config, family, m = _model_of(c, folder)
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size, c.expert_model_parallel_size)

@@ -53,7 +53,7 @@ def main(spec: dict) -> dict:
         moe_shared_expert_gate=m["moe_shared_expert_gate"],
         moe_router_load_balancing_type=m["moe_router_load_balancing_type"],
         moe_aux_loss_coeff=m["moe_aux_loss_coeff"],
-        moe_router_pre_softmax=m["moe_router_pre_softmax"],
+        moe_router_pre_softmax=m["moe_router_pre_softmax"], moe_router_dtype=m["moe_router_dtype"],
         moe_grouped_gemm=bool(m["num_moe_experts"]), moe_token_dispatcher_type="alltoall",
         bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
         fp8=spec["fp8"], fp8_recipe=spec["fp8_recipe"] or "delayed",

@@ -824,6 +824,11 @@ def load(root: str | os.PathLike, iteration: int, model: list, optimizer, schedu
     else:
         loaded.pop("optimizer", None)
         loaded.pop("scheduler", None)
+        if optimizer is not None:
+            # bf16/fp16: the optimizer's fp32 main weights were copied from the initialised model
+            # when it was built; without this its first step writes them back over the loaded
+            # weights (a fine-tune from a converted model silently trained from the seed's).
+            optimizer.reload_model_params()
     dist.barrier()
     return loaded
 
