@@ -117,6 +117,22 @@ def compare(args) -> None:
         print(f"{name} A/B per step: {values}; max |B - A| {largest:.3e}")
 
 
+def same(args) -> None:
+    """Whether two Hugging Face folders hold the same tensors, bitwise (names, formats,
+    values)."""
+    from safetensors.torch import load_file
+
+    a, b = ({name: t for f in sorted(Path(d).glob("*.safetensors"))
+             for name, t in load_file(f).items()} for d in (args.a, args.b))
+    differ = sorted(a.keys() ^ b.keys()) + [
+        name for name in sorted(a.keys() & b.keys())
+        if a[name].dtype != b[name].dtype or not a[name].equal(b[name])]
+    print(f"{args.b} against {args.a}: {len(a)} tensors, "
+          + (f"{len(differ)} differ: {', '.join(differ[:4])}" if differ else "all identical"))
+    if differ:
+        raise SystemExit(1)
+
+
 def answers(args) -> None:
     for line in Path(args.file).read_text().splitlines():
         record = json.loads(line)
@@ -168,6 +184,10 @@ def main() -> None:
     pair.add_argument("b")
     pair.add_argument("names", nargs="+")
     pair.set_defaults(func=compare)
+    both = commands.add_parser("same", help=same.__doc__.split(" (")[0])
+    both.add_argument("a")
+    both.add_argument("b")
+    both.set_defaults(func=same)
     show = commands.add_parser("answers", help="each prompt and its generated text")
     show.add_argument("file")
     show.set_defaults(func=answers)

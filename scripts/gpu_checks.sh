@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
 #   bash scripts/gpu_checks.sh convert sft lora generate genbench servebench dpo grpo resume vpp \
-#       roles preference served_rm served_critic
+#       roles preference served_rm served_critic moe
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
 # Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
@@ -32,6 +32,8 @@ if [ -n "${GPU_CHECKS_TINY:-}" ]; then
     : "${RUN_MODEL:=tiny}" "${RUN_SEQ:=64}" "${RUN_MICRO:=2}" "${RUN_BATCH:=8}"
     : "${RESUME_STEPS:=8}" "${RESUME_SAVE_AT:=4}" "${VPP_STEPS:=6}" "${STEP_TIMEOUT:=900}"
     : "${LORA_R:=16}" "${LORA_LR:=5e-3}"
+    : "${MOE_ARGS:=model=qwen3_30b_a3b model.num_layers=2 model.num_moe_experts=8
+        model.hidden_size=256 model.moe_ffn_hidden_size=128 model.num_attention_heads=4}"
 else
     # One H100: a Llama 3.2 1B-shaped model (the corpus tokenizer's vocabulary: 1.0B
     # parameters), bf16; each step one to three minutes (docs/gpu_checks.md).
@@ -45,6 +47,7 @@ else
     : "${RUN_MODEL:=llama3_2_1b}" "${RUN_SEQ:=2048}" "${RUN_MICRO:=2}" "${RUN_BATCH:=16}"
     : "${RESUME_STEPS:=20}" "${RESUME_SAVE_AT:=10}" "${VPP_STEPS:=20}" "${STEP_TIMEOUT:=450}"
     : "${LORA_R:=16}" "${LORA_LR:=2e-3}"
+    : "${MOE_ARGS:=model=qwen3_30b_a3b model.num_layers=2}"  # real width: 128 experts, top-8
 fi
 : "${GEN_TOKENS:=48}"  # generated per prompt in the generate step
 : "${VPP_SIZE:=2}"    # virtual pipeline stages per pipeline rank in the vpp step
@@ -104,6 +107,25 @@ step_convert() {
     $PY -m llmtrain.convert "input=$HF" "output=$MCORE"
     grep -E '^(check in|logits|top-1)' "$OUT/$CURRENT.log" | tail -n 3 | note
     sed -n 's/^\[convert\] \(done in [^:]*\).*/\1/p' "$OUT/$CURRENT.log" | note
+}
+
+step_moe() {
+    # docs/convert.md, mixtures of experts: a Qwen3-MoE slice ($MOE_ARGS) from Hugging Face,
+    # checked, through one step at learning rate 0 on this machine's layers (Transformer
+    # Engine's grouped experts on a GPU) and back to Hugging Face: the same tensors, bitwise.
+    local hf="$WORK/hf_moe" mcore="$WORK/mcore_moe" run="$WORK/run_moe" back="$WORK/back_moe"
+    rm -rf "$hf" "$mcore" "$run" "$back"
+    # shellcheck disable=SC2086  # MOE_ARGS is a list of overrides
+    $PY scripts/gpu_checks.py hf-model $MOE_ARGS --output "$hf" --dtype "$HF_DTYPE"
+    $PY -m llmtrain.convert "input=$hf" "output=$mcore"
+    grep -E '^(logits|top-1)' "$OUT/$CURRENT.log" | tail -n 2 | note
+    $PY -m llmtrain "hydra.searchpath=[file://$mcore]" model=hf_moe "checkpoint.load=$mcore" \
+        checkpoint.finetune=true data=mock data.seq_length=256 stage.train_iters=1 \
+        stage.micro_batch_size=1 stage.global_batch_size=1 optim.lr=0 optim.min_lr=0 \
+        optim.lr_warmup_iters=0 "precision=$PRECISION" "${DEVICE_ARG[@]}" "hydra.run.dir=$run"
+    grep -E '^(model|engine) ' "$OUT/$CURRENT.log" | tail -n 2 | note
+    $PY -m llmtrain.convert direction=mcore_to_hf "input=$run/checkpoints" "output=$back"
+    $PY scripts/gpu_checks.py same "$hf" "$back" | note
 }
 
 step_sft() {
@@ -368,7 +390,7 @@ step_served_critic() {
 }
 
 ALL_STEPS=(convert sft lora generate genbench servebench dpo grpo resume vpp roles preference
-           served_rm served_critic)
+           served_rm served_critic moe)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing
     # command, and `timeout` can end it with everything it started.

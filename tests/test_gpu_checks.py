@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 STEPS = ["convert", "sft", "lora", "generate", "genbench", "servebench", "dpo", "grpo", "resume",
-         "vpp", "roles", "preference", "served_rm", "served_critic"]
+         "vpp", "roles", "preference", "served_rm", "served_critic", "moe"]
 
 
 def gpu_checks(tmp_path, *steps: str, **env: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,9 @@ optimizers and pipeline schedules on CPU tensors over gloo once these are answer
 - its RNG tracker saves and restores the CUDA generator: the CPU generator stands in;
 - it checks parameters by their CUDA type names (`param.type() == 'torch.cuda.FloatTensor'` in
   gradient clipping and in the mixed-precision and distributed optimizers): CPU tensors answer
-  with the CUDA name, so the same code paths run.
+  with the CUDA name, so the same code paths run;
+- its MoE router's gating GEMM goes through Transformer Engine wherever TE is installed, which
+  takes CUDA tensors: on the CPU it takes its own torch.mm path (a CPU run on a GPU machine).
 
 `enable()` is called once per process, before any model is built, and only when the run's device
 is the CPU. Nothing here changes numerics.
@@ -74,6 +76,9 @@ def enable() -> None:
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
 
     import megatron.core.tensor_parallel.random as mcore_random
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    moe_utils.te_general_gemm = None
 
     mcore_random._get_cuda_rng_state = (
         lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
