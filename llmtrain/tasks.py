@@ -43,6 +43,8 @@ class TaskSpec:
     # applies).
     possible_roles: frozenset[str] = field(default_factory=frozenset)
     checks: Checks = _no_checks
+    # Whether it trains low-rank adapters on a frozen base (peft=lora).
+    adapters: bool = False
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -84,4 +86,4 @@ def _load_builtin() -> None:
 LM_DATA = ("corpus", "indexed", "mock", "sft")
 LANGUAGE_MODEL = "llmtrain.megatron.tasks.language_model:LanguageModelTask"
 register(TaskSpec("pretrain", LANGUAGE_MODEL, LM_DATA))
-register(TaskSpec("sft", LANGUAGE_MODEL, LM_DATA))
+register(TaskSpec("sft", LANGUAGE_MODEL, LM_DATA, adapters=True))

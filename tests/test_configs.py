@@ -235,6 +235,33 @@ def test_world_size_must_equal_tp_pp_cp_dp():
         "to a multiple of 2"]
 
 
+def test_pipeline_stages_that_do_not_split_the_layers_name_the_uneven_options():
+    """tiny's 4 layers: PP 3 splits them only unevenly (1 + 2 + 1 is refused: the middle
+    stage takes what is left, 2; 1 + 1 + 2 is fine), and each stage must hold VPP's chunks."""
+    def problems(*overrides):
+        try:
+            validate(compose_config("parallel=tp1pp1", "parallel.pipeline_model_parallel_size=3",
+                                    "launcher.nproc_per_node=3", *overrides), CPU)
+        except ConfigError as error:
+            return error.problems
+        return []
+
+    assert problems() == [
+        "model tiny has 4 layers, which pipeline parallel size 3 does not divide: choose a "
+        "layout whose stages divide the layers, or give the first and last stages counts of "
+        "their own (parallel.num_layers_in_first_pipeline_stage, "
+        "parallel.num_layers_in_last_pipeline_stage)"]
+    assert problems("parallel.num_layers_in_first_pipeline_stage=2") == []
+    assert problems("parallel.num_layers_in_first_pipeline_stage=3") == [
+        "model tiny has 4 layers, which parallel.num_layers_in_first_pipeline_stage=3 and "
+        "num_layers_in_last_pipeline_stage=None cannot split over 3 pipeline stages: the other "
+        "stages must share the rest evenly, at least one layer each"]
+    assert ("model tiny's pipeline stages hold [2, 1, 1] layers, which VPP 2 does not divide: "
+            "choose a VPP size (or stage sizes) that divides each") in problems(
+        "parallel.num_layers_in_first_pipeline_stage=2",
+        "parallel.virtual_pipeline_model_parallel_size=2")
+
+
 def test_dry_run_prints_the_plan():
     out = run_llmtrain("model=llama3_8b", "parallel=tp4pp2", "device=cuda", "precision=bf16",
                        "data=mock", "data.seq_length=8192", "stage.micro_batch_size=1",

@@ -34,6 +34,7 @@ def reference(tmp_path_factory):
     ["parallel=tp2pp2"],
     ["parallel=tp1pp1", "parallel.data_parallel_size=2"],
     ["parallel=tp1pp2", "parallel.virtual_pipeline_model_parallel_size=2"],
+    ["parallel=tp1pp2", "parallel.num_layers_in_first_pipeline_stage=1"],  # 1 + 3 layers
     ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
      "parallel.recompute_num_layers=1"],
 ], ids=lambda args: " ".join(args))

@@ -7,6 +7,8 @@ handed back to their own replica)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from conftest import run_llmtrain, summary
 from rlhf_helpers import ROLLOUTS, TINY, arithmetic_prompts, separable_pairs
@@ -95,6 +97,8 @@ def test_ppo_critic_trains_on_its_own_layout_and_resumes_on_the_runs(tmp_path, c
     own, shared = summary(tmp_path / "own"), summary(tmp_path / "shared")
     assert_same_steps(own, shared, ["reward"], ["value_loss", "kl"])
     assert shared["metrics"]["value_loss"][-1] > 0.0
+    # Over the whole vocabulary, however TP splits it.
+    assert 0.0 < shared["metrics"]["entropy"][0] <= math.log(4096) + 1e-3
 
     out = run_llmtrain(*args, "stage.train_iters=4", f"hydra.run.dir={tmp_path / 'own'}").stdout
     critic = tmp_path / "own" / "checkpoints" / "critic" / "iter_0000003"

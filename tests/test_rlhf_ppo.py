@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import shutil
 
-import pytest
 from conftest import run_llmtrain, summary
 from rlhf_helpers import ROLLOUTS, TINY, arithmetic_prompts, assert_reward_rises
 
@@ -30,13 +29,12 @@ def test_ppo_raises_the_mean_reward(tmp_path):
     assert all(math.isfinite(v) for v in metrics["value_loss"])
 
 
-@pytest.mark.parametrize("layout", [["parallel=tp2pp1"], ["parallel=tp1pp2"],
-                                    ["parallel=tp1pp1", "launcher.nproc_per_node=2"]],
-                         ids=["tp2", "pp2", "dp2"])
-def test_ppo_roles_run_on_two_processes_and_resume(tmp_path, layout):
+def test_ppo_roles_run_on_two_pipeline_stages_and_resume(tmp_path):
+    """PP=2 (TP=2 and DP=2, with the critic on its own layout and on the run's, are in
+    test_rlhf_placement.py)."""
     data = arithmetic_prompts(tmp_path / "prompts.jsonl")
     run = tmp_path / "ppo"
-    args = ["stage=ppo", *layout, "data=prompts", f"data.data_path=[{data}]", *TINY,
+    args = ["stage=ppo", "parallel=tp1pp2", "data=prompts", f"data.data_path=[{data}]", *TINY,
             *ROLLOUTS, "stage.micro_batch_size=4", "stage.global_batch_size=8",
             f"hydra.run.dir={run}", "checkpoint.save_interval=2"]
     out = run_llmtrain(*args, "stage.train_iters=2").stdout

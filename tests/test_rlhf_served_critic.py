@@ -78,6 +78,6 @@ def test_the_critic_server_refuses_a_run_without_a_critic_to_serve():
     process = run_llmtrain("stage=grpo", "data=prompts", module="llmtrain.serve.critic",
                            check=False)
     assert process.returncode == 2
-    assert ("the critic server serves stage=ppo's critic, not stage=grpo: give it the PPO "
+    assert ("the critic server serves the critic of stage=ppo, not stage=grpo: give it the "
             "run's settings") in process.stderr
     assert "stage.alignment.critic_url must be set" in process.stderr

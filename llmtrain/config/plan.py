@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmtrain.config.schema import Config, ModelConfig
-from llmtrain.config.validate import Layout
+from llmtrain.config.validate import Layout, pipeline_stage_layers
 
 GIB = 1024**3
 # Dense bf16 peak of the GPUs we know, TFLOP/s (for MFU).
@@ -135,12 +135,16 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     m, prec = cfg.model, cfg.precision
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
     counts = count_parameters(m, layout.padded_vocab_size)
-    layers_per_stage = m.num_layers // pp
+    par = cfg.parallel
+    uneven = (par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage
+              ) if pp == par.pipeline_model_parallel_size else ()
+    stages = pipeline_stage_layers(m.num_layers, pp, *uneven) or [m.num_layers // pp] * pp
+    layers_per_stage = max(stages)
     # First stage: embedding + its layers; last stage: its layers + output layer.
-    first = counts.embedding + counts.position + counts.per_layer * layers_per_stage
-    last = counts.per_layer * layers_per_stage + counts.final_norm + (
+    first = counts.embedding + counts.position + counts.per_layer * stages[0]
+    last = counts.per_layer * stages[-1] + counts.final_norm + (
         counts.output or counts.embedding)  # a tied embedding has a copy on the last stage
-    per_rank = counts.total if pp == 1 else max(first, last)
+    per_rank = counts.total if pp == 1 else max(first, last, counts.per_layer * layers_per_stage)
     per_rank = per_rank // tp
     ep = layout.expert_model_parallel_size
     # The routed experts of a stage, split over TP and EP (this rank's share: `experts`).

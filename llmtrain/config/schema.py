@@ -88,6 +88,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    # Uneven pipeline stages: the first's and last's layer counts (the embedding and the output
+    # layer make those stages heavier); the other stages share the rest evenly. None: even.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     # None: whatever the processes leave (world size / (TP x PP x CP)).

@@ -40,11 +40,9 @@ CHOICES = {
     "optim.on_nonfinite": ("stop", "skip"),
     "peft.name": ("none", "lora"),
 }
-# What peft.target_modules may name (Megatron's linear layers), and the stages LoRA trains.
 # Megatron's linear layers a LoRA may target; peft.target_modules=[all-linear] names them all.
 LORA_LAYERS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 LORA_TARGETS = (*LORA_LAYERS, "all-linear")
-LORA_STAGES = ("sft", "dpo")
 
 
 # The files each tokenizer type is loaded from.
@@ -175,11 +173,9 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"token counts of at least 0 (Megatron's --window-size)")
     if m.parallel_mlp_layernorm and not m.parallel_attention_mlp:
         problems.append("model.parallel_mlp_layernorm=true needs model.parallel_attention_mlp=true")
-    stages = pp * (vpp or 1)
-    if m.num_layers % stages:
-        what = f"PP {pp} x VPP {vpp}" if vpp else f"pipeline parallel size {pp}"
-        problems.append(f"model {m.name} has {m.num_layers} layers, which {what} = {stages} "
-                        f"does not divide: choose a layout whose stages divide the layers")
+    problems += pipeline_stage_problems(m.num_layers, m.name, pp, vpp,
+                                        par.num_layers_in_first_pipeline_stage,
+                                        par.num_layers_in_last_pipeline_stage)
     if vpp is not None and (vpp < 1 or pp < 2):
         problems.append("parallel.virtual_pipeline_model_parallel_size needs "
                         "pipeline_model_parallel_size >= 2 (and VPP >= 1)")
@@ -417,6 +413,47 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
     )
 
 
+def pipeline_stage_layers(num_layers: int, pp: int, first: Optional[int] = None,
+                          last: Optional[int] = None) -> Optional[list[int]]:
+    """Each pipeline stage's layer count (Megatron-Core's uneven split: the first and last
+    stages as given, the rest evenly); None where no such split exists."""
+    if pp == 1:
+        return [num_layers] if first is None and last is None else None
+    ends = [n for n in (first, last) if n is not None]
+    middle_stages, middle_layers = pp - len(ends), num_layers - sum(ends)
+    if min(ends, default=1) < 1 or middle_layers < middle_stages or (
+            middle_stages == 0 and middle_layers) or (
+            middle_stages and middle_layers % middle_stages):
+        return None
+    even = [middle_layers // middle_stages] * middle_stages if middle_stages else []
+    return ([first] if first is not None else []) + even + ([last] if last is not None else [])
+
+
+def pipeline_stage_problems(num_layers: int, name: str, pp: int, vpp: Optional[int],
+                            first: Optional[int], last: Optional[int]) -> list[str]:
+    if first is None and last is None:
+        if num_layers % pp:
+            return [f"model {name} has {num_layers} layers, which pipeline parallel size {pp} "
+                    f"does not divide: choose a layout whose stages divide the layers, or give "
+                    f"the first and last stages counts of their own (parallel.num_layers_in_"
+                    f"first_pipeline_stage, parallel.num_layers_in_last_pipeline_stage)"]
+        stages = [num_layers // pp] * pp
+    elif pp < 2:
+        return ["parallel.num_layers_in_first/last_pipeline_stage need "
+                "pipeline_model_parallel_size >= 2"]
+    else:
+        stages = pipeline_stage_layers(num_layers, pp, first, last)
+        if stages is None:
+            return [f"model {name} has {num_layers} layers, which parallel.num_layers_in_first"
+                    f"_pipeline_stage={first} and num_layers_in_last_pipeline_stage={last} "
+                    f"cannot split over {pp} pipeline stages: the other stages must share the "
+                    f"rest evenly, at least one layer each"]
+    if vpp and any(n % vpp for n in stages):
+        return [f"model {name}'s pipeline stages hold {stages} layers, which VPP {vpp} does not "
+                f"divide: choose a VPP size (or stage sizes) that divides each"]
+    return []
+
+
 def tensor_parallel_problems(m, tp: int, what: str = "tensor parallel size ") -> list[str]:
     """The model's shape against a tensor-parallel size (the run's, or a role's own)."""
     problems, groups = [], m.num_query_groups or m.num_attention_heads
@@ -520,9 +557,10 @@ def peft_problems(cfg: Config) -> list[str]:
     if not cfg.checkpoint.load:
         problems.append("peft=lora trains adapters on a frozen base model: give its checkpoint "
                         "with checkpoint.load=<folder> (a trained or converted model)")
-    if cfg.stage.name not in LORA_STAGES:
+    spec = task_spec(cfg.stage.name)
+    if spec is not None and not spec.adapters:
         problems.append(f"peft=lora with stage={cfg.stage.name} is not supported yet: use "
-                        f"stage={' or '.join(LORA_STAGES)}, or peft=none")
+                        f"stage={either(stages_where(lambda s: s.adapters))}, or peft=none")
     a = cfg.stage.alignment
     for key in ("reference_load", "reference_tensor_model_parallel_size"):
         if getattr(a, key) is not None:

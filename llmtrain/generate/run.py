@@ -10,7 +10,7 @@ from functools import partial
 from llmtrain.generate import prompts, worker
 from llmtrain.generate.config import GenerateConfig, SamplingConfig
 from llmtrain.generate.plan import InferenceError, Plan, prepare
-from llmtrain.generate.sequence import Sampling, Sequence, sampling_problems
+from llmtrain.generate.sequence import Sampling, Sequence, run_all, sampling_problems
 from llmtrain.generate.text import Text
 
 
@@ -44,30 +44,26 @@ def _sequences(c: GenerateConfig, plan: Plan, text: Text, ids: list[list[int]]
 
 
 def generate_all(sequences: list[Sequence], engine) -> dict:
-    """Driver: every sequence through the engine, shortest prompts first (the decode engine
-    refills each row as its sequence finishes; Megatron-Core's runs static batches of what
-    waits); outputs in input order."""
-    outputs: list = [None] * len(sequences)
+    """Driver: every sequence through the engine, shortest prompts first; outputs in input
+    order, and a progress line every 2 s."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt))
     began = last = time.perf_counter()
-    made = 0
 
-    def finished(i: int, output) -> None:
-        nonlocal made
-        outputs[i] = output
-        made += len(output.tokens)
-
-    for i in sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt)):
-        engine.add(sequences[i], None, partial(finished, i))
-    while engine.busy:
-        engine.advance()
+    def progress(outputs: list) -> None:
+        nonlocal last
         now = time.perf_counter()
         if now - last > 2 or not engine.busy:
             last = now
-            done = sum(o is not None for o in outputs)
-            print(f"[generate] {done}/{len(sequences)} prompts, {made} tokens, "
+            done = [o for o in outputs if o is not None]
+            made = sum(len(o.tokens) for o in done)
+            print(f"[generate] {len(done)}/{len(sequences)} prompts, {made} tokens, "
                   f"{made / (now - began):.1f} tokens/s", file=sys.stderr, flush=True)
-    return {"outputs": outputs, "seconds": time.perf_counter() - began, "tokens": made,
-            "engine": engine.description}
+
+    outputs: list = [None] * len(sequences)
+    for i, output in zip(order, run_all(engine, [sequences[i] for i in order], progress)):
+        outputs[i] = output
+    return {"outputs": outputs, "seconds": time.perf_counter() - began,
+            "tokens": sum(len(o.tokens) for o in outputs), "engine": engine.description}
 
 
 def execute(c: GenerateConfig, say=print) -> dict:

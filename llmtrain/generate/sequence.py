@@ -4,6 +4,7 @@ engine (llmtrain.megatron.inference) and get back, free of Megatron."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 
@@ -96,3 +97,18 @@ def check_batch(batch: list[Sequence], max_batch_size: int, max_sequence_length:
                              f"(max_sequence_length)")
         if max(s.prompt) >= vocab_size or min(s.prompt) < 0:
             raise ValueError(f"prompt token ids must lie in 0..{vocab_size - 1}")
+
+
+def run_all(engine, sequences: list[Sequence],
+            on_step: Optional[Callable[[list], None]] = None) -> list[Output]:
+    """Every sequence through an engine at once, added in the given order (the decode engine
+    refills each row as its sequence finishes; Megatron-Core's runs static batches of what
+    waits); the outputs in that order. `on_step(outputs so far)` after each engine step."""
+    outputs: list = [None] * len(sequences)
+    for i, sequence in enumerate(sequences):
+        engine.add(sequence, None, partial(outputs.__setitem__, i))
+    while engine.busy:
+        engine.advance()
+        if on_step is not None:
+            on_step(outputs)
+    return outputs

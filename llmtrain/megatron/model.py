@@ -42,6 +42,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
     activation, gated = ACTIVATIONS[m.activation]
     cuda = layout.device == "cuda"
     dtype = params_dtype(cfg)
+    own_pp = layout.pipeline_model_parallel_size == par.pipeline_model_parallel_size
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -75,6 +76,11 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        # The run's uneven stages (a role on a layout of its own has its own pipeline).
+        num_layers_in_first_pipeline_stage=par.num_layers_in_first_pipeline_stage if own_pp
+        else None,
+        num_layers_in_last_pipeline_stage=par.num_layers_in_last_pipeline_stage if own_pp
+        else None,
         context_parallel_size=layout.context_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
         sequence_parallel=layout.sequence_parallel,

@@ -26,7 +26,7 @@ def _rollout_roles(critic: bool):
 register(TaskSpec("rm", f"{ALIGN}.preference:RewardModelTask", ("preference",)))
 register(TaskSpec("dpo", f"{ALIGN}.preference:PolicyPreferenceTask", ("preference",),
                   roles=_dpo_roles, possible_roles=frozenset({"reference"}),
-                  checks=preference_problems))
+                  checks=preference_problems, adapters=True))
 register(TaskSpec("grpo", f"{ALIGN}.rollout:RolloutTask", ("prompts",), generates=True,
                   roles=_rollout_roles(critic=False),
                   possible_roles=frozenset({"reference", "reward"}), checks=rollout_problems))

@@ -47,6 +47,7 @@ from llmtrain.cli import CONF_DIR, resolve_run
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
 from llmtrain.config.validate import ConfigError, Layout, validate
+from llmtrain.tasks import either, stages_where
 
 register()
 
@@ -56,9 +57,11 @@ def critic_address(cfg: Config) -> int:
     critic to serve)."""
     a = cfg.stage.alignment
     problems = []
-    if cfg.stage.name != "ppo":
-        problems.append(f"the critic server serves stage=ppo's critic, not stage={cfg.stage.name}"
-                        f": give it the PPO run's settings")
+    trains_a_critic = stages_where(lambda spec: "critic" in spec.possible_roles)
+    if cfg.stage.name not in trains_a_critic:
+        problems.append(f"the critic server serves the critic of stage="
+                        f"{either(trains_a_critic)}, not stage={cfg.stage.name}: give it the "
+                        f"run's settings")
     if not a.critic_url:
         problems.append("stage.alignment.critic_url must be set: the address the PPO run will "
                         "reach this server at (its port is where the server listens)")

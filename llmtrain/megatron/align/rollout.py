@@ -37,7 +37,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError
-from llmtrain.generate.sequence import Sampling, Sequence
+from llmtrain.generate.sequence import Sampling, Sequence, run_all
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align.critic import Critic, ServedCritic
 from llmtrain.megatron.align.heads import (
@@ -89,10 +89,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) ->
     return -vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
                                          labels.transpose(0, 1).contiguous(),
                                          tp_group=tp_group).transpose(0, 1)
-
-
-def _keep_tokens(replies: list, i: int, output) -> None:
-    replies[i] = output.tokens
 
 
 class RolloutTask(Task):
@@ -209,11 +205,7 @@ class RolloutTask(Task):
                                           + 7919 * self.dp_rank + 104729 * round_)
         replies = None
         if self.engine.is_driver:
-            replies = [None] * len(sequences)
-            for i, s in enumerate(sequences):
-                self.engine.add(s, None, partial(_keep_tokens, replies, i))
-            while self.engine.busy:
-                self.engine.advance()
+            replies = [output.tokens for output in run_all(self.engine, sequences)]
             self.engine.stop_followers()
         else:
             self.engine.follow()
