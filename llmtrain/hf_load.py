@@ -147,16 +147,15 @@ def cache_key(folder: Path, tp: int, pp: int) -> str:
 
 def _convert(folder: Path, target: Path, tp: int, pp: int) -> None:
     """`python -m llmtrain.convert` into a folder renamed into place once it passed its check."""
-    from llmtrain.hf_save import LAUNCH_ENV
+    from llmtrain.hf_save import conversion_env
 
     building = target.with_name(f".{target.name}.building")
     shutil.rmtree(building, ignore_errors=True)
     print(f"[llmtrain] checkpoint.load={folder} is a Hugging Face folder: converting it (once) "
           f"into {target}", flush=True)
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV}
     with subprocess.Popen([sys.executable, "-m", "llmtrain.convert", f"input={folder}",
                            f"output={building}", f"tensor_model_parallel_size={tp}",
-                           f"pipeline_model_parallel_size={pp}"], env=env,
+                           f"pipeline_model_parallel_size={pp}"], env=conversion_env(),
                           stdout=subprocess.PIPE, text=True) as done:
         for line in done.stdout:
             # Its closing hint (a training command for the folder) is this command's own job.
