@@ -30,9 +30,9 @@ def test_one_command_from_a_hugging_face_folder_to_a_hugging_face_folder(tmp_pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf, cache, run = _hf(tmp_path / "hf"), tmp_path / "cache", tmp_path / "run"
-    command = [f"checkpoint.load={hf}", *SFT, "parallel=tp2pp1", "checkpoint.save_hf=true",
+    command = [f"checkpoint.load={hf}", *SFT, "parallel=tp2pp1",
                f"checkpoint.hf_import_dir={cache}", f"hydra.run.dir={run}"]
-    out = run_llmtrain(*command).stdout
+    out = run_llmtrain(*command, "checkpoint.save_hf=true").stdout
     assert (f"checkpoint.load is a Hugging Face folder: model=hf "
             f"data.tokenizer.tokenizer_type=huggingface data.tokenizer.tokenizer_model={hf} "
             f"checkpoint.finetune=true") in out
