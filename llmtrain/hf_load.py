@@ -128,6 +128,7 @@ def check_model(cfg: Config) -> None:
 
 
 def import_dir(cfg: Config) -> Path:
+    """checkpoint.hf_import_dir, else beside llmtrain's other caches (the corpus)."""
     from llmtrain.data.corpus import cache_root
 
     return Path(cfg.checkpoint.hf_import_dir or cache_root() / "hf_import")

@@ -305,7 +305,7 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
         family = families.by_name(m.family)
         # The Hugging Face config written must describe the same model.
         disagreement(m, ModelConfig(name=m.name, **family.model_fields(family.hf_config(m))),
-                      f"what a {family.architecture} config can express")
+                     f"what a {family.architecture} config can express")
     else:
         raise ConversionError(f"{root} has no {hf_files.CONFIG} and no training run config "
                               f"beside it saying which model it holds: add model=<name> (one of "
@@ -360,8 +360,8 @@ def _plan_megatron_to_mcore(c: ConvertConfig) -> Plan:
                                   f"embedding has {args.padded_vocab_size} rows: give the "
                                   f"model= it was trained as, or leave model= out")
         disagreement(c.model, dataclasses.replace(found, vocab_size=c.model.vocab_size,
-                                                   family=c.model.family),
-                      f"the training arguments in {found_ckpt.file(0, 0)}")
+                                                  family=c.model.family),
+                     f"the training arguments in {found_ckpt.file(0, 0)}")
     m = c.model or found
     cfg, layout = _megatron_config(c, m, tp, pp)
     embedding = legacy.model_state(first, found_ckpt.file(0, 0)).get(
