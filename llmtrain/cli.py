@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from llmtrain import hf_load
 from llmtrain.config import inputs, overrides
 from llmtrain.config.aliases import AliasError, rewrite
 from llmtrain.config.schedule import resolve_token_lengths
@@ -48,6 +49,7 @@ def resolve_run(dcfg: DictConfig) -> Config:
 
 def prepare(cfg: Config) -> None:
     """Work done once before any worker starts (workers would race for it)."""
+    hf_load.prepare(cfg)
     if cfg.data.kind == "corpus" or cfg.data.tokenizer.tokenizer_type == "corpus":
         from llmtrain.data.corpus import ensure_corpus
 
@@ -66,6 +68,7 @@ def main(dcfg: DictConfig):
     quiet_libraries()
     try:
         cfg = resolve_run(dcfg)
+        hf_load.check_model(cfg)
         machine = target_machine(cfg)
         if cfg.dry_run and cfg.device == "cuda" and machine.gpus == 0:
             # Planning a GPU job from a machine without one (a laptop, a login node).
@@ -106,7 +109,8 @@ def main(dcfg: DictConfig):
 
 def run() -> None:
     """`python -m llmtrain`: ms-swift's argument names (learning_rate=, tp=, ...) become
-    llmtrain's overrides (docs/migrate_ms_swift.md), then Hydra composes."""
+    llmtrain's overrides (docs/migrate_ms_swift.md), a Hugging Face checkpoint.load adds its
+    model and tokenizer (llmtrain/hf_load.py), then Hydra composes."""
     try:
         args, notes = rewrite(sys.argv[1:])
     except AliasError as error:
@@ -118,5 +122,13 @@ def run() -> None:
     if wrong:
         print(f"llmtrain: {ConfigError(wrong)}", file=sys.stderr)
         sys.exit(2)
+    try:
+        args, added = hf_load.overrides(args)
+    except ConfigError as error:
+        print(f"llmtrain: {error}", file=sys.stderr)
+        sys.exit(2)
+    if added:
+        print(f"[llmtrain] checkpoint.load is a Hugging Face folder: {' '.join(added)}",
+              flush=True)
     sys.argv[1:] = args
     main()

@@ -19,7 +19,15 @@ import torch.distributed as dist
 
 # What a launcher sets for the training processes; the export starts processes of its own.
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+              "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE")
+
+
+def conversion_env() -> dict[str, str]:
+    """This process's environment without its launcher's variables, for a conversion that starts
+    processes of its own (TORCHELASTIC_USE_AGENT_STORE, say, would make it wait forever for a
+    store of an agent that is not there)."""
+    return {key: value for key, value in os.environ.items()
+            if key not in LAUNCH_ENV and not key.startswith("TORCHELASTIC_")}
 
 
 def hf_folder(save_dir: Path, iteration: int) -> Path:
@@ -32,11 +40,10 @@ def save_hf(save_dir: Path, iteration: int, say: Callable[[str], None]) -> None:
         final = hf_folder(save_dir, iteration)
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        env = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV}
         process = subprocess.run(
             [sys.executable, "-m", "llmtrain.convert", "direction=mcore_to_hf",
              f"input={Path(save_dir) / f'iter_{iteration:07d}'}", f"output={tmp}"],
-            env=env, capture_output=True, text=True)
+            env=conversion_env(), capture_output=True, text=True)
         if process.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RuntimeError(f"checkpoint.save_hf: the export of step {iteration} failed:\n"

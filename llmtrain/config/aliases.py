@@ -122,9 +122,10 @@ MS_SWIFT: list[Row] = [
            bfloat16="bf16", float16="fp16", float32="fp32"),
     Row("bf16", "precision=bf16", "a config group: bf16, fp16, fp32, fp8"),
     Row("seed", "seed=42", "the same name in llmtrain"),
-    Row("model", "checkpoint.load=/ckpt/qwen2_7b model=qwen2_7b",
-        "convert the Hugging Face folder first (`python -m llmtrain.convert`); `model=` names "
-        "the architecture (conf/model/)"),
+    Row("model", "checkpoint.load=/models/Qwen2-7B-Instruct",
+        "the Hugging Face folder: its config.json gives the model and it is the tokenizer, "
+        "converted once (docs/convert.md); llmtrain's `model=` names an architecture of "
+        "conf/model/"),
     Row("train_type", "",
         "llmtrain trains all parameters (full); LoRA is not supported"),
     Row("split_dataset_ratio", "\"data.split='98,2,0'\"",

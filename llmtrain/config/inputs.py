@@ -100,6 +100,18 @@ def _same_folder(a: Path, b: Path) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+def holds_steps(folder: Path) -> bool:
+    """A Megatron checkpoint folder: iter_NNNNNNN/ or release/ folders inside."""
+    return folder.is_dir() and any(_STEP.fullmatch(p.name) and p.is_dir()
+                                   for p in folder.iterdir())
+
+
+def is_hugging_face(folder: Path) -> bool:
+    """A Hugging Face model folder (its config.json, no Megatron steps): checkpoint.load imports
+    it (llmtrain.hf_load). A converted checkpoint carries config.json too, beside its steps."""
+    return (folder / "config.json").is_file() and not holds_steps(folder)
+
+
 def checkpoint_problems(cfg: Config) -> list[str]:
     """checkpoint.load must hold a checkpoint: a mistyped path would train from random weights.
     The save folder given as load (Megatron-LM's --load and --save of one folder) may be empty:
@@ -120,11 +132,14 @@ def checkpoint_problems(cfg: Config) -> list[str]:
         return [f"checkpoint.load={ck.load} is one step's folder: give the folder that holds it, "
                 f"checkpoint.load={load.parent} checkpoint.load_step="
                 f"{int(load.name[5:]) if load.name != 'release' else 0}"]
-    if not load.is_dir() or not any(_STEP.fullmatch(p.name) and p.is_dir()
-                                    for p in load.iterdir()):
+    if is_hugging_face(load):
+        return []  # checked and imported by llmtrain.hf_load
+    if not holds_steps(load):
         return [f"checkpoint.load={ck.load} holds no checkpoint (no iter_NNNNNNN or release "
-                f"folder inside), so there is nothing to {what}: give the folder a training run "
-                f"saved into or `python -m llmtrain.convert` wrote"]
+                f"folder inside) and is not a Hugging Face model folder (no config.json), so "
+                f"there is nothing to {what}: give the folder a training run saved into or "
+                f"`python -m llmtrain.convert` wrote, or a Hugging Face model's folder "
+                f"(config.json and its safetensors)"]
     return []
 
 

@@ -363,6 +363,10 @@ class CheckpointConfig:
     load: Optional[str] = None
     # Load weights only and start a new schedule (fine-tuning from a converted model).
     finetune: bool = False
+    # Where a Hugging Face folder given as `load` is converted to, once (llmtrain/hf_load.py;
+    # a relative path starts from the current folder); None: $LLMTRAIN_CACHE/hf_import, that is
+    # ~/.cache/llmtrain/hf_import.
+    hf_import_dir: Optional[str] = None
     save_on_exit: bool = True
     # A Hugging Face folder (hf_iter_NNNNNNN/ in `save`, with the tokenizer) of the last step,
     # and of every save_hf_interval-th step (a multiple of save_interval) when set.

@@ -66,7 +66,8 @@ def differences(given: ModelConfig, found: ModelConfig) -> list[str]:
     return [f"{key}: {a[key]} (model={given.name}) vs {b[key]}" for key in a if a[key] != b[key]]
 
 
-def _disagreement(given: ModelConfig, found: ModelConfig, source: str) -> None:
+def disagreement(given: ModelConfig, found: ModelConfig, source: str) -> None:
+    """Raise ConversionError naming each architecture field on which `given` differs."""
     diffs = differences(given, found)
     if diffs:
         raise ConversionError(f"model={given.name} disagrees with {source} on "
@@ -205,17 +206,22 @@ def _check_shapes(reader: hf_files.HFReader, hf_config, folder: Path) -> None:
                                 "config.json published with them")
 
 
-def _model_of(c: ConvertConfig, folder: Path):
-    """(Hugging Face config, family, model config) of the config.json in `folder`; model= must
-    agree with it."""
+def hf_model(folder: Path, name: Optional[str] = None):
+    """(Hugging Face config, family, model config) of the config.json in `folder`, the model
+    named `name` or after the folder."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(str(folder))
     family = families.for_hf_config(hf_config)
-    found = ModelConfig(name=c.model.name if c.model else families.model_name(folder),
-                        **family.model_fields(hf_config))
+    return hf_config, family, ModelConfig(name=name or families.model_name(folder),
+                                          **family.model_fields(hf_config))
+
+
+def _model_of(c: ConvertConfig, folder: Path):
+    """`hf_model` of `folder`; model= must agree with it."""
+    hf_config, family, found = hf_model(folder, c.model.name if c.model else None)
     if c.model:
-        _disagreement(c.model, found, f"{folder / hf_files.CONFIG}")
+        disagreement(c.model, found, f"{folder / hf_files.CONFIG}")
     return hf_config, family, c.model or found
 
 
@@ -310,8 +316,8 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
         m = c.model or ModelConfig(**run["model"])
         family = families.by_name(m.family)
         # The Hugging Face config written must describe the same model.
-        _disagreement(m, ModelConfig(name=m.name, **family.model_fields(family.hf_config(m))),
-                      f"what a {family.architecture} config can express")
+        disagreement(m, ModelConfig(name=m.name, **family.model_fields(family.hf_config(m))),
+                     f"what a {family.architecture} config can express")
     else:
         raise ConversionError(f"{root} has no {hf_files.CONFIG} and no training run config "
                               f"beside it saying which model it holds: add model=<name> (one of "
@@ -365,9 +371,9 @@ def _plan_megatron_to_mcore(c: ConvertConfig) -> Plan:
                                   f"padded to {padded} at TP {tp}, but the checkpoint's "
                                   f"embedding has {args.padded_vocab_size} rows: give the "
                                   f"model= it was trained as, or leave model= out")
-        _disagreement(c.model, dataclasses.replace(found, vocab_size=c.model.vocab_size,
-                                                   family=c.model.family),
-                      f"the training arguments in {found_ckpt.file(0, 0)}")
+        disagreement(c.model, dataclasses.replace(found, vocab_size=c.model.vocab_size,
+                                                  family=c.model.family),
+                     f"the training arguments in {found_ckpt.file(0, 0)}")
     m = c.model or found
     cfg, layout = _megatron_config(c, m, tp, pp)
     embedding = legacy.model_state(first, found_ckpt.file(0, 0)).get(

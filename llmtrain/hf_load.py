@@ -1,0 +1,191 @@
+"""checkpoint.load=<Hugging Face folder>: any stage starts from a Hugging Face model in one
+command (docs/convert.md, "Training from a Hugging Face folder"); checkpoint.save_hf is the way
+back (llmtrain/hf_save.py).
+
+Before Hydra composes (`overrides`), so that the run's folder name and its saved config say it:
+the folder's config.json gives the model (through the family registry, as `python -m
+llmtrain.convert` reads it) unless model= or experiment= chooses one, the folder is the tokenizer
+(with its chat template) unless one is given, and the run fine-tunes (weights only, a new
+schedule). Once composed, `check_model` refuses a model that differs from the folder's. Before
+any worker starts (`prepare`, in the command's own process, so that ranks never race for it) the
+folder is converted by `python -m llmtrain.convert`, its per-layer check against transformers
+included, into a cache folder keyed by the folder's files and the run's TP x PP; a second run, or
+a resume, finds it there and pays nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from llmtrain.config.inputs import is_hugging_face
+from llmtrain.config.schema import Config, ModelConfig
+from llmtrain.config.validate import ConfigError
+
+# Bump when the conversion changes what it writes: earlier imports are then made again.
+FORMAT = 1
+_LOAD = re.compile(r"\+{0,2}checkpoint\.load=(?P<value>.+)", re.S)
+
+
+def _given(args: list[str], key: str) -> bool:
+    return any(re.fullmatch(rf"\+{{0,2}}{re.escape(key)}=.*", arg, re.S) for arg in args)
+
+
+def hf_folder(args: list[str]) -> Optional[Path]:
+    """The Hugging Face folder that the command line's checkpoint.load names, if it is one."""
+    values = [match.group("value") for match in map(_LOAD.fullmatch, args) if match]
+    folder = Path(values[-1]).expanduser() if values else None
+    return folder.resolve() if folder is not None and is_hugging_face(folder) else None
+
+
+@cache
+def folder_model(folder: str) -> ModelConfig:
+    """The model of a Hugging Face folder's config.json, or a ConfigError naming what the folder
+    lacks or the architecture that does not convert."""
+    from llmtrain.convert import families, hf_files
+    from llmtrain.convert.mapping import ConversionError
+    from llmtrain.convert.plan import hf_model
+
+    path = Path(folder)
+    missing = hf_files.missing_files(path)
+    if missing:
+        raise ConfigError([f"checkpoint.load={folder}: the Hugging Face model folder lacks: "
+                           f"{', '.join(missing)}"])
+    try:
+        return hf_model(path)[2]
+    except ConversionError as error:
+        raise ConfigError([f"checkpoint.load={folder}: {error}"]) from None
+    except (ValueError, OSError) as error:  # a model_type transformers does not know
+        raise ConfigError([f"checkpoint.load={folder}: transformers cannot read its config.json "
+                           f"({str(error).splitlines()[0]}); supported architectures: "
+                           f"{families.supported()}"]) from None
+
+
+def _offer(model: ModelConfig) -> str:
+    """Make the folder's model a `model` option (named after the folder; hf_<name> where a
+    conf/model entry has that name)."""
+    from hydra.core.config_store import ConfigStore
+
+    from llmtrain.cli import CONF_DIR
+
+    name = model.name
+    if (Path(CONF_DIR) / "model" / f"{name}.yaml").exists():
+        name = f"hf_{name}"
+    ConfigStore.instance().store(group="model", name=name,
+                                 node=dataclasses.replace(model, name=name))
+    return name
+
+
+def overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(`args` with what a Hugging Face checkpoint.load implies added, the added overrides): the
+    folder's model unless model= or experiment= chooses one, the folder as tokenizer unless one
+    is given, and finetune=true unless given. Raises ConfigError on a bad folder."""
+    folder = hf_folder(args)
+    if folder is None:
+        return args, []
+    model = folder_model(str(folder))
+    added = []
+    if not _given(args, "model") and not _given(args, "experiment"):
+        added.append(f"model={_offer(model)}")
+    if not _given(args, "data.tokenizer.tokenizer_model") and not _given(
+            args, "data.tokenizer.tokenizer_type"):
+        added += ["data.tokenizer.tokenizer_type=huggingface",
+                  f"data.tokenizer.tokenizer_model={folder}"]
+    if not _given(args, "checkpoint.finetune"):
+        added.append("checkpoint.finetune=true")
+    return [*args, *added], added
+
+
+def _loaded_folder(cfg: Config) -> Optional[Path]:
+    load = cfg.checkpoint.load
+    return Path(load).resolve() if load and is_hugging_face(Path(load)) else None
+
+
+def check_model(cfg: Config) -> None:
+    """The model of a run that loads a Hugging Face folder must be the folder's (a model= or
+    experiment= beside it, a model.*= override): a ConfigError names each differing field."""
+    folder = _loaded_folder(cfg)
+    if folder is None:
+        return
+    from llmtrain.convert.mapping import ConversionError
+    from llmtrain.convert.plan import disagreement
+
+    try:
+        disagreement(cfg.model, folder_model(str(folder)), str(folder / "config.json"))
+    except ConversionError as error:
+        raise ConfigError([str(error)]) from None
+
+
+def import_dir(cfg: Config) -> Path:
+    """checkpoint.hf_import_dir, else beside llmtrain's other caches (the corpus)."""
+    from llmtrain.data.corpus import cache_root
+
+    return Path(cfg.checkpoint.hf_import_dir or cache_root() / "hf_import")
+
+
+def cache_key(folder: Path, tp: int, pp: int) -> str:
+    """What an import depends on: the folder's files by name, size and modification time (hashing
+    a 100 GB model would take minutes), the layout it is converted under (Megatron pads the
+    vocabulary to a multiple of TP) and the converter's versions."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith("."))
+    identity = {"files": files, "tensor_model_parallel_size": tp,
+                "pipeline_model_parallel_size": pp, "format": FORMAT,
+                "versions": [metadata.version(d) for d in ("megatron-core", "transformers")]}
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
+def _convert(folder: Path, target: Path, tp: int, pp: int) -> None:
+    """`python -m llmtrain.convert` into a folder renamed into place once it passed its check."""
+    from llmtrain.hf_save import conversion_env
+
+    building = target.with_name(f".{target.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    print(f"[llmtrain] checkpoint.load={folder} is a Hugging Face folder: converting it (once) "
+          f"into {target}", flush=True)
+    with subprocess.Popen([sys.executable, "-m", "llmtrain.convert", f"input={folder}",
+                           f"output={building}", f"tensor_model_parallel_size={tp}",
+                           f"pipeline_model_parallel_size={pp}"], env=conversion_env(),
+                          stdout=subprocess.PIPE, text=True) as done:
+        for line in done.stdout:
+            # Its closing hint (a training command for the folder) is this command's own job.
+            if not line.startswith("[convert] train from it:"):
+                print(line, end="", flush=True)
+    if done.returncode != 0:
+        kept = f"; what it wrote is in {building}" if building.exists() else ""
+        raise ConfigError([f"checkpoint.load={folder}: the conversion failed (python -m "
+                           f"llmtrain.convert exited with status {done.returncode}, its output "
+                           f"is above{kept})"])
+    os.replace(building, target)
+
+
+def prepare(cfg: Config) -> None:
+    """Point a run whose checkpoint.load is a Hugging Face folder at its conversion: made now,
+    or found in the import cache. Safe when several commands ask at once."""
+    folder = _loaded_folder(cfg)
+    if folder is None:
+        return
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    model = folder_model(str(folder))
+    target = import_dir(cfg) / f"{model.name}-{cache_key(folder, tp, pp)}"
+    if target.is_dir():
+        print(f"[llmtrain] checkpoint.load={folder}: converted and checked before, loading "
+              f"{target}", flush=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.is_dir():
+                _convert(folder, target, tp, pp)
+    cfg.checkpoint.load = str(target)
