@@ -1,4 +1,5 @@
-"""checkpoint.save_hf: a Hugging Face folder of a saved step, beside the Megatron checkpoints.
+"""checkpoint.save_hf: a Hugging Face folder of a saved step, beside the Megatron checkpoints (a
+PEFT adapter folder for a peft=lora run).
 
 It reuses the offline export (`python -m llmtrain.convert direction=mcore_to_hf`, with its
 per-layer check against transformers) on the committed step, in a process of its own started by
@@ -34,14 +35,17 @@ def hf_folder(save_dir: Path, iteration: int) -> Path:
     return Path(save_dir) / f"hf_iter_{iteration:07d}"
 
 
-def save_hf(save_dir: Path, iteration: int, say: Callable[[str], None]) -> None:
-    """Export step `iteration` of `save_dir` (committed) to hf_iter_NNNNNNN/ (collective)."""
+def save_hf(save_dir: Path, iteration: int, say: Callable[[str], None],
+            adapters: bool = False) -> None:
+    """Export step `iteration` of `save_dir` (committed) to hf_iter_NNNNNNN/ (collective): the
+    whole model, or with `adapters` (peft=lora) a PEFT adapter folder for the Hugging Face base."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         final = hf_folder(save_dir, iteration)
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         process = subprocess.run(
-            [sys.executable, "-m", "llmtrain.convert", "direction=mcore_to_hf",
+            [sys.executable, "-m", "llmtrain.convert",
+             f"direction={'lora_to_peft' if adapters else 'mcore_to_hf'}",
              f"input={Path(save_dir) / f'iter_{iteration:07d}'}", f"output={tmp}"],
             env=conversion_env(), capture_output=True, text=True)
         if process.returncode != 0:
@@ -50,6 +54,6 @@ def save_hf(save_dir: Path, iteration: int, say: Callable[[str], None]) -> None:
                                f"{process.stdout[-2000:]}\n{process.stderr[-2000:]}")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        say(f"saved the Hugging Face folder {final}")
+        say(f"saved the Hugging Face {'PEFT adapter ' if adapters else ''}folder {final}")
     if dist.is_initialized():
         dist.barrier()

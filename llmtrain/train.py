@@ -85,6 +85,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     scheduler = build_scheduler(cfg, optimizer)
 
     save_dir = run_path(cfg, cfg.checkpoint.save)
+    adapters = cfg.peft.name != "none"  # save_hf writes them as a PEFT adapter folder
     checkpoints = checkpoint.Checkpoints(cfg, layout, tokenizer, save_dir, log.message)
     restored = checkpoints.restore(model, optimizer, scheduler)
     start = restored.iteration
@@ -155,7 +156,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
             last_saved = iteration
             if hf_now:
                 checkpoints.wait()
-                save_hf(save_dir, iteration, log.message)
+                save_hf(save_dir, iteration, log.message, adapters)
         if signal_name:
             preempted = (iteration, signal_name)
             break
@@ -172,7 +173,7 @@ def _train(cfg: Config, layout: Layout) -> dict:
     checkpoints.wait()
     if (save_dir and cfg.checkpoint.save_hf and not preempted and not exiting
             and (last_saved == stage.train_iters or cfg.checkpoint.save_on_exit)):
-        save_hf(save_dir, stage.train_iters, log.message)  # the last step
+        save_hf(save_dir, stage.train_iters, log.message, adapters)  # the last step
 
     summary = {}
     summary_path = Path(cfg.output_dir) / "summary.json"

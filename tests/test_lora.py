@@ -84,6 +84,13 @@ def test_lora_settings_are_checked_before_anything_starts():
     assert "peft.target_modules=['q_proj']: name one or more of linear_qkv" in text
     assert "give its checkpoint with checkpoint.load=<folder>" in text
 
+    cfg = compose_config("model=gpt2", "stage=sft", "peft=lora", "checkpoint.load=/base",
+                         "checkpoint.save_hf=true")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, Machine())
+    assert ("checkpoint.save_hf with peft=lora writes a PEFT adapter folder, which supports the "
+            "llama, qwen3 families, not gpt2") in str(error.value)
+
 
 def test_adapters_on_the_mlp_keep_transformer_engines_mlp_unfused():
     """Transformer Engine's operation fuser runs the whole MLP as one op: no adapter could add
@@ -102,8 +109,8 @@ def test_adapters_on_the_mlp_keep_transformer_engines_mlp_unfused():
 
 
 def test_adapters_go_out_as_a_peft_folder_and_merged_into_the_base(tiny_llama, tmp_path):
-    """A LoRA SFT of a converted Hugging Face Llama; its adapters load with the real `peft`
-    package onto the Hugging Face base and give the logits of the merged export, which the
+    """A LoRA SFT of a converted Hugging Face Llama; its adapters (checkpoint.save_hf's PEFT
+    folder) load with the real `peft` package onto the Hugging Face base and give the logits of the merged export, which the
     converter checked against llmtrain's model with its adapters (at TP 2)."""
     import torch
     from peft import PeftModel
@@ -112,19 +119,19 @@ def test_adapters_go_out_as_a_peft_folder_and_merged_into_the_base(tiny_llama, t
     hf, mcore = tiny_llama
     run = tmp_path / "run"
     run_llmtrain(f"hydra.searchpath=[file://{mcore}]", "model=hf", f"checkpoint.load={mcore}",
-                 *SFT[1:], "stage.train_iters=3", f"hydra.run.dir={run}")
+                 *SFT[1:], "stage.train_iters=3", "checkpoint.save_hf=true",
+                 f"hydra.run.dir={run}")
     out = run_llmtrain("direction=mcore_to_hf", f"input={run}/checkpoints",
                        f"output={tmp_path / 'merged'}", "tensor_model_parallel_size=2",
                        f"tokenizer={hf}", module="llmtrain.convert").stdout
     assert "top-1 agreement of the logits: 1.000" in out
-    run_llmtrain("direction=lora_to_peft", f"input={run}/checkpoints",
-                 f"output={tmp_path / 'adapter'}", module="llmtrain.convert")
+    adapter = run / "checkpoints" / "hf_iter_0000003"  # checkpoint.save_hf: the PEFT folder
 
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(hf)
         plain = base(tokens).logits
-        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")(tokens).logits
+        adapted = PeftModel.from_pretrained(base, adapter)(tokens).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits
     assert (adapted - plain).abs().max() > 1e-3  # the adapters changed the model
     assert torch.allclose(adapted, merged, rtol=1e-4, atol=1e-4), (adapted - merged).abs().max()

@@ -557,6 +557,14 @@ def peft_problems(cfg: Config) -> list[str]:
     if not cfg.checkpoint.load:
         problems.append("peft=lora trains adapters on a frozen base model: give its checkpoint "
                         "with checkpoint.load=<folder> (a trained or converted model)")
+    from llmtrain.convert.peft import FAMILIES as PEFT_FAMILIES  # it imports this module
+
+    if cfg.checkpoint.save_hf and cfg.model.family not in PEFT_FAMILIES:
+        problems.append(f"checkpoint.save_hf with peft=lora writes a PEFT adapter folder, which "
+                        f"supports the {', '.join(PEFT_FAMILIES)} families, not "
+                        f"{cfg.model.family}: unset checkpoint.save_hf and export the adapters "
+                        f"merged into the base with python -m llmtrain.convert "
+                        f"direction=mcore_to_hf")
     spec = task_spec(cfg.stage.name)
     if spec is not None and not spec.adapters:
         problems.append(f"peft=lora with stage={cfg.stage.name} is not supported yet: use "
