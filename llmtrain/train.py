@@ -18,6 +18,7 @@ from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import REQUEUE_EXIT_CODE, RunStopped
 from llmtrain.hf_save import save_hf
 from llmtrain.megatron import checkpoint, parallel
+from llmtrain.megatron.expert_load import ExpertLoad
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.nonfinite import NonFiniteGuard
 from llmtrain.megatron.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -80,6 +81,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
     chunks = task.build_model()
     initialize_weights(chunks, cfg.seed)
     apply_transforms(cfg, chunks, log.message)  # LoRA adapters on a frozen base (peft=lora)
+    expert_load = ExpertLoad(chunks, cfg.model.num_layers, cfg.model.num_moe_experts,
+                             layout.device) if cfg.model.num_moe_experts else None
     model = wrap_ddp(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
@@ -124,10 +127,18 @@ def _train(cfg: Config, layout: Layout) -> dict:
         if result.loss is not None:
             losses.append(result.loss)
         scale = optimizer.get_loss_scale().item() if cfg.precision.fp16 else None
-        for key, value in result.metrics.items():
+        step_metrics = dict(result.metrics)
+        if expert_load is not None:
+            imbalance, dropped = expert_load.take()
+            step_metrics.update(moe_load_imbalance=sum(imbalance) / len(imbalance),
+                                moe_load_imbalance_max=max(imbalance))
+            if cfg.model.moe_expert_capacity_factor is not None:
+                step_metrics["moe_dropped_fraction"] = dropped
+            log.expert_load(iteration, imbalance)
+        for key, value in step_metrics.items():
             metrics.setdefault(key, []).append(value)
         log.step(iteration, result.loss, lr, result.grad_norm,
-                 seconds, scale, result.skipped, result.metrics)
+                 seconds, scale, result.skipped, step_metrics)
         profiler.after(iteration)
         if stage.eval_interval and valid_iters[0] is not None and (
                 iteration % stage.eval_interval == 0 or iteration == stage.train_iters):

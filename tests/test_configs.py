@@ -262,6 +262,26 @@ def test_pipeline_stages_that_do_not_split_the_layers_name_the_uneven_options():
         "parallel.virtual_pipeline_model_parallel_size=2")
 
 
+def test_moe_routing_settings_are_checked_together():
+    cfg = compose_config("model=tiny_moe", "model.moe_router_topk=1",
+                         "model.moe_router_enable_expert_bias=true",
+                         "model.moe_pad_expert_input_to_capacity=true",
+                         "model.moe_router_group_topk=3", "model.moe_router_num_groups=3",
+                         "model.moe_token_drop_policy=first")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert error.value.problems == [
+        "model.moe_token_drop_policy=first is not one of: probs, position",
+        "model.moe_router_topk=1 with softmax scores needs model.moe_router_pre_softmax=true (a "
+        "softmax over the one chosen logit is always 1: the router would get no gradient)",
+        "model.moe_router_enable_expert_bias=true (aux-loss-free balancing) needs "
+        "model.moe_router_score_function=sigmoid",
+        "model.moe_pad_expert_input_to_capacity=true pads up to a capacity: set "
+        "model.moe_expert_capacity_factor too",
+        "model.moe_router_group_topk=3 (group-limited routing) needs model.moe_router_num_groups "
+        "dividing the 4 experts, at least as many as the groups chosen (it is 3)"]
+
+
 def test_dry_run_prints_the_plan():
     out = run_llmtrain("model=llama3_8b", "parallel=tp4pp2", "device=cuda", "precision=bf16",
                        "data=mock", "data.seq_length=8192", "stage.micro_batch_size=1",

@@ -87,6 +87,43 @@ def test_expert_parallel_matches_one_process(tmp_path):
         summary(tmp_path / "ep1")["losses"], rel=1e-5)
 
 
+def _saved_tensor(checkpoints, key: str):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    step = sorted(checkpoints.glob("iter_*"))[-1]
+    reader = dcp.FileSystemReader(str(step))
+    meta = reader.read_metadata().state_dict_metadata[key]
+    tensor = {key: torch.empty(meta.size, dtype=meta.properties.dtype)}
+    dcp.load(tensor, storage_reader=reader, no_dist=True)
+    return tensor[key]
+
+
+def test_moe_routing_options_and_each_layers_expert_load(tmp_path):
+    """Aux-loss-free balancing (sigmoid scores, a per-expert bias moved after each step), token
+    dropping (capacity factor 0.5: at most half of the routers' choices fit), and each layer's
+    expert load in the log and the summary."""
+    args = [*FAST, "model=tiny_moe", "stage.train_iters=2", "optim.lr_warmup_iters=0",
+            "logging.log_interval=1"]
+    out = run_llmtrain(*args, "model.moe_router_score_function=sigmoid",
+                       "model.moe_router_enable_expert_bias=true",
+                       "model.moe_router_load_balancing_type=none",
+                       f"hydra.run.dir={tmp_path / 'bias'}").stdout
+    assert "step      2 | expert load imbalance (busiest / mean) of layers 0-3: " in out
+    metrics = summary(tmp_path / "bias")["metrics"]
+    # Top-2 of 4 experts: an expert takes at most every token, twice the mean.
+    assert all(1.0 < v <= 2.0 for v in metrics["moe_load_imbalance_max"])
+    assert "moe_dropped_fraction" not in metrics
+    bias = _saved_tensor(tmp_path / "bias" / "checkpoints", "decoder.layers.mlp.router.expert_bias")
+    # Every layer's biases moved (by the update rate, 1e-3, a step: up for the less loaded).
+    assert bias.shape == (4, 4) and (bias.abs().amax(1) > 0).all()
+
+    run_llmtrain(*args, *NO_SAVE, "model.moe_expert_capacity_factor=0.5",
+                 f"hydra.run.dir={tmp_path / 'drop'}")
+    dropped = summary(tmp_path / "drop")["metrics"]["moe_dropped_fraction"]
+    assert len(dropped) == 2 and all(0.5 <= d < 1.0 for d in dropped)
+
+
 def test_profile_writes_a_trace_and_says_where_the_time_went(tmp_path):
     process = run_llmtrain(*FAST, *NO_SAVE, "stage.train_iters=4", "logging.profile=true",
                            "logging.profile_step_start=2", "logging.profile_step_end=3",

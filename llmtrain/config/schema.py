@@ -78,6 +78,21 @@ class ModelConfig:
     # The router's logits and softmax in this format whatever the precision (fp32 | fp64; None:
     # the model's).
     moe_router_dtype: Optional[str] = None
+    # How the router scores the experts (softmax | sigmoid, DeepSeek-V3's) and, for
+    # group-limited routing, the groups the experts fall into and how many a token may use.
+    moe_router_score_function: str = "softmax"
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    # Aux-loss-free balancing: a per-expert bias added to the scores for the choice alone,
+    # moved after each step toward the less loaded experts at this rate (sigmoid scores).
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    # Token dropping: each expert takes at most capacity_factor x its even share of the tokens
+    # (None: none is dropped), dropping by lowest routing weight (probs) or last position;
+    # padded up to the capacity when asked (fixed shapes).
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_drop_policy: str = "probs"
+    moe_pad_expert_input_to_capacity: bool = False
 
 
 @dataclass

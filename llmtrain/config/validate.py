@@ -39,6 +39,8 @@ CHOICES = {
     "checkpoint.resume": ("auto", "never"),
     "optim.on_nonfinite": ("stop", "skip"),
     "peft.name": ("none", "lora"),
+    "model.moe_router_score_function": ("softmax", "sigmoid"),
+    "model.moe_token_drop_policy": ("probs", "position"),
 }
 # Megatron's linear layers a LoRA may target; peft.target_modules=[all-linear] names them all.
 LORA_LAYERS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -184,6 +186,8 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
     if m.num_moe_experts is None and ep > 1:
         problems.append(f"parallel.expert_model_parallel_size={ep} needs a mixture-of-experts "
                         f"model (model.num_moe_experts is not set)")
+    if m.num_moe_experts is not None:
+        problems += routing_problems(m)
     if m.num_moe_experts is not None and m.num_moe_experts % ep:
         problems.append(f"model.num_moe_experts={m.num_moe_experts} is not divisible by "
                         f"expert_model_parallel_size={ep}: choose an expert parallel size that "
@@ -452,6 +456,32 @@ def pipeline_stage_problems(num_layers: int, name: str, pp: int, vpp: Optional[i
         return [f"model {name}'s pipeline stages hold {stages} layers, which VPP {vpp} does not "
                 f"divide: choose a VPP size (or stage sizes) that divides each"]
     return []
+
+
+def routing_problems(m) -> list[str]:
+    """A mixture-of-experts router's settings that Megatron-Core would refuse at build time."""
+    problems = []
+    if m.moe_router_topk == 1 and m.moe_router_score_function == "softmax" and \
+            not m.moe_router_pre_softmax:
+        problems.append("model.moe_router_topk=1 with softmax scores needs "
+                        "model.moe_router_pre_softmax=true (a softmax over the one chosen logit "
+                        "is always 1: the router would get no gradient)")
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
+        problems.append("model.moe_router_enable_expert_bias=true (aux-loss-free balancing) "
+                        "needs model.moe_router_score_function=sigmoid")
+    if m.moe_expert_capacity_factor is not None and m.moe_expert_capacity_factor <= 0:
+        problems.append(f"model.moe_expert_capacity_factor={m.moe_expert_capacity_factor} must "
+                        f"be above 0 (or null: no token dropped)")
+    if m.moe_pad_expert_input_to_capacity and m.moe_expert_capacity_factor is None:
+        problems.append("model.moe_pad_expert_input_to_capacity=true pads up to a capacity: set "
+                        "model.moe_expert_capacity_factor too")
+    groups, chosen = m.moe_router_num_groups, m.moe_router_group_topk
+    if chosen is not None and (groups is None or m.num_moe_experts % groups or chosen > groups
+                               or chosen < 1):
+        problems.append(f"model.moe_router_group_topk={chosen} (group-limited routing) needs "
+                        f"model.moe_router_num_groups dividing the {m.num_moe_experts} experts, "
+                        f"at least as many as the groups chosen (it is {groups})")
+    return problems
 
 
 def tensor_parallel_problems(m, tp: int, what: str = "tensor parallel size ") -> list[str]:
