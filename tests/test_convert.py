@@ -139,7 +139,15 @@ def test_missing_files_are_listed_by_name(tmp_path):
     (hf / "config.json").unlink()
     error = _refused(f"input={hf}", f"output={tmp_path / 'out'}")
     assert f"lacks: config.json, {shards[1].name}" in error
+    assert "direction=mcore_to_hf" not in error
     assert not (tmp_path / "out").exists()
+
+    # A training run's checkpoints given as a Hugging Face folder: the direction is named.
+    (tmp_path / "run" / "iter_0000002").mkdir(parents=True)
+    error = _refused(f"input={tmp_path / 'run'}", f"output={tmp_path / 'out'}")
+    assert ("lacks: config.json, model.safetensors (or model.safetensors.index.json with its "
+            "shards, or pytorch_model.bin); it holds a Megatron checkpoint: add "
+            "direction=mcore_to_hf to convert it to Hugging Face") in error
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):

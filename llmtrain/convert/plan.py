@@ -18,6 +18,7 @@ from llmtrain.config.schema import (
     PeftConfig,
     StageConfig,
 )
+from llmtrain.config.inputs import holds_steps
 from llmtrain.config.validate import Layout, Machine, padded_vocab_size, validate
 from llmtrain.convert import families, hf_files, legacy
 from llmtrain.convert import peft as peft_files
@@ -229,12 +230,10 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
     folder = Path(c.input)
     missing = hf_files.missing_files(folder)
     if missing:
-        megatron = (folder / "latest_checkpointed_iteration.txt").exists() or any(
-            folder.glob("iter_*"))
         raise ConversionError(f"the Hugging Face checkpoint at {folder} lacks: "
                               + ", ".join(missing) + ("; it holds a Megatron checkpoint: add "
                               "direction=mcore_to_hf to convert it to Hugging Face"
-                              if megatron else ""))
+                              if holds_steps(folder) else ""))
     hf_config, family, m = _model_of(c, folder)
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size, c.expert_model_parallel_size)
