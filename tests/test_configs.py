@@ -9,6 +9,7 @@ import pytest
 from conftest import compose_config, run_llmtrain
 from test_convert_zoo import CONVERSION_ZOO
 from llmtrain.cli import CONF_DIR, resolve, resolve_run
+from llmtrain.config.plan import describe
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import ConfigError, Machine, validate
 
@@ -252,6 +253,11 @@ def test_pipeline_stages_that_do_not_split_the_layers_name_the_uneven_options():
         "their own (parallel.num_layers_in_first_pipeline_stage, "
         "parallel.num_layers_in_last_pipeline_stage)"]
     assert problems("parallel.num_layers_in_first_pipeline_stage=2") == []
+    cfg = compose_config("parallel=tp1pp1", "parallel.pipeline_model_parallel_size=3",
+                         "launcher.nproc_per_node=3",
+                         "parallel.num_layers_in_first_pipeline_stage=2")
+    assert "(4 layers: 2 + 1 + 1 over the pipeline stages, hidden 256" in describe(
+        cfg, validate(cfg, CPU))
     assert problems("parallel.num_layers_in_first_pipeline_stage=3") == [
         "model tiny has 4 layers, which parallel.num_layers_in_first_pipeline_stage=3 and "
         "num_layers_in_last_pipeline_stage=None cannot split over 3 pipeline stages: the other "

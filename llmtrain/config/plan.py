@@ -131,6 +131,17 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
+def _stage_split(cfg: Config, layout: Layout) -> str:
+    """": 8 + 12 + 8 over the pipeline stages" where the stages are uneven."""
+    par = cfg.parallel
+    first, last = par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage
+    if first is None and last is None:
+        return ""
+    stages = pipeline_stage_layers(cfg.model.num_layers, layout.pipeline_model_parallel_size,
+                                   first, last)
+    return f": {' + '.join(map(str, stages))} over the pipeline stages"
+
+
 def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
     m, prec = cfg.model, cfg.precision
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
@@ -207,7 +218,8 @@ def describe(cfg: Config, layout: Layout, steps_counted: bool = True) -> str:
         + f"  CP {layout.context_parallel_size}  EP {layout.expert_model_parallel_size}"
           f"  DP {layout.data_parallel_size}",
         f"model        {cfg.model.name}: {counts.total / 1e9:.3f} B parameters "
-        f"({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"({cfg.model.num_layers} layers{_stage_split(cfg, layout)}, "
+        f"hidden {cfg.model.hidden_size}, "
         f"vocab {cfg.model.vocab_size} padded to {layout.padded_vocab_size})",
         f"batch        global {cfg.stage.global_batch_size} x seq {cfg.data.seq_length} = "
         f"{tokens:,} tokens/step; micro {cfg.stage.micro_batch_size}, "
