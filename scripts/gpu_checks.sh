@@ -2,8 +2,8 @@
 # The GPU checklist: the open measurements of docs/ in one command, with the commands users run.
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
-#   bash scripts/gpu_checks.sh convert sft lora generate genbench servebench dpo grpo resume vpp \
-#       roles preference served_rm served_critic moe
+#   bash scripts/gpu_checks.sh convert sft lora generate genbench servebench dpo grpo dapo resume \
+#       vpp roles preference served_rm served_critic moe
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
 # Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
@@ -50,6 +50,8 @@ else
     : "${MOE_ARGS:=model=qwen3_30b_a3b model.num_layers=2}"  # real width: 128 experts, top-8
 fi
 : "${GEN_TOKENS:=48}"  # generated per prompt in the generate step
+: "${GRPO_PROMPT:=32}"  # about the chat-templated arithmetic prompts' length, for the peer
+: "${GRPO_REWARDS:=stage.alignment.reward_weights.exact_match=1.0 stage.alignment.reward_weights.digits=1.0}"
 : "${VPP_SIZE:=2}"    # virtual pipeline stages per pipeline rank in the vpp step
 
 HF="$WORK/hf_$MODEL"          # the Hugging Face stand-in (its folder name is its model name)
@@ -214,20 +216,40 @@ step_dpo() {
 }
 
 step_grpo() {
+    grpo_run grpo
+    # The rollout's peer, in the same run: transformers' `generate` (and the decode engine
+    # alone) at the step's batch, a prompt of about the rollout's length, its reply length.
+    $PY -m llmtrain.generate.bench "model=$MODEL" --batch-sizes "$GRPO_BATCH" \
+        --prompt-length "$GRPO_PROMPT" --new-tokens "$GRPO_NEW_TOKENS" --repeats 1
+    sed -n '/new tokens each/,$p' "$OUT/$CURRENT.log" | note
+}
+
+step_dapo() {
+    # docs/rlhf.md's DAPO: decoupled clip range, token-level loss, dynamic sampling, overlong
+    # shaping.
+    grpo_run dapo stage.alignment.clip_ratio_low=0.2 stage.alignment.clip_ratio_high=0.28 \
+        stage.alignment.loss_agg_mode=token-mean stage.alignment.filter_groups=true \
+        stage.alignment.overlong_buffer_len=4
+}
+
+grpo_run() {
     # From the converted model: its random replies hold some digits for the digits rule to
     # reward, while the SFT model answers every sum with its name (reward 0, nothing to learn).
+    # GRPO_REWARDS names the rules (the math verifier: reward_weights.math).
+    local name=$1 run="$WORK/$1_$MODEL"
+    shift
     need_converted
-    rm -rf "$WORK/grpo_$MODEL"
+    rm -rf "$run"
+    # shellcheck disable=SC2086  # GRPO_REWARDS is a list of overrides
     $PY -m llmtrain "${FROM_CONVERTED[@]}" "checkpoint.load=$MCORE" checkpoint.finetune=true \
         stage=grpo data=prompts "data.seq_length=$GRPO_SEQ" "stage.train_iters=$GRPO_STEPS" \
         "stage.micro_batch_size=$GRPO_MICRO" "stage.global_batch_size=$GRPO_BATCH" \
         stage.alignment.group_size=8 "stage.alignment.max_new_tokens=$GRPO_NEW_TOKENS" \
-        stage.alignment.reward_weights.exact_match=1.0 stage.alignment.reward_weights.digits=1.0 \
-        "optim.lr=$GRPO_LR" "optim.min_lr=$GRPO_LR" checkpoint.save=null \
-        "hydra.run.dir=$WORK/grpo_$MODEL"
+        $GRPO_REWARDS "optim.lr=$GRPO_LR" "optim.min_lr=$GRPO_LR" checkpoint.save=null \
+        "$@" "hydra.run.dir=$run"
     note "from $MCORE"
-    $PY scripts/gpu_checks.py loss "$WORK/grpo_$MODEL" | note
-    $PY scripts/gpu_checks.py metrics "$WORK/grpo_$MODEL" reward kl entropy reply_length \
+    $PY scripts/gpu_checks.py loss "$run" | note
+    $PY scripts/gpu_checks.py metrics "$run" reward kl entropy reply_length \
         seconds_rollout seconds_reward seconds_logprobs seconds_update rollout_tokens_per_second \
         | note
 }
@@ -389,8 +411,8 @@ step_served_critic() {
     tail -n 3 "$runs/critic.log"
 }
 
-ALL_STEPS=(convert sft lora generate genbench servebench dpo grpo resume vpp roles preference
-           served_rm served_critic moe)
+ALL_STEPS=(convert sft lora generate genbench servebench dpo grpo dapo resume vpp roles
+           preference served_rm served_critic moe)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing
     # command, and `timeout` can end it with everything it started.

@@ -83,6 +83,12 @@ def test_bf16_checkpoint_is_stored_in_bf16_and_checked_in_fp32(tmp_path):
 
     stored = stored_tensors(mcore / "iter_0000000")
     assert {dtype for _, dtype in stored.values()} == {torch.bfloat16}, stored
+    # The report weighs the conversion's peak memory against the model in bf16.
+    memory = json.loads((mcore / "conversion_report.json").read_text())["memory"]
+    weights = sum(t.numel() for t in tensors(hf).values())  # qwen2's tied output counted once
+    assert memory["model_bytes"] == 2 * weights
+    assert len(memory["processes_peak_rss_bytes"]) == 1
+    assert min(memory["processes_peak_rss_bytes"]) > memory["model_bytes"]
     convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}", "check=false", **QUIET)
     assert_identical(tensors(hf), tensors(back))
 

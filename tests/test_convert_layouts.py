@@ -60,6 +60,13 @@ def test_experts_split_over_expert_parallel_ranks_and_back_under_tensor_parallel
     assert "on 2 process(es) (TP 1 x PP 1 x EP 2)" in out
     assert _report(mcore)["layout"]["expert_model_parallel_size"] == 2
     _tight(_report(mcore)["check"])
+    # The pre-MLP norm under its own name, the one Transformer Engine's MoE layers load on a
+    # GPU (they keep it apart from the experts), not under a dense layer's fused fc1 name.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    names = FileSystemReader(str(mcore / "iter_0000000")).read_metadata().state_dict_metadata
+    assert "decoder.layers.pre_mlp_layernorm.weight" in names
+    assert not any("linear_fc1.layer_norm" in name for name in names)
     _convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}",
              "tensor_model_parallel_size=2")
     _tight(_report(back)["check"])

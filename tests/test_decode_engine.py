@@ -108,6 +108,41 @@ def test_an_aborted_round_leaves_the_engine_usable(tiny_llama):
     assert result["after"][:len(reference)] == reference
 
 
+def stopped_by_its_client(engine) -> dict:
+    """A client ends a sequence after three tokens; the next one takes its row."""
+    made = []
+    ended = engine.generate([Sequence([5, 6, 7, 8], 20, GREEDY, ())],
+                            on_token=lambda i, t, lp, top: made.append(t) or len(made) == 3)
+    return {"ended": ended[0].tokens, "next": run_alone(engine, Sequence([9, 10, 11], 10,
+                                                                          GREEDY, ()))}
+
+
+def a_tensor_parallel_session(engine) -> dict:
+    return {"joins": joins_a_running_batch(engine), "stopped": stopped_by_its_client(engine),
+            "recovers": recovers_after_a_failed_round(engine)}
+
+
+def test_tensor_parallel_ranks_decode_in_lockstep(tiny_llama):
+    """At TP 2 both ranks run the decode engine, each its shard: late arrivals, a sequence its
+    client stops, and a failed round reach the follower, whose shard the driver's answers need
+    (out of step, they would differ from transformers')."""
+    hf, mcore = tiny_llama
+    result = with_engine(mcore, a_tensor_parallel_session, "tensor_model_parallel_size=2",
+                         "inference_max_batch_size=4")
+    joins = result["joins"]
+    assert joins["engine"].startswith("decode engine"), joins["engine"]
+    assert joins["together"] == joins["alone"] and joins["long_still_running"]
+    reference = hf_greedy(hf, [5, 6, 7, 8], 60)
+    assert joins["alone"][0][:len(reference)] == reference
+    assert result["stopped"]["ended"] == reference[:3]
+    reference = hf_greedy(hf, [9, 10, 11], 10)
+    assert result["stopped"]["next"][:len(reference)] == reference
+    recovers = result["recovers"]
+    assert recovers["failed"] == "ZeroDivisionError" and not recovers["busy"]
+    reference = hf_greedy(hf, [5, 6, 7], 8)
+    assert recovers["after"][:len(reference)] == reference
+
+
 def graphs_and_eager(engine) -> dict:
     from llmtrain.megatron.decode_engine import DecodeEngine
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 
-STEPS = ["convert", "sft", "lora", "generate", "genbench", "servebench", "dpo", "grpo", "resume",
+STEPS = ["convert", "sft", "lora", "generate", "genbench", "servebench", "dpo", "grpo", "dapo", "resume",
          "vpp", "roles", "preference", "served_rm", "served_critic", "moe"]
 
 

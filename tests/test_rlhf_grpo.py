@@ -96,7 +96,9 @@ def test_a_reward_model_served_by_llmtrain_serve_scores_grpo_like_a_local_one(tm
                    prompts, tmp_path / "local")
     served, local = summary(tmp_path / "served"), summary(tmp_path / "local")
     assert served["metrics"]["reward"] == pytest.approx(local["metrics"]["reward"], rel=1e-5)
-    assert served["losses"] == pytest.approx(local["losses"], rel=1e-4, abs=1e-6)
+    # The first step's loss is a sum of zero-mean advantages (ratios 1), about 1e-6 here: the
+    # rewards' 1e-5 agreement bounds it to about 1e-5, not to its own size.
+    assert served["losses"] == pytest.approx(local["losses"], rel=1e-4, abs=1e-5)
 
 
 def test_generation_from_a_reward_model_is_refused_with_where_to_serve_it(reward_model):

@@ -89,6 +89,24 @@ def _verify(plan: Plan, records: list, hf_folder: Path) -> dict:
             "tokens": plan.tokens_from, "sequences": plan.job.sequences, **result}
 
 
+def _memory(plan: Plan, workers: list[int]) -> dict:
+    """Peak resident memory against the model's size in the written format: the conversion
+    processes' peaks summed (an upper bound of what they held at once), and this process's
+    (the check's Hugging Face model)."""
+    size = plan.family.parameters(plan.model) * worker.TORCH_DTYPES[plan.job.dtype].itemsize
+    return {"model_bytes": size, "processes_peak_rss_bytes": workers,
+            "main_peak_rss_bytes": worker.peak_rss()}
+
+
+def _memory_line(memory: dict) -> str:
+    gib, size = 2 ** 30, memory["model_bytes"]
+    workers, main = sum(memory["processes_peak_rss_bytes"]), memory["main_peak_rss_bytes"]
+    count = len(memory["processes_peak_rss_bytes"])
+    return (f"[convert] peak memory: {workers / gib:.2f} GiB over the {count} conversion "
+            f"process(es) ({workers / size:.1f}x the model's {size / gib:.2f} GiB), "
+            f"{main / gib:.2f} GiB in this one ({main / size:.1f}x)")
+
+
 def execute(plan: Plan, say=print) -> dict:
     """Run the conversion; return the report (raise CheckFailed when the check fails)."""
     began = time.perf_counter()
@@ -131,6 +149,8 @@ def execute(plan: Plan, say=print) -> dict:
                                "passed": not result["identical"]["differing"]}
             say(f"[convert] read back: {report['check']['tensors']} tensors, "
                 f"{len(report['check']['differing'])} differing")
+        report["memory"] = _memory(plan, result["peak_rss"])
+        say(_memory_line(report["memory"]))
         report["seconds"] = round(time.perf_counter() - began, 1)
         if out is not None and not scratch:
             (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import resource
 from pathlib import Path
 
 import torch
@@ -34,9 +35,16 @@ def run(job: Job, cfg: Config, layout: Layout) -> dict:
     quiet_libraries()
     parallel.initialize(layout, cfg.seed)
     try:
-        return _DIRECTIONS[job.direction](job, cfg, layout) or {}
+        result = _DIRECTIONS[job.direction](job, cfg, layout) or {}
+        peaks = weights.gather_to_first(peak_rss())
+        return {**result, "peak_rss": peaks} if peaks is not None else result
     finally:
         parallel.shutdown()
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (Linux counts it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _build(cfg: Config, layout: Layout, dtype: str) -> list:

@@ -13,7 +13,10 @@ optimizers and pipeline schedules on CPU tensors over gloo once these are answer
   gradient clipping and in the mixed-precision and distributed optimizers): CPU tensors answer
   with the CUDA name, so the same code paths run;
 - its MoE router's gating GEMM goes through Transformer Engine wherever TE is installed, which
-  takes CUDA tensors: on the CPU it takes its own torch.mm path (a CPU run on a GPU machine).
+  takes CUDA tensors: on the CPU it takes its own torch.mm path (a CPU run on a GPU machine);
+- on a GPU machine, `torch.cuda.is_available()` answers False, as on a machine without one:
+  code compiled with torch.compile (the MoE router's expert bias) otherwise asks the GPU's
+  properties of `current_device()`, which is "cpu" here, and fails.
 
 `enable()` is called once per process, before any model is built, and only when the run's device
 is the CPU. Nothing here changes numerics.
@@ -69,6 +72,7 @@ def enable() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _type_with_cuda_names
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.is_available = lambda: False
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _OrderedStream()
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()

@@ -1,4 +1,5 @@
-"""Generation with continuous batching and CUDA-graph decode, on a model that one rank holds.
+"""Generation with continuous batching and CUDA-graph decode, on a model that one rank holds or
+that its tensor-parallel ranks share.
 
 The engine owns `max_batch_size` rows of a KV cache (llmtrain.megatron.kv_model). A sequence
 that is `add`ed waits until `advance` finds it a free row: its prompt but the last token is
@@ -7,6 +8,12 @@ its own position, samples the next one (llmtrain.generate.sampler) and records i
 device. The host looks every `sync_every` steps: it hands new tokens to their callbacks, answers
 finished sequences and frees their rows, which the next `advance` refills. So a sequence that
 arrives while others generate joins them after at most `sync_every` steps.
+
+Under tensor parallelism every rank of the replica runs the same engine in lockstep: the driver
+(the one that talks to users) opens each `advance` by sending its followers what changed on the
+host since the last (the sequences added, the rows its callbacks stopped, an abort), and from
+there each rank's device state evolves identically, since every rank samples the same tokens
+from the same gathered logits with the same keys.
 
 On a GPU the layers' step is compiled (llmtrain.megatron.kv_model) and each (rows, attended span,
 sampling mode) shape of the step is captured once in a CUDA graph and replayed: one launch per
@@ -44,6 +51,15 @@ def _bucket(n: int, low: int, high: int) -> int:
 
 
 @dataclass
+class _Round:
+    """What the driver tells its followers at the start of an `advance`."""
+
+    added: list = field(default_factory=list)  # sequences, in the order they were added
+    stopped: list = field(default_factory=list)  # rows the driver's callbacks ended
+    abort: bool = False  # drop everything first
+
+
+@dataclass
 class _Live:
     """A sequence the engine holds, and what it has handed out."""
 
@@ -56,7 +72,8 @@ class _Live:
 
 
 class DecodeEngine(Replica):
-    """Sequences through a KV-cache model of one rank, continuously batched."""
+    """Sequences through a KV-cache model (of one rank, or sharded over TP), continuously
+    batched."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, max_batch_size: int,
                  max_sequence_length: int, device: str, seed: int = 1234,
@@ -85,6 +102,8 @@ class DecodeEngine(Replica):
         self.waiting: deque[_Live] = deque()
         self._graphs: dict = {}
         self._pool = None
+        self.followed = torch.distributed.get_world_size(self.group) > 1
+        self._round = _Round()  # the driver's news for its followers
 
     # The interface every engine has ---------------------------------------------------------
 
@@ -94,6 +113,8 @@ class DecodeEngine(Replica):
         are called from `advance`."""
         check_batch([sequence], self.max_batch_size, self.max_sequence_length, self.vocab_size)
         self.waiting.append(_Live(sequence, on_token, on_finish))
+        if self.followed:
+            self._round.added.append(sequence)
 
     @property
     def busy(self) -> bool:
@@ -101,7 +122,32 @@ class DecodeEngine(Replica):
 
     def advance(self) -> None:
         """Admit waiting sequences into free rows, then run up to `sync_every` decode steps and
-        hand out what they made."""
+        hand out what they made (the driver: with its followers)."""
+        if self.followed:
+            news, self._round = self._round, _Round()
+            self._broadcast_object(news)
+        self._advance()
+
+    def stop_followers(self) -> None:
+        """Driver: release the followers, first telling them of the rows its callbacks ended in
+        the last `advance` (they would hold those rows into the next run otherwise)."""
+        if self._round.stopped or self._round.abort:
+            self.advance()
+        super().stop_followers()
+
+    def _run_batch(self, news: _Round) -> None:
+        """A follower's `advance`: the driver's news, then the same steps."""
+        if news.abort:
+            self.abort()
+        for row in news.stopped:
+            if self.rows[row] is not None:
+                self.active[row] = False
+                self._finish(row)
+        for sequence in news.added:
+            self.waiting.append(_Live(sequence, None, None))
+        self._advance()
+
+    def _advance(self) -> None:
         self._admit()
         live = [r for r, s in enumerate(self.rows) if s is not None]
         if not live:
@@ -126,6 +172,8 @@ class DecodeEngine(Replica):
         self.waiting.clear()
         self.rows = [None] * self.max_batch_size
         self.active.zero_()
+        if self.followed and self.is_driver:
+            self._round = _Round(abort=True)
 
     def generate(self, batch: list[Sequence], on_token: Optional[OnToken] = None,
                  on_finish: Optional[OnFinish] = None) -> list[Output]:
@@ -151,9 +199,6 @@ class DecodeEngine(Replica):
         greedy = Sampling(temperature=0, seed=0)
         for rows in sorted({1, min(2, self.max_batch_size)}):
             self.generate([Sequence([0] * (2 + i), 2, greedy) for i in range(rows)])
-
-    def _run_batch(self, batch):  # one rank: nobody follows
-        raise RuntimeError("a decode engine has no follower ranks")
 
     # Admission and prefill ------------------------------------------------------------------
 
@@ -341,6 +386,8 @@ class DecodeEngine(Replica):
             if stopped or not active[r]:
                 if stopped:
                     self.active[r] = False
+                    if self.followed:
+                        self._round.stopped.append(r)
                 self._finish(r)
 
     def _finish(self, row: int) -> None:

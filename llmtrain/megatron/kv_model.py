@@ -10,7 +10,12 @@ covers, the pre-norm Llama shape: RMSNorm or LayerNorm, rotary positions (any fr
 interleaved or not, Llama 3 scaling, as the model's own RotaryEmbedding makes them), grouped-query
 attention with or without QKV bias and Q/K norms, a gated or plain MLP of SiLU or GELU, tied or
 untied output. Anything else is `unsupported` and generates on Megatron-Core's own path
-(llmtrain.megatron.inference.Engine), as does a model split over more than one rank.
+(llmtrain.megatron.inference.Engine), as does a model split over pipeline stages.
+
+Under tensor parallelism each rank holds its shard as Megatron lays it out (its query groups'
+QKV rows, its share of the MLP and of the vocabulary) and runs its share of every product; the
+row-parallel outputs are summed over the TP group as Megatron's RowParallelLinear sums them, and
+the logits gathered, so every rank samples the same tokens from the same whole logits.
 
 Attention over the cache masks each row past its own position, so rows at different positions
 share a step (continuous batching).
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -77,9 +83,8 @@ def unsupported(model: torch.nn.Module) -> Optional[str]:
     from megatron.core.transformer.identity_op import IdentityOp
 
     c = model.config
-    if ps.get_tensor_model_parallel_world_size() > 1 or \
-            ps.get_pipeline_model_parallel_world_size() > 1:
-        return "the model is split over several ranks (TP or PP > 1)"
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        return "the model is split over pipeline stages (PP > 1)"
     if getattr(model, "position_embedding_type", None) != "rope" or \
             type(getattr(model, "rotary_pos_emb", None)) is not RotaryEmbedding:
         return "positions other than rotary embeddings (learned, ALiBi, YaRN)"
@@ -134,8 +139,13 @@ class KVModel:
         self.config = c
         self.dtype = model.embedding.word_embeddings.weight.dtype
         self.device = model.embedding.word_embeddings.weight.device
-        self.heads = c.num_attention_heads
-        self.groups = c.num_query_groups or c.num_attention_heads
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.tp_group = ps.get_tensor_model_parallel_group() if self.tp > 1 else None
+        # This rank's attention heads and query groups (Megatron shards QKV by whole groups).
+        self.heads = c.num_attention_heads // self.tp
+        self.groups = (c.num_query_groups or c.num_attention_heads) // self.tp
+        # The first vocabulary id of this rank's rows of the embedding (and of the output layer).
+        self.vocab_start = getattr(model.embedding.word_embeddings, "vocab_start_index", 0)
         self.head_dim = c.kv_channels
         self.scale = c.softmax_scale or self.head_dim ** -0.5
         self.gated = c.gated_linear_unit
@@ -171,9 +181,14 @@ class KVModel:
         # Eager, a decode step is some fifty small kernels a layer, and at small batches their
         # launches, not the weights' reads, bound it; compiled (Triton), the norms, rotations,
         # masking and activations fuse around the matrix products. One compilation serves every
-        # layer, row count and span (dynamic shapes).
-        self._layer_step = torch.compile(self._decode_layer, dynamic=True) if compile \
-            else self._decode_layer
+        # layer, row count and span (dynamic shapes). Under TP the sums over the group stay
+        # outside compiled code: the layer's two halves between them compile instead.
+        self._layer_step = self._decode_layer
+        if compile and self.tp == 1:
+            self._layer_step = torch.compile(self._decode_layer, dynamic=True)
+        elif compile:
+            self._attention = torch.compile(self._attention, dynamic=True)
+            self._mlp = torch.compile(self._mlp, dynamic=True)
 
     # Pieces ---------------------------------------------------------------------------------
 
@@ -208,16 +223,42 @@ class KVModel:
         return self._rotate(q, positions), self._rotate(k, positions), v
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the MLP's output (before the sum over TP and fc2's bias)."""
         h = F.linear(layer.norm2(x), layer.fc1_w, layer.fc1_b)
-        if self.gated:
+        if self.gated:  # each rank's fc1 rows are its share of the gate, then of the up
             gate, up = h.chunk(2, dim=-1)
             h = self.activation(gate) * up
         else:
             h = self.activation(h)
-        return F.linear(h, layer.fc2_w, layer.fc2_b)
+        return F.linear(h, layer.fc2_w)
+
+    def _row_sum(self, partial: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """A row-parallel layer's output: the ranks' partial products summed, then its bias,
+        as Megatron's RowParallelLinear adds it."""
+        if self.tp > 1:
+            dist.all_reduce(partial, group=self.tp_group)
+        return partial if bias is None else partial + bias
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings; under TP each rank looks up the ids of its vocabulary rows
+        (zeros for the others) and the sum over the group is the whole lookup."""
+        if self.tp == 1:
+            return F.embedding(tokens, self.embedding)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.embedding.size(0))
+        x = F.embedding(local.masked_fill(outside, 0), self.embedding)
+        x = x.masked_fill(outside[..., None], 0)
+        dist.all_reduce(x, group=self.tp_group)
+        return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.final_norm(x), self.output)
+        """The logits over the whole (padded) vocabulary, on every rank."""
+        local = F.linear(self.final_norm(x), self.output)
+        if self.tp == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
 
     # Prefill ----------------------------------------------------------------------------------
 
@@ -228,7 +269,7 @@ class KVModel:
         the logits of every position [n, length, padded vocab] when `want_logits`."""
         n, length = tokens.shape
         positions = torch.arange(length, device=tokens.device).expand(n, length)
-        x = F.embedding(tokens, self.embedding)
+        x = self._embed(tokens)
         per_group = self.heads // self.groups
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, positions)  # [n, length, heads|groups, d]
@@ -240,8 +281,8 @@ class KVModel:
                 v.repeat_interleave(per_group, 2).transpose(1, 2), is_causal=True,
                 scale=self.scale)
             attn = attn.transpose(1, 2).reshape(n, length, -1)
-            x = x + F.linear(attn, layer.proj_w, layer.proj_b)
-            x = x + self._mlp(layer, x)
+            x = x + self._row_sum(F.linear(attn, layer.proj_w), layer.proj_b)
+            x = x + self._row_sum(self._mlp(layer, x), layer.fc2_b)
         return self.logits(x) if want_logits else None
 
     # Decode -----------------------------------------------------------------------------------
@@ -252,7 +293,7 @@ class KVModel:
         `span` positions of each row up to its own. Returns the logits [n, padded vocab].
         Fixed shapes and no host synchronisation: capturable in a CUDA graph."""
         n = tokens.size(0)
-        x = F.embedding(tokens, self.embedding)  # [n, hidden]
+        x = self._embed(tokens)  # [n, hidden]
         visible = torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]
         mask = torch.zeros(n, 1, 1, span, dtype=torch.float32, device=tokens.device)
         mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
@@ -263,8 +304,17 @@ class KVModel:
     def _decode_layer(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                       ) -> torch.Tensor:
-        """One layer of the decode step: rows 0..n-1 (n = x's rows) write their keys and values
-        at their positions and attend over the first `span` (the mask's width) of their row."""
+        """One layer of the decode step for rows 0..n-1 (n = x's rows)."""
+        x = x + self._row_sum(self._attention(layer, x, positions, mask, keys, values),
+                              layer.proj_b)
+        return x + self._row_sum(self._mlp(layer, x), layer.fc2_b)
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                   ) -> torch.Tensor:
+        """Rows 0..n-1 write their keys and values at their positions and attend over the
+        first `span` (the mask's width) of their row; this rank's share of the output
+        projection (before the sum over TP and its bias)."""
         n, span = x.size(0), mask.size(-1)
         rows = torch.arange(n, device=x.device)
         per_group = self.heads // self.groups
@@ -276,5 +326,4 @@ class KVModel:
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale + mask
         probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [n, groups, per_group, span]
         attn = torch.matmul(probs, values).reshape(n, -1)
-        x = x + F.linear(attn, layer.proj_w, layer.proj_b)
-        return x + self._mlp(layer, x)
+        return F.linear(attn, layer.proj_w)

@@ -116,6 +116,11 @@ def gpt_layer_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool = False) -> M
         spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
                                         qk_layernorm=m.qk_layernorm,
                                         normalization=m.normalization)
+        if m.num_moe_experts:
+            # Megatron's local spec saves the pre-MLP norm under the name of Transformer
+            # Engine's fused fc1 norm, but a TE MoE layer keeps that norm apart (its experts
+            # have no fused fc1): keep the norm's own name, the one a GPU run loads.
+            spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.", None)
     if m.position_embedding_type == "alibi":
         spec.submodules.self_attention.submodules.core_attention = AlibiDotProductAttention
     return spec

@@ -3,8 +3,9 @@ policy on them with a clipped surrogate.
 
 One step: the prompts of the step (global_batch_size / group_size of them, in a per-epoch
 shuffled order: a resumed run continues with the same prompts) each get group_size replies from
-Megatron-Core's inference machinery (llmtrain.megatron.inference.Engine, run on the trained
-model itself, so no weights are copied); rewards come from rules (llmtrain.rlhf.rewards), a
+the inference engine (llmtrain.megatron.inference.make_engine: the decode engine, or
+Megatron-Core's for what it does not cover), run on the trained model itself, so no weights are
+copied; rewards come from rules (llmtrain.rlhf.rewards), a
 frozen reward model, or the user's reward server (llmtrain.rlhf.remote); with filter_groups
 (DAPO's dynamic sampling) groups whose replies all score the same are replaced by groups for
 further prompts. The policy's and the reference's log-probabilities (and for PPO the critic's
