@@ -57,7 +57,8 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
 # meant_to_run). The sft and alignment stages are checked against every data option
 # (test_sft_stage_with_every_data_option, test_alignment_stage_with_every_data_option), peft=lora
 # in tests/test_lora.py; the compositions below keep stage=pretrain and peft=none.
-ALIGNMENT_STAGES = {"rm": "preference", "dpo": "preference", "grpo": "prompts", "ppo": "prompts"}
+ALIGNMENT_STAGES = {"rm": "preference", "dpo": "preference", "kto": "unpaired", "grpo": "prompts",
+                    "ppo": "prompts"}
 ALIGNMENT_DATA = sorted(set(ALIGNMENT_STAGES.values()))
 COMPOSED = {**OPTIONS, "model": [m for m in OPTIONS["model"] if m not in CONVERSION_ZOO],
            "stage": ["pretrain"], "peft": ["none"], "data": [d for d in OPTIONS["data"] if d not in ALIGNMENT_DATA]}
@@ -85,7 +86,7 @@ def wrong_stage_for(data: str, stage: str) -> list[str]:
     """The problem of alignment data read by a stage that does not take it."""
     if data not in ALIGNMENT_DATA or ALIGNMENT_STAGES.get(stage) == data:
         return []
-    users = "rm or dpo" if data == "preference" else "grpo or ppo"
+    users = {"preference": "rm or dpo", "unpaired": "kto", "prompts": "grpo or ppo"}[data]
     return [f"data.kind={data} is read by stage={users}, not stage={stage}"]
 
 

@@ -201,8 +201,9 @@ class DataConfig:
     # corpus: the embedded default corpus (built and cached on first use);
     # indexed: Megatron mmap datasets given by data_path; mock: random tokens;
     # sft: conversations (json/jsonl/parquet files, pre-tokenized prefixes, `self-cognition`);
-    # preference: prompt/chosen/rejected records (rm, dpo); prompts: prompt/answer records
-    # (grpo, ppo); both also take the generated set `arithmetic`.
+    # preference: prompt/chosen/rejected records (rm, dpo); unpaired: prompt/completion/label
+    # records (kto); prompts: prompt/answer records (grpo, ppo); all three also take the
+    # generated set `arithmetic`.
     kind: str = "corpus"
     # Megatron's --data-path: prefixes, optionally weighted ("0.7 /a/b_text_document 0.3 /c/d").
     data_path: list[str] = field(default_factory=list)
@@ -221,14 +222,14 @@ class DataConfig:
 
 @dataclass
 class AlignmentConfig:
-    """Reward model, DPO, GRPO and PPO settings (stage=rm|dpo|grpo|ppo; docs/rlhf.md)."""
+    """Reward model, DPO, KTO, GRPO and PPO settings (stage=rm|dpo|kto|grpo|ppo; rlhf.md)."""
 
-    # Frozen reference policy (dpo, grpo, ppo): a checkpoint folder; None: checkpoint.load, or
-    # the seed's initial weights when that is unset too.
+    # Frozen reference policy (dpo, kto, grpo, ppo): a checkpoint folder; None: checkpoint.load,
+    # or the seed's initial weights when that is unset too.
     reference_load: Optional[str] = None
     # Roles on a tensor-parallel layout of their own, without pipeline stages, over every rank
-    # (None: the run's layout; docs/rlhf.md): the reference (dpo, grpo, ppo), the reward model
-    # of reward=model (grpo, ppo), the critic (ppo).
+    # (None: the run's layout; docs/rlhf.md): the reference (dpo, kto, grpo, ppo), the reward
+    # model of reward=model (grpo, ppo), the critic (ppo).
     reference_tensor_model_parallel_size: Optional[int] = None
     reward_tensor_model_parallel_size: Optional[int] = None
     critic_tensor_model_parallel_size: Optional[int] = None
@@ -242,6 +243,10 @@ class AlignmentConfig:
     beta: float = 0.1
     simpo_gamma: float = 0.5
     length_normalized: bool = False
+    # kto (also beta, length_normalized): the weights of desirable and undesirable examples'
+    # losses (the paper's lambda_D and lambda_U; TRL's names).
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits), a
     # reward model (reward_load, a stage=rm checkpoint), or a server (reward_url: the user's, or
     # `python -m llmtrain.serve` of a stage=rm checkpoint at <address>/v1/rewards).

@@ -23,7 +23,7 @@ CHOICES = {
     "model.position_embedding_type": ("rope", "learned_absolute", "alibi", "none"),
     "precision.fp8": (None, "e4m3", "hybrid"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
-    "data.kind": ("corpus", "indexed", "mock", "sft", "preference", "prompts"),
+    "data.kind": ("corpus", "indexed", "mock", "sft", "preference", "unpaired", "prompts"),
     "stage.name": stage_names(),
     "data.sft.format": FORMATS,
     "data.sft.chat_template": TEMPLATES,

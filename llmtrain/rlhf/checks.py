@@ -4,13 +4,13 @@ stage registry (llmtrain.tasks) says of each stage, and each family's own."""
 
 from __future__ import annotations
 
-from llmtrain.config.schema import Config
+from llmtrain.config.schema import AlignmentConfig, Config
 from llmtrain.rlhf.advantages import ESTIMATORS
 from llmtrain.rlhf.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, PREFERENCE_LOSSES
 from llmtrain.rlhf.rewards import RULES
 from llmtrain.tasks import either, stages_where, task_spec
 
-ALIGNMENT_DATA = ("preference", "prompts")
+ALIGNMENT_DATA = ("preference", "unpaired", "prompts")
 
 
 def _not_one_of(setting: str, value, choices) -> list[str]:
@@ -69,6 +69,23 @@ def preference_problems(cfg: Config, data_parallel_size: int, generates: bool) -
     if loss and not loss.uses_reference and a.reference_load:
         problems.append(f"stage.alignment.loss_type={a.loss_type} uses no reference model: "
                         f"unset stage.alignment.reference_load")
+    return problems
+
+
+def kto_problems(cfg: Config, data_parallel_size: int, generates: bool) -> list[str]:
+    """stage=kto: its strength and weights; the settings of DPO's losses do not apply."""
+    a = cfg.stage.alignment
+    problems = [f"stage.alignment.{key}={getattr(a, key)} must be above 0"
+                for key in ("beta", "desirable_weight", "undesirable_weight")
+                if getattr(a, key) <= 0]
+    if a.loss_type != AlignmentConfig.loss_type:
+        problems.append(f"stage.alignment.loss_type={a.loss_type} chooses stage=dpo's loss; "
+                        f"stage=kto has its own: unset it")
+    if a.reference_logprobs != "on_the_fly":
+        problems.append(f"stage.alignment.reference_logprobs={a.reference_logprobs}: stage=kto "
+                        f"computes the reference's log-probabilities every step (its reference "
+                        f"point pairs each prompt with another example's completion of the "
+                        f"step): set it to on_the_fly")
     return problems
 
 
