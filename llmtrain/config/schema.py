@@ -247,10 +247,11 @@ class AlignmentConfig:
     # losses (the paper's lambda_D and lambda_U; TRL's names).
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits), a
-    # reward model (reward_load, a stage=rm checkpoint), or a server (reward_url: the user's, or
-    # `python -m llmtrain.serve` of a stage=rm checkpoint at <address>/v1/rewards).
-    reward: str = "rule"  # rule | model | remote
+    # grpo, ppo: where rewards come from: rules (the weights of reward_weights), a reward model
+    # (reward_load, a stage=rm checkpoint) alone, a server (reward_url: the user's, or `python -m
+    # llmtrain.serve` of a stage=rm checkpoint at <address>/v1/rewards) alone, or combined: the
+    # rules and the model's and/or the server's score, weighed by reward_weights.model, .remote.
+    reward: str = "rule"  # rule | model | remote | combined
     reward_load: Optional[str] = None
     reward_url: Optional[str] = None
     # grpo, ppo: the reference on a server of its own (`python -m llmtrain.serve` of it: its
@@ -261,11 +262,13 @@ class AlignmentConfig:
     reference_url: Optional[str] = None
     critic_url: Optional[str] = None
     server_timeout: float = 60.0
-    # Weights of the rules (llmtrain.rlhf.rewards.RULES: exact_match, format, digits, math,
-    # code); code runs the reply against the record's answer (Python tests) in a sandboxed
-    # subprocess of code_timeout seconds and code_memory_mb MiB.
+    # Weights of the reward's parts: the rules (llmtrain.rlhf.rewards.RULES: exact_match,
+    # format, digits, math, code) and, with reward=combined, the scores (SCORES: model, remote);
+    # code runs the reply against the record's answer (Python tests) in a sandboxed subprocess
+    # of code_timeout seconds and code_memory_mb MiB.
     reward_weights: dict[str, float] = field(default_factory=lambda: {
-        "exact_match": 1.0, "format": 0.0, "digits": 0.0, "math": 0.0, "code": 0.0})
+        "exact_match": 1.0, "format": 0.0, "digits": 0.0, "math": 0.0, "code": 0.0,
+        "model": 0.0, "remote": 0.0})
     code_timeout: float = 5.0
     code_memory_mb: int = 512
     # The answer is the last match of answer_pattern in a reply (exact_match); format gives 1

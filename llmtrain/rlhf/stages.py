@@ -5,6 +5,7 @@ from __future__ import annotations
 from llmtrain.config.schema import Config
 from llmtrain.rlhf.checks import kto_problems, preference_problems, rollout_problems
 from llmtrain.rlhf.losses import PREFERENCE_LOSSES
+from llmtrain.rlhf.rewards import weights
 from llmtrain.tasks import TaskSpec, register
 
 ALIGN = "llmtrain.megatron.align"
@@ -18,7 +19,7 @@ def _dpo_roles(cfg: Config) -> set[str]:
 def _rollout_roles(critic: bool):
     def roles(cfg: Config) -> set[str]:
         a = cfg.stage.alignment
-        return ({"reference"} | ({"reward"} if a.reward == "model" else set())
+        return ({"reference"} | ({"reward"} if "model" in weights(a) else set())
                 | ({"critic"} if critic else set()))
     return roles
 
