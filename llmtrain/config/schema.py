@@ -322,8 +322,8 @@ class AlignmentConfig:
 
 @dataclass
 class StageConfig:
-    """What is trained and for how long: pretrain, sft, or an alignment stage (rm, dpo, grpo,
-    ppo: docs/rlhf.md)."""
+    """What is trained and for how long: pretrain, sft, or an alignment stage (rm, dpo, kto,
+    grpo, ppo: docs/rlhf.md)."""
 
     name: str = "pretrain"
     micro_batch_size: int = 4
