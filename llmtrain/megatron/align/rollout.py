@@ -6,9 +6,8 @@ shuffled order: a resumed run continues with the same prompts) each get group_si
 Megatron-Core's inference machinery (llmtrain.megatron.inference.Engine, run on the trained
 model itself, so no weights are copied); rewards come from rules (llmtrain.rlhf.rewards), a
 frozen reward model, the user's reward server (llmtrain.rlhf.remote), or a weighted sum of
-rules and those scores (reward=combined); with filter_groups
-(DAPO's dynamic sampling) groups whose replies all score the same are replaced by groups for
-further prompts. The policy's and the reference's log-probabilities (and for PPO the critic's
+rules and those scores (reward=combined); with filter_groups (DAPO's dynamic sampling) groups
+whose replies all score the same are replaced by groups for further prompts. The policy's and the reference's log-probabilities (and for PPO the critic's
 values) are computed once, then the advantages (stage.alignment.advantage_estimator), and the
 policy (and the critic) take ppo_epochs optimizer steps on the batch through the training loop's
 own step (llmtrain.megatron.step), with the policy loss and aggregation the config names
