@@ -15,6 +15,7 @@ import torch
 from conftest import compose_config, run_llmtrain, summary
 from llmtrain.config import inputs
 from llmtrain.config.schema import AlignmentConfig, TokenizerConfig
+from llmtrain.config.validate import ConfigError, Machine, validate
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import load_tokenizer
@@ -67,6 +68,20 @@ def test_each_prompt_is_paired_with_another_completion_of_its_step(corpus_chat, 
         assert item["desirable"] == own.desirable
         trained = [int(t) for t, m in zip(item["labels"][0], item["loss_mask"][0]) if m]
         assert trained == [i for i, m in zip(own.completion, own.mask) if m]
+
+
+def test_kto_settings_are_checked_before_launch():
+    cfg = compose_config("stage=kto", "data=unpaired", "stage.alignment.undesirable_weight=0",
+                         "stage.alignment.loss_type=ipo",
+                         "stage.alignment.reference_logprobs=precomputed")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, Machine(gpus=0, has_transformer_engine=False))
+    assert sorted(error.value.problems) == [
+        "stage.alignment.loss_type=ipo chooses stage=dpo's loss; stage=kto has its own: unset it",
+        "stage.alignment.reference_logprobs=precomputed: stage=kto computes the reference's "
+        "log-probabilities every step (its reference point pairs each prompt with another "
+        "example's completion of the step): set it to on_the_fly",
+        "stage.alignment.undesirable_weight=0.0 must be above 0"]
 
 
 def _refused(*args: str) -> str:
