@@ -101,10 +101,12 @@ def test_kto_and_the_preference_stages_refuse_each_others_data(tmp_path, corpus_
     assert (f"{pairs} line 1: a paired preference record (prompt, chosen, rejected), but "
             f"data=unpaired (stage=kto) reads {{prompt, completion, label}} records: train on "
             f"pairs with stage=dpo data=preference, or write each pair as two records") in error
-    error = _refused("stage=dpo", "data=preference", f"data.data_path=[{unpaired}]")
-    assert (f"{unpaired} line 1: an unpaired record (prompt, completion, label), as KTO reads, "
-            f"but data=preference (stage=rm or dpo) reads {{prompt, chosen, rejected}} records: "
-            f"train on unpaired completions with stage=kto data=unpaired") in error
+    cfg = compose_config("stage=dpo", "data=preference", f"data.data_path=[{unpaired}]")
+    assert inputs.record_problems(cfg) == [
+        f"{unpaired} line 1: an unpaired record (prompt, completion, label), as KTO reads, but "
+        f"data=preference (stage=rm or dpo) reads {{prompt, chosen, rejected}} records: train on "
+        f"unpaired completions with stage=kto data=unpaired, or pair a desirable and an "
+        f"undesirable completion of each prompt as {{prompt, chosen, rejected}}"]
     cfg = compose_config("stage=kto", "data=unpaired", f"data.data_path=[{sft}]")
     assert inputs.record_problems(cfg) == [
         f"{sft} line 1: an SFT conversation, but data=unpaired (stage=kto) reads {{prompt, "
