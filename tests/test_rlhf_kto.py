@@ -72,6 +72,7 @@ def test_each_prompt_is_paired_with_another_completion_of_its_step(corpus_chat, 
 
 def test_kto_settings_are_checked_before_launch():
     cfg = compose_config("stage=kto", "data=unpaired", "stage.alignment.undesirable_weight=0",
+                         "stage.global_batch_size=1", "stage.micro_batch_size=1",
                          "stage.alignment.loss_type=ipo",
                          "stage.alignment.reference_logprobs=precomputed")
     with pytest.raises(ConfigError) as error:
@@ -81,7 +82,9 @@ def test_kto_settings_are_checked_before_launch():
         "stage.alignment.reference_logprobs=precomputed: stage=kto computes the reference's "
         "log-probabilities every step (its reference point pairs each prompt with another "
         "example's completion of the step): set it to on_the_fly",
-        "stage.alignment.undesirable_weight=0.0 must be above 0"]
+        "stage.alignment.undesirable_weight=0.0 must be above 0",
+        "stage=kto pairs each prompt with another example's completion of the step (its "
+        "reference point): stage.global_batch_size must be at least 2"]
 
 
 def _refused(*args: str) -> str:

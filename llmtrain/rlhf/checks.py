@@ -81,6 +81,9 @@ def kto_problems(cfg: Config, data_parallel_size: int, generates: bool) -> list[
     if a.loss_type != AlignmentConfig.loss_type:
         problems.append(f"stage.alignment.loss_type={a.loss_type} chooses stage=dpo's loss; "
                         f"stage=kto has its own: unset it")
+    if cfg.stage.global_batch_size < 2:
+        problems.append("stage=kto pairs each prompt with another example's completion of the "
+                        "step (its reference point): stage.global_batch_size must be at least 2")
     if a.reference_logprobs != "on_the_fly":
         problems.append(f"stage.alignment.reference_logprobs={a.reference_logprobs}: stage=kto "
                         f"computes the reference's log-probabilities every step (its reference "

@@ -60,11 +60,12 @@ class UnpairedDataset(PairDataset):
 
     def mismatched(self, index: int) -> int:
         """The example whose completion row 1 of sample `index` takes: the next one in the
-        step's batch whose prompt differs (the next one when all prompts are the same)."""
+        step's batch (of at least 2) whose prompt differs (the next one when all prompts are the
+        same)."""
         step = index - index % self.global_batch_size
         own = self.pairs[self.pair_index(index)].prompt
         candidates = [self.pair_index(step + (index - step + k) % self.global_batch_size)
-                      for k in range(1, self.global_batch_size)] or [self.pair_index(index)]
+                      for k in range(1, self.global_batch_size)]
         return next((c for c in candidates if self.pairs[c].prompt != own), candidates[0])
 
     def __getitem__(self, index: int) -> dict:
