@@ -41,6 +41,20 @@ def separable_pairs(path: Path, count: int = 200, seed: int = 0) -> Path:
     return path
 
 
+def separable_unpaired(path: Path, count: int = 64, seed: int = 0) -> Path:
+    """Unpaired examples, KTO's data: the polite reply desirable, the curt one not, each prompt
+    with one of them."""
+    rng = random.Random(seed)
+    topics = ["the weather", "a recipe", "the train", "a book", "the garden", "music"]
+    with open(path, "w") as out:
+        for i in range(count):
+            desirable = i % 2 == 0
+            out.write(json.dumps({"prompt": f"Tell me about {rng.choice(topics)}, item {i}.",
+                                  "completion": "Gladly, thank you." if desirable else "No.",
+                                  "label": desirable}) + "\n")
+    return path
+
+
 def arithmetic_prompts(path: Path, count: int = 64, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as out:

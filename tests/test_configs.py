@@ -57,7 +57,8 @@ def expected_problems(choice: dict[str, str]) -> list[str]:
 # meant_to_run). The sft and alignment stages are checked against every data option
 # (test_sft_stage_with_every_data_option, test_alignment_stage_with_every_data_option), peft=lora
 # in tests/test_lora.py; the compositions below keep stage=pretrain and peft=none.
-ALIGNMENT_STAGES = {"rm": "preference", "dpo": "preference", "grpo": "prompts", "ppo": "prompts"}
+ALIGNMENT_STAGES = {"rm": "preference", "dpo": "preference", "kto": "unpaired", "grpo": "prompts",
+                    "ppo": "prompts"}
 ALIGNMENT_DATA = sorted(set(ALIGNMENT_STAGES.values()))
 COMPOSED = {**OPTIONS, "model": [m for m in OPTIONS["model"] if m not in CONVERSION_ZOO],
            "stage": ["pretrain"], "peft": ["none"], "data": [d for d in OPTIONS["data"] if d not in ALIGNMENT_DATA]}
@@ -85,7 +86,7 @@ def wrong_stage_for(data: str, stage: str) -> list[str]:
     """The problem of alignment data read by a stage that does not take it."""
     if data not in ALIGNMENT_DATA or ALIGNMENT_STAGES.get(stage) == data:
         return []
-    users = "rm or dpo" if data == "preference" else "grpo or ppo"
+    users = {"preference": "rm or dpo", "unpaired": "kto", "prompts": "grpo or ppo"}[data]
     return [f"data.kind={data} is read by stage={users}, not stage={stage}"]
 
 
@@ -344,7 +345,8 @@ def test_role_layouts_are_checked_together():
         "stage.alignment.reference_tensor_model_parallel_size=3 must divide the 4 processes: "
         "the reference model lies over every rank in groups of that size",
         "stage.alignment.reward_tensor_model_parallel_size=2 applies to stage=grpo or ppo with "
-        "stage.alignment.reward=model, not this run: unset it"]
+        "a reward model (stage.alignment.reward=model, or combined with reward_weights.model), "
+        "not this run: unset it"]
     assert refused("stage=dpo", "data=preference", "parallel=tp1pp1",
                    "launcher.nproc_per_node=8", "stage.global_batch_size=16",
                    "stage.micro_batch_size=2", "model.make_vocab_size_divisible_by=1",
@@ -356,8 +358,8 @@ def test_role_layouts_are_checked_together():
         "stage.alignment.reference_tensor_model_parallel_size=8 does not divide the padded "
         "vocabulary (4097): choose a size that divides it"]
     assert refused("stage.alignment.reference_tensor_model_parallel_size=1") == [
-        "stage.alignment.reference_tensor_model_parallel_size=1 applies to stage=dpo, grpo or "
-        "ppo, not this run: unset it"]
+        "stage.alignment.reference_tensor_model_parallel_size=1 applies to stage=dpo, kto, grpo "
+        "or ppo, not this run: unset it"]
 
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
@@ -419,8 +421,9 @@ def test_reward_rules_and_policy_gradient_names_are_checked():
     validation and crashed with a KeyError at the first step."""
     assert refused("stage=grpo", "data=prompts",
                    "+stage.alignment.reward_weights.exactmatch=1") == [
-        "stage.alignment.reward_weights names exactmatch, which is no reward rule; the rules "
-        "are: exact_match, format, digits, math, code"]
+        "stage.alignment.reward_weights names exactmatch, which is no reward rule or score; the "
+        "rules are: exact_match, format, digits, math, code; the scores (with reward=combined): "
+        "model, remote"]
     assert refused("stage=grpo", "data=prompts", "stage.alignment.advantage_estimator=ppo",
                    "stage.alignment.policy_loss=gpg", "stage.alignment.loss_agg_mode=mean",
                    "stage.alignment.kl_estimator=k4") == [
@@ -446,6 +449,28 @@ def test_reward_rules_and_policy_gradient_names_are_checked():
         "stage.alignment.overlong_buffer_len=40 must lie in 0..max_new_tokens (16)"]
     validate(compose_config("stage=grpo", "data=prompts", "stage.alignment.reward_weights.math=1",
                             "stage.alignment.advantage_estimator=rloo"), CPU)
+    # Rules and a reward model's or a server's score in one sum (reward=combined): each score
+    # needs its source, and only combined weighs them.
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.reward=combined",
+                   "stage.alignment.reward_weights.model=0.5",
+                   "stage.alignment.reward_weights.remote=2") == [
+        "stage.alignment.reward=combined with reward_weights.model needs "
+        "stage.alignment.reward_load: a checkpoint written by stage=rm",
+        "stage.alignment.reward=combined with reward_weights.remote needs "
+        "stage.alignment.reward_url: the http:// or https:// address of a reward server "
+        "(docs/rlhf.md)"]
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.reward=combined") == [
+        "stage.alignment.reward=combined adds a reward model's score (reward_weights.model, with "
+        "reward_load) or a server's (reward_weights.remote, with reward_url) to the rules: weigh "
+        "one of them, or use reward=rule"]
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.reward=model",
+                   "stage.alignment.reward_load=/ckpt/rm",
+                   "stage.alignment.reward_weights.model=0.5") == [
+        "stage.alignment.reward_weights.model weighs a score in the sum with the rules that "
+        "reward=combined makes, not reward=model: set stage.alignment.reward=combined, or drop "
+        "reward_weights.model"]
+    assert refused("stage=grpo", "data=prompts", "stage.alignment.reward=sum") == [
+        "stage.alignment.reward=sum is not one of: rule, model, remote, combined"]
 
 
 def test_reference_free_preference_losses_take_no_reference():
@@ -455,5 +480,5 @@ def test_reference_free_preference_losses_take_no_reference():
         "stage.alignment.reference_load"]
     assert refused("stage=dpo", "data=preference", "stage.alignment.loss_type=orpo",
                    "stage.alignment.reference_tensor_model_parallel_size=1") == [
-        "stage.alignment.reference_tensor_model_parallel_size=1 applies to stage=dpo, grpo or "
-        "ppo, not this run: unset it"]
+        "stage.alignment.reference_tensor_model_parallel_size=1 applies to stage=dpo, kto, grpo "
+        "or ppo, not this run: unset it"]

@@ -168,6 +168,25 @@ def test_lora_dpo_raises_the_margin_against_the_base_with_adapters_off(base, tmp
     assert margin[-1] > margin[0] + 0.1, margin
 
 
+def test_lora_kto_pulls_desirable_completions_above_the_base_with_adapters_off(base, tmp_path):
+    """KTO's reference under peft=lora is the base too: the implicit rewards and the reference
+    point start at 0, then the desirable completions rise above the base and the others fall."""
+    from rlhf_helpers import TINY, separable_unpaired
+
+    data = separable_unpaired(tmp_path / "kto.jsonl", count=64)
+    out = run_llmtrain("stage=kto", "data=unpaired", f"data.data_path=[{data}]", *TINY,
+                       "model.num_layers=2", "optim.lr=5e-3", "optim.min_lr=5e-3",
+                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
+                       "stage.train_iters=4", "peft=lora", f"checkpoint.load={base}",
+                       f"hydra.run.dir={tmp_path / 'kto'}", "checkpoint.save=null").stdout
+    assert "(frozen reference)" not in out  # no second copy was loaded
+    metrics = summary(tmp_path / "kto")["metrics"]
+    good, bad = metrics["reward_desirable"], metrics["reward_undesirable"]
+    assert good[0] == pytest.approx(0.0, abs=1e-6) and bad[0] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["kl"][0] == pytest.approx(0.0, abs=1e-6)
+    assert good[-1] > 0.1 and bad[-1] < 0.0, (good, bad)
+
+
 def test_adapters_merged_into_a_bf16_base_are_judged_as_bf16(tiny_llama, tmp_path):
     """W + (alpha / r) B A cannot be stored exactly in bf16: the merged export of a LoRA run on
     a bf16 base is checked against the model as it trained within bf16's rounding, not fp32's."""

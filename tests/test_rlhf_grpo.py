@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from llmtrain.config.schema import AlignmentConfig
 from llmtrain.rlhf.remote import RoleServerError, remote_rewards
-from llmtrain.rlhf.rewards import reward
+from llmtrain.rlhf.rewards import reward, rule_scores
 
 
 def test_grpo_raises_the_mean_reward(tmp_path):
@@ -58,14 +58,48 @@ def grpo_scored_by(reward_args: list[str], prompts: Path, run: Path) -> str:
                         "checkpoint.save=null").stdout
 
 
-def test_grpo_scores_with_a_reward_model_from_stage_rm(tmp_path, reward_model):
+def test_grpo_scores_with_a_reward_model_alone_and_beside_rules_and_a_server(tmp_path,
+                                                                            reward_model):
+    """reward=model: the head's score of each reply. reward=combined: the verifier rules (math,
+    code), the digits credit, the reward model and a reward server in one weighted sum, each
+    part's mean reported beside it. The first step's replies are those of the run scored by the
+    model alone (the same seed), so its model part is that run's reward."""
     prompts = arithmetic_prompts(tmp_path / "prompts.jsonl")
-    run = tmp_path / "grpo"
     out = grpo_scored_by(["stage.alignment.reward=model",
-                          f"stage.alignment.reward_load={reward_model}"], prompts, run)
+                          f"stage.alignment.reward_load={reward_model}"], prompts,
+                         tmp_path / "model")
     assert f"loaded {reward_model / 'iter_0000020'} (frozen scorer)" in out
-    reward = summary(run)["metrics"]["reward"][0]
-    assert math.isfinite(reward) and reward != 0.0  # the head's score of each reply
+    alone = summary(tmp_path / "model")["metrics"]["reward"]
+    assert math.isfinite(alone[0]) and alone[0] != 0.0
+    assert "reward_model" not in summary(tmp_path / "model")["metrics"]  # a single part
+
+    weights = {"exact_match": 0.0, "math": 1.0, "code": 0.25, "digits": 0.5, "model": 0.5,
+               "remote": 2.0}
+    rules = AlignmentConfig(reward_weights={"math": 1.0, "code": 1.0, "digits": 1.0})
+
+    def served(reply):
+        return len(reply) / 10
+
+    with reward_server(lambda r: {"rewards": [served(x) for x in r["replies"]]}) as (url, asked):
+        grpo_scored_by(["stage.alignment.reward=combined",
+                        f"stage.alignment.reward_load={reward_model}",
+                        f"stage.alignment.reward_url={url}",
+                        *[f"stage.alignment.reward_weights.{k}={w}" for k, w in weights.items()]],
+                       prompts, tmp_path / "combined")
+    m = summary(tmp_path / "combined")["metrics"]
+    assert m["reward_model"][0] == pytest.approx(alone[0], rel=1e-5)
+    assert len(asked) == 2
+    for step, request in enumerate(asked):
+        replies = list(zip(request["replies"], request["answers"]))
+        parts = {name: mean([rule_scores(reply, answer, rules)[name] for reply, answer in replies])
+                 for name in ("math", "code", "digits")}
+        parts["remote"] = mean([served(reply) for reply, _ in replies])
+        parts["model"] = m["reward_model"][step]
+        for name in ("math", "code", "digits", "remote"):
+            assert m[f"reward_{name}"][step] == pytest.approx(parts[name], abs=1e-6), name
+        assert m["reward"][step] == pytest.approx(
+            sum(weights[name] * parts[name] for name in parts), rel=1e-5)
+    assert m["reward_digits"][0] > 0.0 and m["reward_remote"][0] > 0.0
 
 
 def test_a_reward_model_served_by_llmtrain_serve_scores_grpo_like_a_local_one(tmp_path,

@@ -14,6 +14,7 @@ from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.rlhf import advantages, losses
 from llmtrain.rlhf.records import encode_pair, encode_prompts, read
+from llmtrain.rlhf import rewards
 from llmtrain.rlhf.rewards import reward, rule_scores
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,28 @@ def test_rule_rewards():
     assert rule_scores("12 or 13", "12", rules())["exact_match"] == 0.0  # the last one
     assert reward("7", "7", rules(exact_match=1.0, format=0.5, digits=0.0)) == 1.5
     assert reward("", None, rules(exact_match=1.0, digits=1.0)) == 0.0
+
+
+def test_rules_beside_a_reward_model_and_a_server_are_one_weighted_sum():
+    """reward=combined: the verifiers' and the other rules' scores, the reward model's and the
+    server's, each weighed by reward_weights; reward=model alone ignores the rules."""
+    a = AlignmentConfig(reward="combined", reward_weights={
+        "exact_match": 0.0, "math": 1.0, "code": 0.5, "digits": 0.25, "model": 2.0,
+        "remote": -1.0})
+    replies = ["so \\boxed{\\frac{1}{2}}", "```python\ndef add(a, b):\n    return a + b\n```"]
+    answers = ["0.5", "assert add(2, 3) == 5"]
+    assert rewards.weights(a) == {"math": 1.0, "code": 0.5, "digits": 0.25, "model": 2.0,
+                                  "remote": -1.0}
+    rules = [rule_scores(r, x, a) for r, x in zip(replies, answers)]
+    assert [(s["math"], s["code"]) for s in rules] == [(1.0, 0.0), (0.0, 1.0)]
+    parts = {name: torch.tensor([s[name] for s in rules]) for name in ("math", "code", "digits")}
+    parts.update(model=torch.tensor([0.3, -0.2]), remote=torch.tensor([0.1, 0.4]))
+    total = rewards.weighted_sum(parts, a)
+    digits = [s["digits"] for s in rules]
+    assert total.tolist() == pytest.approx([1.0 + 0.25 * digits[0] + 0.6 - 0.1,
+                                            0.5 + 0.25 * digits[1] - 0.4 - 0.4])
+    assert rewards.weights(AlignmentConfig(reward="model", reward_weights=a.reward_weights)) == {
+        "model": 1.0}
 
 
 def test_group_advantages_compare_replies_of_one_prompt_only():

@@ -36,7 +36,7 @@ def data_path_problems(cfg: Config) -> list[str]:
     """Every data_path entry must exist; one that names an indexed dataset (a prefix) needs both
     its .bin and its .idx."""
     data, problems = cfg.data, []
-    if data.kind not in ("indexed", "sft", "preference", "prompts"):
+    if data.kind not in ("indexed", "sft", "preference", "unpaired", "prompts"):
         return problems
     for entry in map(str, data.data_path):
         if _is_weight(entry) or entry in GENERATED:
@@ -65,6 +65,32 @@ def data_path_problems(cfg: Config) -> list[str]:
             problems.append(f"data.data_path entry {entry}: no dataset there ({bin_file} and "
                             f"{idx_file} are missing); give the prefixes written by `python -m "
                             f"llmtrain.data tokenize`")
+    return problems
+
+
+def record_problems(cfg: Config) -> list[str]:
+    """The first record of each file of preference or unpaired data must be of that kind: pairs
+    given to KTO, KTO's unpaired examples given to DPO or SFT conversations given to either are
+    refused now, with what to do, rather than in every worker."""
+    kind = cfg.data.kind
+    if kind not in ("preference", "unpaired"):
+        return []
+    from llmtrain.data.sources import DataError, chunks, parse_chunk
+    from llmtrain.rlhf.records import wrong_kind
+
+    problems = []
+    for entry in map(str, cfg.data.data_path):
+        if entry in GENERATED or not Path(entry).exists():
+            continue
+        try:
+            records = next((parse_chunk(c, skip_bad_lines=False).records
+                            for c in chunks([entry])), [])
+        except DataError as error:
+            problems.append(str(error))
+            continue
+        problem = records and wrong_kind(records[0][1], kind, records[0][0])
+        if problem:
+            problems.append(problem)
     return problems
 
 
@@ -194,8 +220,8 @@ def problems(cfg: Config, layout: Layout, here: bool = True) -> tuple[list[str],
     """(problems, warnings) of the files a launch reads and writes and, where its processes
     start on this machine (`here`), of its memory. A device set explicitly (device=cpu) insists:
     too little memory is then a warning."""
-    found = (data_path_problems(cfg) + tokenizer_problems(cfg) + checkpoint_problems(cfg)
-             + disk_problems(cfg, layout))
+    found = (data_path_problems(cfg) + record_problems(cfg) + tokenizer_problems(cfg)
+             + checkpoint_problems(cfg) + disk_problems(cfg, layout))
     warnings = []
     short = memory_shortfall(cfg, layout) if here else None
     if short and cfg.device == layout.device:

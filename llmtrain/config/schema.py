@@ -201,8 +201,9 @@ class DataConfig:
     # corpus: the embedded default corpus (built and cached on first use);
     # indexed: Megatron mmap datasets given by data_path; mock: random tokens;
     # sft: conversations (json/jsonl/parquet files, pre-tokenized prefixes, `self-cognition`);
-    # preference: prompt/chosen/rejected records (rm, dpo); prompts: prompt/answer records
-    # (grpo, ppo); both also take the generated set `arithmetic`.
+    # preference: prompt/chosen/rejected records (rm, dpo); unpaired: prompt/completion/label
+    # records (kto); prompts: prompt/answer records (grpo, ppo); all three also take the
+    # generated set `arithmetic`.
     kind: str = "corpus"
     # Megatron's --data-path: prefixes, optionally weighted ("0.7 /a/b_text_document 0.3 /c/d").
     data_path: list[str] = field(default_factory=list)
@@ -221,14 +222,14 @@ class DataConfig:
 
 @dataclass
 class AlignmentConfig:
-    """Reward model, DPO, GRPO and PPO settings (stage=rm|dpo|grpo|ppo; docs/rlhf.md)."""
+    """Reward model, DPO, KTO, GRPO and PPO settings (stage=rm|dpo|kto|grpo|ppo; rlhf.md)."""
 
-    # Frozen reference policy (dpo, grpo, ppo): a checkpoint folder; None: checkpoint.load, or
-    # the seed's initial weights when that is unset too.
+    # Frozen reference policy (dpo, kto, grpo, ppo): a checkpoint folder; None: checkpoint.load,
+    # or the seed's initial weights when that is unset too.
     reference_load: Optional[str] = None
     # Roles on a tensor-parallel layout of their own, without pipeline stages, over every rank
-    # (None: the run's layout; docs/rlhf.md): the reference (dpo, grpo, ppo), the reward model
-    # of reward=model (grpo, ppo), the critic (ppo).
+    # (None: the run's layout; docs/rlhf.md): the reference (dpo, kto, grpo, ppo), the reward
+    # model of reward=model (grpo, ppo), the critic (ppo).
     reference_tensor_model_parallel_size: Optional[int] = None
     reward_tensor_model_parallel_size: Optional[int] = None
     critic_tensor_model_parallel_size: Optional[int] = None
@@ -242,10 +243,15 @@ class AlignmentConfig:
     beta: float = 0.1
     simpo_gamma: float = 0.5
     length_normalized: bool = False
-    # grpo, ppo: where rewards come from: rules (weights of exact_match, format, digits), a
-    # reward model (reward_load, a stage=rm checkpoint), or a server (reward_url: the user's, or
-    # `python -m llmtrain.serve` of a stage=rm checkpoint at <address>/v1/rewards).
-    reward: str = "rule"  # rule | model | remote
+    # kto (also beta, length_normalized): the weights of desirable and undesirable examples'
+    # losses (the paper's lambda_D and lambda_U; TRL's names).
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # grpo, ppo: where rewards come from: rules (the weights of reward_weights), a reward model
+    # (reward_load, a stage=rm checkpoint) alone, a server (reward_url: the user's, or `python -m
+    # llmtrain.serve` of a stage=rm checkpoint at <address>/v1/rewards) alone, or combined: the
+    # rules and the model's and/or the server's score, weighed by reward_weights.model, .remote.
+    reward: str = "rule"  # rule | model | remote | combined
     reward_load: Optional[str] = None
     reward_url: Optional[str] = None
     # grpo, ppo: the reference on a server of its own (`python -m llmtrain.serve` of it: its
@@ -256,11 +262,13 @@ class AlignmentConfig:
     reference_url: Optional[str] = None
     critic_url: Optional[str] = None
     server_timeout: float = 60.0
-    # Weights of the rules (llmtrain.rlhf.rewards.RULES: exact_match, format, digits, math,
-    # code); code runs the reply against the record's answer (Python tests) in a sandboxed
-    # subprocess of code_timeout seconds and code_memory_mb MiB.
+    # Weights of the reward's parts: the rules (llmtrain.rlhf.rewards.RULES: exact_match,
+    # format, digits, math, code) and, with reward=combined, the scores (SCORES: model, remote);
+    # code runs the reply against the record's answer (Python tests) in a sandboxed subprocess
+    # of code_timeout seconds and code_memory_mb MiB.
     reward_weights: dict[str, float] = field(default_factory=lambda: {
-        "exact_match": 1.0, "format": 0.0, "digits": 0.0, "math": 0.0, "code": 0.0})
+        "exact_match": 1.0, "format": 0.0, "digits": 0.0, "math": 0.0, "code": 0.0,
+        "model": 0.0, "remote": 0.0})
     code_timeout: float = 5.0
     code_memory_mb: int = 512
     # The answer is the last match of answer_pattern in a reply (exact_match); format gives 1
@@ -314,8 +322,8 @@ class AlignmentConfig:
 
 @dataclass
 class StageConfig:
-    """What is trained and for how long: pretrain, sft, or an alignment stage (rm, dpo, grpo,
-    ppo: docs/rlhf.md)."""
+    """What is trained and for how long: pretrain, sft, or an alignment stage (rm, dpo, kto,
+    grpo, ppo: docs/rlhf.md)."""
 
     name: str = "pretrain"
     micro_batch_size: int = 4

@@ -23,7 +23,7 @@ CHOICES = {
     "model.position_embedding_type": ("rope", "learned_absolute", "alibi", "none"),
     "precision.fp8": (None, "e4m3", "hybrid"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
-    "data.kind": ("corpus", "indexed", "mock", "sft", "preference", "prompts"),
+    "data.kind": ("corpus", "indexed", "mock", "sft", "preference", "unpaired", "prompts"),
     "stage.name": stage_names(),
     "data.sft.format": FORMATS,
     "data.sft.chat_template": TEMPLATES,
@@ -515,7 +515,8 @@ def role_layout_problems(cfg: Config, world_size: int, padded_vocab: int) -> lis
             continue
         if role not in used:
             where = f"stage={either(stages_where(lambda s: role in s.possible_roles))}" + (
-                " with stage.alignment.reward=model" if role == "reward" else "")
+                " with a reward model (stage.alignment.reward=model, or combined with "
+                "reward_weights.model)" if role == "reward" else "")
             problems.append(f"{setting} applies to {where}, not this run: unset it")
         elif tp < 1 or world_size % tp:
             problems.append(f"{setting} must divide the {world_size} processes: the {role} "

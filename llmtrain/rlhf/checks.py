@@ -4,13 +4,13 @@ stage registry (llmtrain.tasks) says of each stage, and each family's own."""
 
 from __future__ import annotations
 
-from llmtrain.config.schema import Config
+from llmtrain.config.schema import AlignmentConfig, Config
 from llmtrain.rlhf.advantages import ESTIMATORS
 from llmtrain.rlhf.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, PREFERENCE_LOSSES
-from llmtrain.rlhf.rewards import RULES
+from llmtrain.rlhf.rewards import RULES, SCORES, SOURCES, weights
 from llmtrain.tasks import either, stages_where, task_spec
 
-ALIGNMENT_DATA = ("preference", "prompts")
+ALIGNMENT_DATA = ("preference", "unpaired", "prompts")
 
 
 def _not_one_of(setting: str, value, choices) -> list[str]:
@@ -72,6 +72,26 @@ def preference_problems(cfg: Config, data_parallel_size: int, generates: bool) -
     return problems
 
 
+def kto_problems(cfg: Config, data_parallel_size: int, generates: bool) -> list[str]:
+    """stage=kto: its strength and weights; the settings of DPO's losses do not apply."""
+    a = cfg.stage.alignment
+    problems = [f"stage.alignment.{key}={getattr(a, key)} must be above 0"
+                for key in ("beta", "desirable_weight", "undesirable_weight")
+                if getattr(a, key) <= 0]
+    if a.loss_type != AlignmentConfig.loss_type:
+        problems.append(f"stage.alignment.loss_type={a.loss_type} chooses stage=dpo's loss; "
+                        f"stage=kto has its own: unset it")
+    if cfg.stage.global_batch_size < 2:
+        problems.append("stage=kto pairs each prompt with another example's completion of the "
+                        "step (its reference point): stage.global_batch_size must be at least 2")
+    if a.reference_logprobs != "on_the_fly":
+        problems.append(f"stage.alignment.reference_logprobs={a.reference_logprobs}: stage=kto "
+                        f"computes the reference's log-probabilities every step (its reference "
+                        f"point pairs each prompt with another example's completion of the "
+                        f"step): set it to on_the_fly")
+    return problems
+
+
 def rollout_problems(cfg: Config, data_parallel_size: int, generates: bool) -> list[str]:
     """stage=grpo and ppo: rollouts, rewards, their servers and the policy-gradient settings."""
     stage, data, a = cfg.stage, cfg.data, cfg.stage.alignment
@@ -81,20 +101,11 @@ def rollout_problems(cfg: Config, data_parallel_size: int, generates: bool) -> l
         problems.append(f"stage={stage.name} gives each data-parallel replica whole groups: "
                         f"the {prompts} prompts of a step (global_batch_size / group_size) "
                         f"must divide among DP {data_parallel_size}")
-    if a.reward not in ("rule", "model", "remote"):
-        problems.append(f"stage.alignment.reward={a.reward} is not one of: rule, model, "
-                        f"remote")
-    unknown = sorted(set(a.reward_weights) - set(RULES))
-    if unknown:
-        problems.append(f"stage.alignment.reward_weights names {', '.join(unknown)}, which is "
-                        f"no reward rule; the rules are: {', '.join(RULES)}")
+    problems += reward_problems(a)
     if a.reward_weights.get("code") and (a.code_timeout <= 0 or a.code_memory_mb < 16):
         problems.append(f"the code reward runs each reply for code_timeout={a.code_timeout} s "
                         f"in code_memory_mb={a.code_memory_mb} MiB: give it above 0 s and at "
                         f"least 16 MiB")
-    if a.reward == "remote" and not a.reward_url:
-        problems.append("stage.alignment.reward=remote needs stage.alignment.reward_url: the "
-                        "http:// or https:// address of a reward server (docs/rlhf.md)")
     for key in ("reward_url", "reference_url", "critic_url"):
         url = getattr(a, key)
         if url and not url.startswith(("http://", "https://")):
@@ -107,12 +118,9 @@ def rollout_problems(cfg: Config, data_parallel_size: int, generates: bool) -> l
     if a.critic_url and a.critic_tensor_model_parallel_size:
         problems.append("stage.alignment.critic_url serves the critic elsewhere, with the "
                         "server's own layout: unset critic_tensor_model_parallel_size")
-    if (a.reward == "remote" or a.reference_url or a.critic_url) and a.server_timeout <= 0:
+    if ("remote" in weights(a) or a.reference_url or a.critic_url) and a.server_timeout <= 0:
         problems.append(f"stage.alignment.server_timeout={a.server_timeout} must be above 0 "
                         f"(seconds)")
-    if a.reward == "model" and not a.reward_load:
-        problems.append("stage.alignment.reward=model needs stage.alignment.reward_load: a "
-                        "checkpoint written by stage=rm")
     if a.group_size < 1 or stage.global_batch_size % a.group_size:
         problems.append(f"stage.global_batch_size={stage.global_batch_size} (replies per "
                         f"step) must be a multiple of stage.alignment.group_size="
@@ -124,6 +132,38 @@ def rollout_problems(cfg: Config, data_parallel_size: int, generates: bool) -> l
     if a.ppo_epochs < 1:
         problems.append(f"stage.alignment.ppo_epochs={a.ppo_epochs} must be at least 1")
     return problems + policy_gradient_problems(cfg)
+
+
+def reward_problems(a) -> list[str]:
+    """The reward's source and every key of reward_weights (a rule, or the score of a reward
+    model or server that reward=combined adds to the rules)."""
+    problems = _not_one_of("reward", a.reward, SOURCES)
+    unknown = sorted(set(a.reward_weights) - set(RULES) - set(SCORES))
+    if unknown:
+        problems.append(f"stage.alignment.reward_weights names {', '.join(unknown)}, which is "
+                        f"no reward rule or score; the rules are: {', '.join(RULES)}; the "
+                        f"scores (with reward=combined): {', '.join(SCORES)}")
+    scores = [key for key in SCORES if a.reward_weights.get(key)]
+    if a.reward != "combined" and scores:
+        problems.append(f"stage.alignment.reward_weights.{scores[0]} weighs a score in the sum "
+                        f"with the rules that reward=combined makes, not reward={a.reward}: set "
+                        f"stage.alignment.reward=combined, or drop reward_weights.{scores[0]}")
+    if a.reward == "combined" and not scores:
+        problems.append("stage.alignment.reward=combined adds a reward model's score "
+                        "(reward_weights.model, with reward_load) or a server's "
+                        "(reward_weights.remote, with reward_url) to the rules: weigh one of "
+                        "them, or use reward=rule")
+    used, combined = weights(a), a.reward == "combined"
+    if "model" in used and not a.reward_load:
+        problems.append(f"stage.alignment.reward={a.reward}"
+                        f"{' with reward_weights.model' if combined else ''} needs "
+                        f"stage.alignment.reward_load: a checkpoint written by stage=rm")
+    if "remote" in used and not a.reward_url:
+        problems.append(f"stage.alignment.reward={a.reward}"
+                        f"{' with reward_weights.remote' if combined else ''} needs "
+                        f"stage.alignment.reward_url: the http:// or https:// address of a "
+                        f"reward server (docs/rlhf.md)")
+    return problems
 
 
 def policy_gradient_problems(cfg: Config) -> list[str]:

@@ -3,6 +3,7 @@ small function registered under the name a config chooses it by:
 
 - PREFERENCE_LOSSES (stage.alignment.loss_type, stage=dpo): sigmoid (DPO), ipo, and the
   reference-free simpo and orpo (no reference model is loaded for them);
+- kto (stage=kto): unpaired desirable and undesirable completions against a reference point;
 - POLICY_LOSSES (stage.alignment.policy_loss, grpo/ppo): vanilla (PPO's token-level clipped
   ratio) and gspo (one importance ratio per sequence);
 - LOSS_AGGREGATIONS (stage.alignment.loss_agg_mode): how token losses become the step's loss;
@@ -88,6 +89,24 @@ def preference(policy_chosen, policy_rejected, reference_chosen, reference_rejec
     return PREFERENCE_LOSSES[settings.loss_type].fn(policy_chosen, policy_rejected,
                                                     reference_chosen, reference_rejected,
                                                     settings)
+
+
+def kto(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
+        reference_point: torch.Tensor, a) -> torch.Tensor:
+    """KTO's loss per example (Ethayarajh et al. 2024), from the completions' log-probabilities:
+    desirable_weight x (1 - sigmoid(beta (log-ratio - z0))) for a desirable completion,
+    undesirable_weight x (1 - sigmoid(beta (z0 - log-ratio))) for an undesirable one, with z0
+    the reference point (kto_reference_point)."""
+    margin = a.beta * (policy.float() - reference.float() - reference_point)
+    return torch.where(desirable, a.desirable_weight * (1.0 - torch.sigmoid(margin)),
+                       a.undesirable_weight * (1.0 - torch.sigmoid(-margin)))
+
+
+def kto_reference_point(mismatched_log_ratio_sum: torch.Tensor, count) -> torch.Tensor:
+    """KTO's z0: the batch's mean log-ratio of policy to reference on mismatched prompts and
+    completions (an estimate of KL(policy || reference)), at least 0, and no gradient through
+    it."""
+    return (mismatched_log_ratio_sum.detach().float() / count).clamp(min=0.0)
 
 
 # KL estimators of KL(policy || reference) per token, on tokens sampled from the policy.

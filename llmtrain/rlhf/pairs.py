@@ -69,23 +69,30 @@ class PairDataset:
             self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
         return int(self._order[k])
 
-    def item(self, number: int) -> dict:
-        s = self.seq_length
-        out = {"tokens": np.full((2, s), self.pad_id, dtype=np.int64),
-               "labels": np.full((2, s), self.pad_id, dtype=np.int64),
-               "loss_mask": np.zeros((2, s), dtype=np.float32),
-               "position_ids": np.tile(np.arange(s, dtype=np.int64), (2, 1)),
-               "last": np.zeros(2, dtype=np.int64), "index": np.int64(number)}
-        for row, encoded in enumerate(self.pairs[number]):
-            ids = np.asarray(encoded.ids[:s + 1], dtype=np.int64)
-            mask = np.asarray(encoded.mask[:s + 1], dtype=np.float32)
+    def rows(self, rows: list[tuple[list[int], list[int]]]) -> dict:
+        """Sequences (token ids, loss mask) side by side, as the items' tensors."""
+        s, n_rows = self.seq_length, len(rows)
+        out = {"tokens": np.full((n_rows, s), self.pad_id, dtype=np.int64),
+               "labels": np.full((n_rows, s), self.pad_id, dtype=np.int64),
+               "loss_mask": np.zeros((n_rows, s), dtype=np.float32),
+               "position_ids": np.tile(np.arange(s, dtype=np.int64), (n_rows, 1)),
+               "last": np.zeros(n_rows, dtype=np.int64)}
+        for row, (ids, mask) in enumerate(rows):
+            ids = np.asarray(ids[:s + 1], dtype=np.int64)
+            mask = np.asarray(mask[:s + 1], dtype=np.float32)
             n = len(ids) - 1
             out["tokens"][row, :n] = ids[:-1]
             out["labels"][row, :n] = ids[1:]
             out["loss_mask"][row, :n] = mask[1:]
-            out["last"][row] = np.flatnonzero(mask[1:])[-1]
+            trained = np.flatnonzero(mask[1:])
+            out["last"][row] = trained[-1] if len(trained) else 0
         if self.attention_mask:  # True = masked; right padding needs no more than causality
             out["attention_mask"] = ~np.tril(np.ones((1, s, s), dtype=bool))
+        return out
+
+    def item(self, number: int) -> dict:
+        out = self.rows([(e.ids, e.mask) for e in self.pairs[number]])
+        out["index"] = np.int64(number)
         return out
 
     def __getitem__(self, index: int) -> dict:

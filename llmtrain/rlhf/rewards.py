@@ -1,6 +1,8 @@
-"""Rule-based rewards of generated replies: the score GRPO and PPO maximise without a reward
-model. Each rule gives 0..1; the reward is their weighted sum (stage.alignment.reward_weights,
-whose every key validation checks against RULES).
+"""Rewards of generated replies: rules, and beside them a reward model's or a reward server's
+score. Each rule gives 0..1; the reward is the weighted sum of its parts
+(stage.alignment.reward_weights, whose every key validation checks against RULES and SCORES):
+the rules alone (reward=rule), the reward model's or the server's score alone (reward=model,
+remote), or the rules and those scores together (reward=combined; see `weights`).
 
 - exact_match: 1 when the reply's answer (the last match of answer_pattern) equals the record's
   answer (small arithmetic questions and the like);
@@ -22,6 +24,10 @@ from llmtrain.rlhf import sandbox, verify
 
 # (reply, the record's answer, the alignment settings) -> score in 0..1.
 RULES: dict[str, Callable] = {}
+# The scores beside the rules, as reward_weights names them, and the setting each comes from:
+# a frozen reward model (a stage=rm checkpoint) and a reward server.
+SCORES = {"model": "reward_load", "remote": "reward_url"}
+SOURCES = ("rule", "model", "remote", "combined")  # stage.alignment.reward
 
 
 def rule(name: str):
@@ -66,15 +72,31 @@ def code_tests(reply, answer, a) -> float:
                                 a.code_memory_mb))
 
 
+def weights(settings) -> dict[str, float]:
+    """The parts of the reward and their weights, those of weight 0 left out: reward=rule the
+    rules of reward_weights; model or remote that score alone (weight 1); combined the rules and
+    the scores (model, remote) of reward_weights."""
+    if settings.reward in SCORES:
+        return {settings.reward: 1.0}
+    return {name: weight for name, weight in settings.reward_weights.items()
+            if weight and (name in RULES or settings.reward == "combined" and name in SCORES)}
+
+
 def rule_scores(reply: str, answer: Optional[str], settings) -> dict[str, float]:
     """The score of each rule settings.reward_weights names, of one reply."""
-    return {name: RULES[name](reply, answer, settings) for name in settings.reward_weights}
+    return {name: RULES[name](reply, answer, settings) for name in settings.reward_weights
+            if name in RULES}
 
 
 def reward(reply: str, answer: Optional[str], settings) -> float:
     """The weighted sum of the rules' scores (a rule of weight 0 does not run)."""
     return sum(weight * RULES[name](reply, answer, settings)
-               for name, weight in settings.reward_weights.items() if weight)
+               for name, weight in weights(settings).items() if name in RULES)
+
+
+def weighted_sum(parts: dict, settings):
+    """The reward from its parts' scores (numbers, or tensors of one score per rollout)."""
+    return sum(weight * parts[name] for name, weight in weights(settings).items())
 
 
 def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: float) -> float:

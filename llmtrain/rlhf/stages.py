@@ -1,10 +1,11 @@
-"""The alignment stages in the stage registry (llmtrain.tasks): rm, dpo, grpo, ppo."""
+"""The alignment stages in the stage registry (llmtrain.tasks): rm, dpo, kto, grpo, ppo."""
 
 from __future__ import annotations
 
 from llmtrain.config.schema import Config
-from llmtrain.rlhf.checks import preference_problems, rollout_problems
+from llmtrain.rlhf.checks import kto_problems, preference_problems, rollout_problems
 from llmtrain.rlhf.losses import PREFERENCE_LOSSES
+from llmtrain.rlhf.rewards import weights
 from llmtrain.tasks import TaskSpec, register
 
 ALIGN = "llmtrain.megatron.align"
@@ -18,7 +19,7 @@ def _dpo_roles(cfg: Config) -> set[str]:
 def _rollout_roles(critic: bool):
     def roles(cfg: Config) -> set[str]:
         a = cfg.stage.alignment
-        return ({"reference"} | ({"reward"} if a.reward == "model" else set())
+        return ({"reference"} | ({"reward"} if "model" in weights(a) else set())
                 | ({"critic"} if critic else set()))
     return roles
 
@@ -27,6 +28,9 @@ register(TaskSpec("rm", f"{ALIGN}.preference:RewardModelTask", ("preference",)))
 register(TaskSpec("dpo", f"{ALIGN}.preference:PolicyPreferenceTask", ("preference",),
                   roles=_dpo_roles, possible_roles=frozenset({"reference"}),
                   checks=preference_problems, adapters=True))
+register(TaskSpec("kto", f"{ALIGN}.kto:KTOTask", ("unpaired",),
+                  roles=lambda cfg: {"reference"}, possible_roles=frozenset({"reference"}),
+                  checks=kto_problems, adapters=True))
 register(TaskSpec("grpo", f"{ALIGN}.rollout:RolloutTask", ("prompts",), generates=True,
                   roles=_rollout_roles(critic=False),
                   possible_roles=frozenset({"reference", "reward"}), checks=rollout_problems))

@@ -25,7 +25,7 @@ from llmtrain.rlhf import losses
 from llmtrain.rlhf.pairs import build_pair_dataset
 
 
-def _stat(total: torch.Tensor, count) -> torch.Tensor:
+def stat(total: torch.Tensor, count) -> torch.Tensor:
     """A [sum, count] report (the schedules sum reports over micro-batches)."""
     return torch.stack([total.detach().float().sum(),
                         torch.as_tensor(count, dtype=torch.float32, device=total.device)])
@@ -58,6 +58,34 @@ def sequence_logprobs(token_logp: torch.Tensor, loss_mask: torch.Tensor,
     return total / loss_mask.sum(dim=1).clamp(min=1.0) if normalized else total
 
 
+def reference_role(task: Task, model: list):
+    """The frozen reference of a policy: the base with its adapters off under peft=lora, else
+    stage.alignment.reference_load, else checkpoint.load, else the seed's initial weights."""
+    if task.cfg.peft.name == "lora":
+        return AdaptersOff(model)
+    a = task.cfg.stage.alignment
+    return load_frozen(task.cfg, task.layout, a.reference_load or task.cfg.checkpoint.load,
+                       scalar=False, say=task.say,
+                       placement=task.placement(a.reference_tensor_model_parallel_size))
+
+
+def _logprob_forward(device, iterator, model):
+    batch = next(iterator)
+    output = token_losses(model, batch, device)
+
+    def keep(token_loss):
+        logp = -token_loss
+        return logp.sum(), torch.tensor(1), {"lm loss": stat(logp.sum(), 1),
+                                             "logp": logp.detach().float()}
+    return output, keep
+
+
+def token_logprobs(role, micro_batches: list[dict], schedule: dict) -> list:
+    """A role's log-probability of every label of the micro-batches' rows ([rows, seq] each, on
+    the last pipeline stage), without gradients."""
+    return [r["logp"] for r in role.forward(micro_batches, schedule, _logprob_forward)]
+
+
 class PreferenceTask(Task):
     reward_model = False  # a scalar head (stage=rm), else the policy itself (dpo)
 
@@ -83,10 +111,7 @@ class PreferenceTask(Task):
             self.say(f"loss_type={self.align.loss_type} is reference-free: no reference model "
                      f"loaded")
             return
-        source = self.align.reference_load or self.cfg.checkpoint.load
-        self.reference = AdaptersOff(model) if self.cfg.peft.name == "lora" else load_frozen(
-            self.cfg, self.layout, source, scalar=False, say=self.say,
-            placement=self.placement(self.align.reference_tensor_model_parallel_size))
+        self.reference = reference_role(self, model)
         if self.align.reference_logprobs == "precomputed":
             self._precompute()
             self.reference = None  # its memory goes back to training
@@ -97,19 +122,8 @@ class PreferenceTask(Task):
 
     # Reference log-probabilities.
 
-    def _reference_forward(self, device, iterator, model):
-        batch = next(iterator)
-        output = token_losses(model, batch, device)
-
-        def keep(token_loss):
-            logp = -token_loss
-            return logp.sum(), torch.tensor(1), {"lm loss": _stat(logp.sum(), 1),
-                                                 "logp": logp.detach().float()}
-        return output, keep
-
     def _reference_logprobs(self, micro_batches: list[dict]) -> list:
-        reports = self.reference.forward(micro_batches, self.schedule, self._reference_forward)
-        return [r["logp"] for r in reports]
+        return token_logprobs(self.reference, micro_batches, self.schedule)
 
     def _precompute(self) -> None:
         """Reference log-probabilities of every training pair, once (the DP ranks share it)."""
@@ -151,11 +165,11 @@ class PreferenceTask(Task):
         chosen, rejected = scores[:pairs], scores[pairs:]
         loss = losses.bradley_terry(chosen, rejected)
         return loss.sum(), torch.tensor(pairs), {
-            "lm loss": _stat(loss, pairs),
-            "metric/accuracy": _stat((chosen > rejected).float(), pairs),
-            "metric/margin": _stat(chosen - rejected, pairs),
-            "metric/reward_chosen": _stat(chosen, pairs),
-            "metric/reward_rejected": _stat(rejected, pairs)}
+            "lm loss": stat(loss, pairs),
+            "metric/accuracy": stat((chosen > rejected).float(), pairs),
+            "metric/margin": stat(chosen - rejected, pairs),
+            "metric/reward_chosen": stat(chosen, pairs),
+            "metric/reward_rejected": stat(rejected, pairs)}
 
     def _dpo_forward(self, device, iterator, model):
         batch = next(iterator)
@@ -177,15 +191,15 @@ class PreferenceTask(Task):
         rewards = a.beta * (policy_seq - reference_seq).detach()
         chosen, rejected = rewards[:pairs], rewards[pairs:]
         metrics = {
-            "lm loss": _stat(loss, pairs),
-            "metric/accuracy": _stat((chosen > rejected).float(), pairs),
-            "metric/margin": _stat(chosen - rejected, pairs),
-            "metric/reward_chosen": _stat(chosen, pairs),
-            "metric/reward_rejected": _stat(rejected, pairs),
-            "metric/logp_chosen": _stat(policy_seq[:pairs].detach(), pairs)}
+            "lm loss": stat(loss, pairs),
+            "metric/accuracy": stat((chosen > rejected).float(), pairs),
+            "metric/margin": stat(chosen - rejected, pairs),
+            "metric/reward_chosen": stat(chosen, pairs),
+            "metric/reward_rejected": stat(rejected, pairs),
+            "metric/logp_chosen": stat(policy_seq[:pairs].detach(), pairs)}
         if reference is not None:
             kl = losses.kl_estimate(logp.detach().float(), reference.to(logp.device)) * loss_mask
-            metrics["metric/kl"] = _stat(kl, loss_mask.sum())
+            metrics["metric/kl"] = stat(kl, loss_mask.sum())
         return loss.sum(), torch.tensor(pairs), metrics
 
     def step(self, iteration, model, optimizer, scheduler, iterators, guard):

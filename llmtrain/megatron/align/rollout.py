@@ -5,10 +5,11 @@ One step: the prompts of the step (global_batch_size / group_size of them, in a 
 shuffled order: a resumed run continues with the same prompts) each get group_size replies from
 the inference engine (llmtrain.megatron.inference.make_engine: the decode engine, or
 Megatron-Core's for what it does not cover), run on the trained model itself, so no weights are
-copied; rewards come from rules (llmtrain.rlhf.rewards), a
-frozen reward model, or the user's reward server (llmtrain.rlhf.remote); with filter_groups
-(DAPO's dynamic sampling) groups whose replies all score the same are replaced by groups for
-further prompts. The policy's and the reference's log-probabilities (and for PPO the critic's
+copied; rewards come from rules (llmtrain.rlhf.rewards), a frozen reward model, the user's
+reward server (llmtrain.rlhf.remote), or a weighted sum of rules and those scores
+(reward=combined); with filter_groups (DAPO's dynamic sampling) groups whose replies all score
+the same are replaced by groups for further prompts. The policy's and the reference's
+log-probabilities (and for PPO the critic's
 values) are computed once, then the advantages (stage.alignment.advantage_estimator), and the
 policy (and the critic) take ppo_epochs optimizer steps on the batch through the training loop's
 own step (llmtrain.megatron.step), with the policy loss and aggregation the config names
@@ -58,7 +59,7 @@ from llmtrain.rlhf.advantages import ESTIMATORS
 from llmtrain.rlhf.pairs import pad_id
 from llmtrain.rlhf.records import encode_prompts
 from llmtrain.rlhf.remote import remote_logprobs, remote_rewards
-from llmtrain.rlhf.rewards import overlong_penalty, reward
+from llmtrain.rlhf.rewards import RULES, overlong_penalty, weighted_sum, weights
 from llmtrain.tasks import task_spec
 
 
@@ -102,6 +103,7 @@ class RolloutTask(Task):
         self.dp_size = ps.get_data_parallel_world_size()
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.critic = None  # ppo: a Critic, or a ServedCritic
+        self.parts = list(weights(self.align))  # the reward's parts: rules, model, remote
         self._order = (-1, None)  # (epoch, prompt order)
 
     def build_model(self) -> list:
@@ -132,7 +134,7 @@ class RolloutTask(Task):
         self.scorer = load_frozen(
             cfg, self.layout, a.reward_load, scalar=True, say=self.say,
             placement=self.placement(a.reward_tensor_model_parallel_size),
-        ) if a.reward == "model" else None
+        ) if "model" in self.parts else None
         if self.uses_critic:
             self._setup_critic(start, save_dir)
         self.engine = make_engine(checkpoint.unwrap(model[0]), cfg.model.vocab_size,
@@ -219,8 +221,8 @@ class RolloutTask(Task):
         return list(zip(prompts, box[0]))
 
     def _experience(self, rollouts: list[tuple]) -> tuple[list[dict], torch.Tensor]:
-        """Micro-batches of the rollouts and their scores (of a reward model: on its last
-        pipeline stage)."""
+        """Micro-batches of the rollouts and their scores (`_scores`; of a reward model: on its
+        last pipeline stage)."""
         micro = self._micro_batches(rollouts)
         return micro, self._scores(rollouts, micro)
 
@@ -245,31 +247,36 @@ class RolloutTask(Task):
                 for i in range(0, n, mbs)]
 
     def _scores(self, rollouts: list[tuple], micro: list[dict]) -> torch.Tensor:
-        """Rule, reward-server or reward-model scores, with DAPO's overlong shaping."""
-        a = self.align
-        scores = torch.zeros(len(rollouts))
-        if a.reward == "rule":
-            scores = self._rule_scores(rollouts)
-        if a.reward == "remote":
-            scores = self._remote_scores(rollouts)
+        """[rollouts, 1 + parts]: the reward (the weighted sum of its parts, with DAPO's
+        overlong shaping), then each part's own score (self.parts: rules, the reward model's,
+        the server's)."""
+        a, n = self.align, len(rollouts)
+        parts = self._rule_scores(rollouts)
+        if "remote" in self.parts:
+            parts["remote"] = self._remote_scores(rollouts)
         if self.scorer is not None:
             scored = _pick(self.scorer.forward(micro, self.schedule, score_forward), "score")
-            scores = torch.cat(scored).cpu() if scored else scores
+            parts["model"] = torch.cat(scored).cpu() if scored else torch.zeros(n)
+        scores = weighted_sum(parts, a) + torch.zeros(n)
         if a.overlong_buffer_len:
             scores = scores + torch.tensor([overlong_penalty(
                 len(reply), a.max_new_tokens, a.overlong_buffer_len, a.overlong_penalty_factor)
                 for _, reply in rollouts])
-        return scores
+        return torch.stack([scores] + [parts[name].float() for name in self.parts], dim=1)
 
-    def _rule_scores(self, rollouts: list[tuple]) -> torch.Tensor:
-        """The rules' rewards, computed once per replica (by the engine's driver: the code rule
-        runs subprocesses) and shared with its other ranks."""
+    def _rule_scores(self, rollouts: list[tuple]) -> dict[str, torch.Tensor]:
+        """Each rule's scores of the rollouts, computed once per replica (by the engine's
+        driver: the code rule runs subprocesses) and shared with its other ranks."""
+        rules = [name for name in self.parts if name in RULES]
+        if not rules:
+            return {}
         box = [None]
         if dist.get_rank() == self.engine.driver:
-            box = [[reward(self._reply_text(reply), prompt.answer, self.align)
-                    for prompt, reply in rollouts]]
+            box = [[[RULES[name](self._reply_text(reply), prompt.answer, self.align)
+                     for prompt, reply in rollouts] for name in rules]]
         dist.broadcast_object_list(box, src=self.engine.driver, group=self.engine.group)
-        return torch.tensor(box[0], dtype=torch.float32)
+        return {name: torch.tensor(scores, dtype=torch.float32)
+                for name, scores in zip(rules, box[0])}
 
     def _reply_text(self, reply: list[int]) -> str:
         return self.tokenizer.decode([t for t in reply if t not in self.stop_ids])
@@ -364,7 +371,7 @@ class RolloutTask(Task):
             scores = self._shared_scores(scores)
             for k in range(share):
                 group = (rollouts[k * g:(k + 1) * g], scores[k * g:(k + 1) * g])
-                (kept if group[1].max() > group[1].min() else dropped).append(group)
+                (kept if group[1][:, 0].max() > group[1][:, 0].min() else dropped).append(group)
             generated += share
             short = torch.tensor([float(len(kept) < share)], device=self.layout.device)
             dist.all_reduce(short, group=ps.get_data_parallel_group())
@@ -388,7 +395,8 @@ class RolloutTask(Task):
         a = self.align
         began = self._now()
         clock = {"rollout": 0.0, "reward": 0.0}
-        rollouts, micro, scores, filtered, generated = self._sample(iteration, model, clock)
+        rollouts, micro, table, filtered, generated = self._sample(iteration, model, clock)
+        scores = table[:, 0]
         began_logprobs = self._now()
         # Collected on the last pipeline stage, the one that computes the losses.
         old = _pick(Role(model).forward(micro, self.schedule, self._logprob_forward), "logp")
@@ -408,7 +416,7 @@ class RolloutTask(Task):
                 if value_loss is not None:
                     result.metrics["value_loss"] = value_loss
         clock["update"] = self._now() - began_update
-        result.metrics.update(self._rollout_metrics(rollouts, scores, filtered, generated))
+        result.metrics.update(self._rollout_metrics(rollouts, table, filtered, generated))
         # Where the step's time goes (this rank's clock): generation, scoring, log-probabilities
         # (old, reference and values), the update; and the rollout's tokens/s (this replica's).
         for name in ("rollout", "reward", "logprobs", "update"):
@@ -418,25 +426,31 @@ class RolloutTask(Task):
             sum(len(r) for _, r in rollouts) / max(clock["rollout"], 1e-9)
         return result
 
-    def _rollout_metrics(self, rollouts: list[tuple], scores: torch.Tensor, filtered: int,
+    def _rollout_metrics(self, rollouts: list[tuple], table: torch.Tensor, filtered: int,
                          generated: int) -> dict[str, float]:
-        """Over every replica's rollouts: reward mean and std, reply length mean and max, the
-        share of replies cut at max_new_tokens, the share of groups dynamic sampling dropped."""
+        """Over every replica's rollouts: reward mean and std (and, for a reward of several
+        parts, each part's mean, reward_<part>), reply length mean and max, the share of replies
+        cut at max_new_tokens, the share of groups dynamic sampling dropped."""
         lengths = torch.tensor([float(len(r)) for _, r in rollouts])
         cut = torch.tensor([float(len(r) >= self.align.max_new_tokens and r[-1] not in
                                   self.stop_ids) for _, r in rollouts])
-        scores = scores.float()
+        scores = table[:, 0].float()
         totals = torch.tensor([float(scores.sum()), float((scores ** 2).sum()),
                                float(lengths.sum()), float(len(rollouts)), float(cut.sum()),
-                               float(filtered), float(generated)], device=self.layout.device)
+                               float(filtered), float(generated),
+                               *table[:, 1:].double().sum(dim=0).tolist()],
+                              device=self.layout.device)
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         longest = lengths.max().to(self.layout.device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-        total, squares, length, n, cut, filtered, generated = totals.tolist()
+        total, squares, length, n, cut, filtered, generated, *parts = totals.tolist()
         mean = total / n
-        return {"reward": mean, "reward_std": max(squares / n - mean ** 2, 0.0) ** 0.5,
-                "reply_length": length / n, "reply_length_max": float(longest),
-                "reply_clipped": cut / n, "groups_filtered": filtered / max(generated, 1.0)}
+        metrics = {"reward": mean, "reward_std": max(squares / n - mean ** 2, 0.0) ** 0.5,
+                   "reply_length": length / n, "reply_length_max": float(longest),
+                   "reply_clipped": cut / n, "groups_filtered": filtered / max(generated, 1.0)}
+        if len(self.parts) > 1:
+            metrics.update({f"reward_{name}": part / n for name, part in zip(self.parts, parts)})
+        return metrics
 
     def _now(self) -> float:
         if self.layout.device == "cuda":
