@@ -139,7 +139,10 @@ def _lora_on_mlp(cfg: Config) -> bool:
 def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
     """Return the layout of a runnable config, or raise ConfigError listing every problem.
     `generates`: whether a grpo or ppo config's processes generate rollouts (a critic server's
-    do not)."""
+    do not). Fills peft's unset settings (llmtrain.config.peft) first."""
+    from llmtrain.config.peft import resolve_peft
+
+    resolve_peft(cfg)
     problems: list[str] = []
     m, par, prec, data, stage, optim = (
         cfg.model, cfg.parallel, cfg.precision, cfg.data, cfg.stage, cfg.optim)
@@ -570,7 +573,9 @@ def checkpoint_problems(cfg: Config) -> list[str]:
 
 def peft_problems(cfg: Config) -> list[str]:
     """LoRA's settings (docs/lora.md)."""
-    peft, problems = cfg.peft, []
+    from llmtrain.config.peft import peft_settings
+
+    peft, problems = peft_settings(cfg.peft, cfg.model)
     if peft.name != "lora":
         return problems
     if peft.r < 1:

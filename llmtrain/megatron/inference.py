@@ -49,6 +49,10 @@ def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.
     adapter = lora_checkpoint.adapter_of(Path(root), iteration)
     if adapter is None:
         checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+        if cfg.peft.load:  # peft_load: a PEFT folder onto this base, merged into its weights
+            lora.add_adapters(chunks, cfg.peft, 0)
+            lora_checkpoint.load_peft(chunks, cfg.peft.load)
+            lora.merge(chunks)
     else:  # a peft=lora run's step: its base, the adapters merged into this model's weights
         lora_checkpoint.load_with_adapters(root, iteration, chunks, *adapter)
         lora.merge(chunks)
