@@ -181,3 +181,48 @@ def test_adapters_merged_into_a_bf16_base_are_judged_as_bf16(tiny_llama, tmp_pat
                        module="llmtrain.convert").stdout
     assert "tolerance for bf16" in out and "EXCEEDED" not in out
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_lora_reward_model_trains_its_head_beside_the_adapters(base, tmp_path):
+    """stage=rm peft=lora: the new scalar head trains with the adapters (the optimizer holds
+    their state alone), is saved with them, and the pairs separate."""
+    from llmtrain.megatron.checkpoint import stored_tensors
+    from rlhf_helpers import TINY, separable_pairs
+
+    data = separable_pairs(tmp_path / "pairs.jsonl", count=64)
+    run = tmp_path / "rm"
+    out = run_llmtrain("stage=rm", "data=preference", f"data.data_path=[{data}]", *TINY,
+                       "model.num_layers=2", "optim.lr=5e-3", "optim.min_lr=5e-3",
+                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
+                       "stage.train_iters=8", "peft=lora", "peft.r=4",
+                       f"checkpoint.load={base}", f"hydra.run.dir={run}").stdout
+    assert "LoRA: 8 adapters (r=4) on the frozen base" in out
+    assert "37,633 of" in out  # the 2 layers' adapters (18,688 each) and the head's 257
+    accuracy = summary(run)["metrics"]["accuracy"]
+    assert sum(accuracy[-3:]) / 3 >= 0.9 > accuracy[0], accuracy
+    stored = stored_tensors(run / "checkpoints" / "iter_0000008")
+    model = sorted(k for k in stored if not k.startswith("optimizer."))
+    assert "scalar_head.weight" in model and "scalar_head.bias" in model
+    assert all("_lora." in k or k.startswith("scalar_head.") for k in model if "." in k), model
+    assert all("_lora." in k or "scalar_head." in k for k in stored if k.startswith("optimizer."))
+
+
+def test_lora_grpo_raises_the_reward_against_the_base_with_adapters_off(base, tmp_path):
+    """stage=grpo peft=lora: rollouts generate with the adapters on, the reference is the base
+    with them off (KL 0 at the first step, no second copy loaded), and the reward rises on the
+    toy task of test_rlhf_grpo."""
+    from rlhf_helpers import ROLLOUTS, TINY, arithmetic_prompts, assert_reward_rises
+
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "grpo"
+    out = run_llmtrain("stage=grpo", "data=prompts", f"data.data_path=[{data}]", *TINY,
+                       *ROLLOUTS, "model.num_layers=2", "optim.lr=2e-2", "optim.min_lr=2e-2",
+                       "stage.alignment.group_size=8", "stage.micro_batch_size=16",
+                       "stage.global_batch_size=32", "stage.train_iters=10", "peft=lora",
+                       f"checkpoint.load={base}", f"hydra.run.dir={run}",
+                       "checkpoint.save=null").stdout
+    assert "(frozen reference)" not in out
+    assert "rollouts: Megatron-Core's engine, static batches (LoRA adapters" in out
+    metrics = summary(run)["metrics"]
+    assert metrics["kl"][0] == pytest.approx(0.0, abs=1e-6) < metrics["kl"][-1]
+    assert_reward_rises(metrics["reward"])

@@ -127,3 +127,51 @@ def test_what_llmtrain_cannot_place_is_refused_before_launch(tiny_llama, adapter
     assert ("was trained for another base model: 12 tensor(s) of another shape, e.g. "
             "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight [4, 160] (model "
             "hf needs [4, 96])") in problems(adapter, "model.ffn_hidden_size=96")
+
+
+def on_and_merged(prompt, plan, cfg, layout) -> dict:
+    """Greedy generation with the adapters switched on (as GRPO/PPO rollouts run them), then
+    with them merged into the base weights: (engine, tokens, log-probabilities) of each."""
+    from llmtrain.generate.sequence import Sampling, Sequence
+    from llmtrain.megatron import checkpoint, lora, lora_checkpoint, parallel
+    from llmtrain.megatron.inference import make_engine
+    from llmtrain.megatron.model import build_model
+
+    parallel.initialize(layout, cfg.seed)
+    try:
+        chunks = build_model(cfg, layout)
+        checkpoint.load(plan.root, plan.iteration, chunks, None, None, weights_only=True)
+        lora.add_adapters(chunks, cfg.peft, 0)
+        lora_checkpoint.load_peft(chunks, cfg.peft.load)
+        chunks[0].eval()
+        found = {}
+        for name in ("on", "merged"):
+            engine = make_engine(chunks[0], cfg.model.vocab_size, 2, 64, "cpu", 0)
+            out = engine.generate([Sequence(prompt, 8, Sampling(temperature=0), (),
+                                            logprobs=0)])[0]
+            found[name] = (engine.description, out.tokens, out.logprobs)
+            lora.merge(chunks)
+        return found
+    finally:
+        parallel.shutdown()
+
+
+def test_generation_with_the_adapters_on_is_generation_from_the_merged_model(tiny_llama,
+                                                                           adapter):
+    """Rollouts generate with the adapters on, through the model's own forward (Megatron-Core's
+    engine: the decode engine reads the base weights in place); they give what the merged
+    model gives on the decode engine."""
+    from llmtrain.generate.config import compose, register
+    from llmtrain.generate.plan import prepare
+    from llmtrain.launch.local import launch
+
+    hf, mcore = tiny_llama
+    plan = prepare(compose("generate", register, [f"load={mcore}", f"peft_load={adapter}",
+                                                  "input=unused", "output=unused"]))
+    found = launch(plan.cfg, plan.layout,
+                   entry=partial(on_and_merged, list(range(5, 21)), plan))
+    assert found["on"][0].startswith("Megatron-Core's engine, static batches (LoRA adapters")
+    assert found["merged"][0].startswith("decode engine")
+    assert found["on"][1] == found["merged"][1]
+    assert torch.allclose(torch.tensor(found["on"][2]), torch.tensor(found["merged"][2]),
+                          atol=1e-4)

@@ -137,6 +137,7 @@ def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> bool:
     except ValueError as exc:
         raise InferenceError(str(exc)) from None
     stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else step)
+    heads = stored if adapter is None else checkpoint.stored_tensors(step)  # a LoRA rm's: its own
     embedding = stored.get("embedding.word_embeddings.weight", ([0, 0], None))[0]
     layers = {shape[0] for name, (shape, _) in stored.items()
               if name.startswith("decoder.layers.") and name.endswith(".weight")
@@ -148,7 +149,7 @@ def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> bool:
         raise InferenceError(f"{step} holds a model of {found}; model {model.name} has hidden "
                              f"size {model.hidden_size}, vocabulary {model.vocab_size} and "
                              f"{model.num_layers} layers: give the model= it was trained as")
-    return any(name.startswith(checkpoint.HEADS) for name in stored)
+    return any(name.startswith(checkpoint.HEADS) for name in heads)
 
 
 def _peft(c: InferenceConfig, model: ModelConfig, root: Path, iteration: int,

@@ -99,6 +99,20 @@ def load_with_adapters(root, iteration: int, chunks: list, base: str, peft: Peft
     checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
 
 
+def load_merged(root, iteration: int, chunks: list) -> None:
+    """Collective: a step's weights into freshly built chunks to run, not train (generation, a
+    frozen reward model): a whole model's as they are, a peft=lora run's as its base with the
+    adapters (and scalar head) merged in."""
+    from llmtrain.megatron import checkpoint, lora
+
+    adapter = adapter_of(Path(root), iteration)
+    if adapter is None:
+        checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+    else:
+        load_with_adapters(root, iteration, chunks, *adapter)
+        lora.merge(chunks)
+
+
 def load_peft(chunks: list, folder: str) -> None:
     """A PEFT adapter folder's tensors into freshly attached adapters (every rank its shard, as
     the export gathers them: llmtrain.convert.peft.hf_name maps the names both ways). A part it

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from llmtrain.config.schema import PeftConfig
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.align.heads import (
     Role,
@@ -75,8 +76,9 @@ class Critic:
         else:
             load = dict(load=a.critic_load or a.reward_load or cfg.checkpoint.load,
                         finetune=True, load_step=None)
+        # peft=lora puts adapters on the actor alone: the critic trains every weight.
         critic_cfg = dataclasses.replace(
-            cfg, optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
+            cfg, peft=PeftConfig(), optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
             checkpoint=dataclasses.replace(cfg.checkpoint, **load))
         layout, groups = role_layout(placement, layout)
         chunks = build_scalar_model(critic_cfg, layout, groups)
