@@ -252,3 +252,26 @@ def test_lora_grpo_raises_the_reward_against_the_base_with_adapters_off(confiden
     metrics = summary(run)["metrics"]
     assert abs(metrics["kl"][0]) < 1e-6 < metrics["kl"][-1], metrics["kl"]
     assert_reward_rises(metrics["reward"])
+
+
+def test_lora_ppo_trains_the_actors_adapters_and_the_whole_critic(base, tmp_path):
+    """stage=ppo peft=lora: the actor is LoRA (its checkpoint the adapters alone, the reference
+    the base with them off), the critic trains every weight of its value-head model from the
+    base and saves them all."""
+    from llmtrain.megatron.checkpoint import stored_tensors
+    from rlhf_helpers import ROLLOUTS, TINY, arithmetic_prompts
+
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "ppo"
+    out = run_llmtrain("stage=ppo", "data=prompts", f"data.data_path=[{data}]", *TINY,
+                       *ROLLOUTS, "model.num_layers=2", "stage.micro_batch_size=4",
+                       "stage.global_batch_size=8", "stage.train_iters=2", "peft=lora",
+                       f"checkpoint.load={base}", f"hydra.run.dir={run}").stdout
+    assert "(frozen reference)" not in out
+    assert f"critic: loaded {base / 'iter_0000002'}" in out
+    assert abs(summary(run)["metrics"]["kl"][0]) < 1e-6
+    actor = stored_tensors(run / "checkpoints" / "iter_0000002")
+    critic = stored_tensors(run / "checkpoints" / "critic" / "iter_0000002")
+    assert all("_lora." in k for k in actor if k.startswith("decoder."))
+    assert "decoder.layers.self_attention.linear_qkv.weight" in critic
+    assert "scalar_head.weight" in critic and not any("_lora." in k for k in critic)

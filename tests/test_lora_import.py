@@ -157,21 +157,34 @@ def on_and_merged(prompt, plan, cfg, layout) -> dict:
 
 
 def test_generation_with_the_adapters_on_is_generation_from_the_merged_model(tiny_llama,
-                                                                           adapter):
+                                                                           tmp_path):
     """Rollouts generate with the adapters on, through the model's own forward (Megatron-Core's
     engine: the decode engine reads the base weights in place); they give what the merged
-    model gives on the decode engine."""
+    model gives on the decode engine, and PeftModel. The adapter is PEFT's Llama default, q_proj
+    and v_proj alone: the fused qkv adapter's k part is zero."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from llmtrain.generate.config import compose, register
     from llmtrain.generate.plan import prepare
     from llmtrain.launch.local import launch
 
     hf, mcore = tiny_llama
-    plan = prepare(compose("generate", register, [f"load={mcore}", f"peft_load={adapter}",
+    qv = peft_adapter(hf, tmp_path / "qv", ["q_proj", "v_proj"])
+    plan = prepare(compose("generate", register, [f"load={mcore}", f"peft_load={qv}",
                                                   "input=unused", "output=unused"]))
-    found = launch(plan.cfg, plan.layout,
-                   entry=partial(on_and_merged, list(range(5, 21)), plan))
+    assert plan.cfg.peft.target_modules == ["linear_qkv"]
+    prompt = list(range(5, 21))
+    found = launch(plan.cfg, plan.layout, entry=partial(on_and_merged, prompt, plan))
     assert found["on"][0].startswith("Megatron-Core's engine, static batches (LoRA adapters")
     assert found["merged"][0].startswith("decode engine")
     assert found["on"][1] == found["merged"][1]
     assert torch.allclose(torch.tensor(found["on"][2]), torch.tensor(found["merged"][2]),
                           atol=1e-4)
+    with torch.no_grad():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf), qv)
+        tokens = torch.tensor([prompt + found["on"][1]])
+        logp = torch.log_softmax(model(tokens).logits[0, len(prompt) - 1:-1], -1)
+    want = logp.gather(1, tokens[0, len(prompt):, None])[:, 0]
+    assert logp.argmax(-1).tolist() == found["on"][1]  # PeftModel's greedy choices
+    assert torch.allclose(torch.tensor(found["on"][2]), want, atol=1e-4)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmtrain.config.schema import LORA_DEFAULTS, Config, ModelConfig, PeftConfig
+from llmtrain.config.validate import lora_targets
 
 
 def peft_settings(peft: PeftConfig, model: ModelConfig) -> tuple[PeftConfig, list[str]]:
@@ -20,6 +21,8 @@ def peft_settings(peft: PeftConfig, model: ModelConfig) -> tuple[PeftConfig, lis
         found, problems = imported(peft.load, model)
         for key, value in found.items():
             given = getattr(peft, key)
+            if key == "target_modules" and given is not None:  # all-linear: every layer
+                given = list(lora_targets(dataclasses.replace(peft, target_modules=given)))
             if given is not None and given != value:
                 problems.append(f"peft.{key}={given} contradicts {key}={value} of the adapter "
                                 f"(peft.load={peft.load}, its {CONFIG}): drop peft.{key}, "

@@ -27,7 +27,6 @@ MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_p
 HF_MODULES = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
               "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
 _NAME = re.compile(r"decoder\.layers\.(\d+)\.\w+\.linear_\w+_lora\.([AB])_(\w+)")
-_HF = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight")
 
 
 def hf_name(name: str) -> str:
@@ -35,16 +34,6 @@ def hf_name(name: str) -> str:
     `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`."""
     layer, matrix, part = _NAME.fullmatch(name).groups()
     return f"base_model.model.model.layers.{layer}.{MODULES[part]}.lora_{matrix}.weight"
-
-
-def mcore_name(name: str, target_of: dict[str, str]) -> str:
-    """The inverse of hf_name; `target_of`: part -> `self_attention.linear_qkv` and the like."""
-    match = _HF.fullmatch(name)
-    if match is None:
-        raise ValueError(f"{name} is no LoRA tensor of a Llama-style model's projections")
-    layer, module, matrix = match.groups()
-    part = next(p for p, m in MODULES.items() if m == module)
-    return f"decoder.layers.{layer}.{target_of[part]}_lora.{matrix}_{part}"
 
 
 def adapter_config(peft, base: str) -> dict:

@@ -78,7 +78,8 @@ class Critic:
                         finetune=True, load_step=None)
         # peft=lora puts adapters on the actor alone: the critic trains every weight.
         critic_cfg = dataclasses.replace(
-            cfg, peft=PeftConfig(), optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
+            cfg, peft=PeftConfig(),
+            optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
             checkpoint=dataclasses.replace(cfg.checkpoint, **load))
         layout, groups = role_layout(placement, layout)
         chunks = build_scalar_model(critic_cfg, layout, groups)
