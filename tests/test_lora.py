@@ -206,6 +206,21 @@ def test_lora_reward_model_trains_its_head_beside_the_adapters(base, tmp_path):
     assert all("_lora." in k or k.startswith("scalar_head.") for k in model if "." in k), model
     assert all("_lora." in k or "scalar_head." in k for k in stored if k.startswith("optimizer."))
 
+    # It loads as a reward model (its base, the adapters merged, its head), and scores.
+    from functools import partial
+
+    from llmtrain.generate import worker
+    from llmtrain.generate.config import compose, register
+    from llmtrain.generate.plan import prepare
+    from llmtrain.launch.local import launch
+
+    c = compose("generate", register, [f"load={run / 'checkpoints'}", "input=-", "output=-"])
+    plan = prepare(c, scores=True)
+    assert plan.reward_model
+    scores = launch(plan.cfg, plan.layout, entry=partial(
+        worker.run, plan, lambda scorer: scorer.score([[5, 6, 7], [8, 9, 10, 11]])))
+    assert len(scores) == 2 and scores[0] != scores[1]
+
 
 @pytest.fixture(scope="module")
 def confident_base(tmp_path_factory):
