@@ -220,6 +220,13 @@ def test_lora_reward_model_trains_its_head_beside_the_adapters(base, tmp_path):
     scores = launch(plan.cfg, plan.layout, entry=partial(
         worker.run, plan, lambda scorer: scorer.score([[5, 6, 7], [8, 9, 10, 11]])))
     assert len(scores) == 2 and scores[0] != scores[1]
+    # PPO's critic trains every weight: it cannot start from these adapters (reward_load's).
+    from llmtrain.errors import RunStopped
+    from llmtrain.megatron.align.critic import _refuse_adapters
+
+    with pytest.raises(RunStopped, match="give stage.alignment.critic_load a whole model"):
+        _refuse_adapters(str(run / "checkpoints"))
+    _refuse_adapters(str(base))  # a whole model is fine
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,9 @@ def test_what_llmtrain_cannot_place_is_refused_before_launch(tiny_llama, adapter
         (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
         return folder
 
+    cfg = compose_config("stage=sft", f"peft.load={adapter}")  # peft=none
+    with pytest.raises(ConfigError, match="is a LoRA adapter: add peft=lora"):
+        validate(cfg, Machine())
     text = problems(adapter, "peft.r=8", "peft.lora_alpha=8")
     assert f"peft.r=8 contradicts r=4 of the adapter (peft.load={adapter}" in text
     assert "drop peft.r, which peft.load gives" in text and "lora_alpha" not in text

@@ -577,7 +577,8 @@ def peft_problems(cfg: Config) -> list[str]:
 
     peft, problems = peft_settings(cfg.peft, cfg.model)
     if peft.name != "lora":
-        return problems
+        return [f"peft.load={peft.load} is a LoRA adapter: add peft=lora to train it further"] \
+            if peft.load else problems
     if peft.r < 1:
         problems.append(f"peft.r={peft.r} must be at least 1 (the adapters' rank)")
     if peft.lora_alpha <= 0:
