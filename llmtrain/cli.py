@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain import hf_load
 from llmtrain.config import inputs, overrides
 from llmtrain.config.aliases import AliasError, rewrite
+from llmtrain.config.peft import resolve_peft
 from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
@@ -35,8 +36,9 @@ def resolve(dcfg: DictConfig):
 
 
 def resolve_run(dcfg: DictConfig) -> Config:
-    """A training run's typed config, with run lengths given in tokens turned into iterations."""
-    cfg = resolve_token_lengths(resolve(dcfg))
+    """A training run's typed config, with run lengths given in tokens turned into iterations
+    and peft's settings filled (from peft.load's folder, or the defaults)."""
+    cfg = resolve_peft(resolve_token_lengths(resolve(dcfg)))
     missing = [f"logging.{key} needs {name}: pip install 'llmtrain[{extra}]' (or leave "
                f"logging.{key} unset)"
                for key, extra, name in (("wandb_project", "wandb", "Weights & Biases"),

@@ -200,3 +200,119 @@ def test_adapters_merged_into_a_bf16_base_are_judged_as_bf16(tiny_llama, tmp_pat
                        module="llmtrain.convert").stdout
     assert "tolerance for bf16" in out and "EXCEEDED" not in out
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_lora_reward_model_trains_its_head_beside_the_adapters(base, tmp_path):
+    """stage=rm peft=lora: the new scalar head trains with the adapters (the optimizer holds
+    their state alone), is saved with them, and the pairs separate."""
+    from llmtrain.megatron.checkpoint import stored_tensors
+    from rlhf_helpers import TINY, separable_pairs
+
+    data = separable_pairs(tmp_path / "pairs.jsonl", count=64)
+    run = tmp_path / "rm"
+    out = run_llmtrain("stage=rm", "data=preference", f"data.data_path=[{data}]", *TINY,
+                       "model.num_layers=2", "optim.lr=5e-3", "optim.min_lr=5e-3",
+                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
+                       "stage.train_iters=8", "peft=lora", "peft.r=4",
+                       f"checkpoint.load={base}", f"hydra.run.dir={run}").stdout
+    assert "LoRA: 8 adapters (r=4) on the frozen base" in out
+    assert "37,633 of" in out  # the 2 layers' adapters (18,688 each) and the head's 257
+    accuracy = summary(run)["metrics"]["accuracy"]
+    assert sum(accuracy[-3:]) / 3 >= 0.9 > accuracy[0], accuracy
+    stored = stored_tensors(run / "checkpoints" / "iter_0000008")
+    model = sorted(k for k in stored if not k.startswith("optimizer."))
+    assert "scalar_head.weight" in model and "scalar_head.bias" in model
+    assert all("_lora." in k or k.startswith("scalar_head.") for k in model if "." in k), model
+    assert all("_lora." in k or "scalar_head." in k for k in stored if k.startswith("optimizer."))
+
+    # It loads as a reward model (its base, the adapters merged, its head), and scores.
+    from functools import partial
+
+    from llmtrain.generate import worker
+    from llmtrain.generate.config import compose, register
+    from llmtrain.generate.plan import prepare
+    from llmtrain.launch.local import launch
+
+    c = compose("generate", register, [f"load={run / 'checkpoints'}", "input=-", "output=-"])
+    plan = prepare(c, scores=True)
+    assert plan.reward_model
+    scores = launch(plan.cfg, plan.layout, entry=partial(
+        worker.run, plan, lambda scorer: scorer.score([[5, 6, 7], [8, 9, 10, 11]])))
+    assert len(scores) == 2 and scores[0] != scores[1]
+    # PPO's critic trains every weight: it cannot start from these adapters (reward_load's).
+    from llmtrain.errors import RunStopped
+    from llmtrain.megatron.align.critic import _refuse_adapters
+
+    with pytest.raises(RunStopped, match="give stage.alignment.critic_load a whole model"):
+        _refuse_adapters(str(run / "checkpoints"))
+    _refuse_adapters(str(base))  # a whole model is fine
+
+
+@pytest.fixture(scope="module")
+def confident_base(tmp_path_factory):
+    """A random Hugging Face Llama (the corpus tokenizer) with its output layer scaled up 15
+    times, converted: its outputs are confident, as a pretrained model's are. On the tiny base
+    above, near-uniform, LoRA raises no reward: its output layer is frozen and the final norm
+    bounds what the adapters can add to the logits."""
+    import torch
+    from hf_models import tiny_hf
+    from transformers import AutoModelForCausalLM
+
+    from llmtrain.convert import convert
+
+    root = tmp_path_factory.mktemp("confident")
+    hf = tiny_hf("llama", root / "hf", tokenizer=True)
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15)
+    model.save_pretrained(hf)
+    convert(f"input={hf}", f"output={root / 'mcore'}", say=lambda *_: None)
+    return root / "mcore"
+
+
+def test_lora_grpo_raises_the_reward_against_the_base_with_adapters_off(confident_base,
+                                                                        tmp_path):
+    """stage=grpo peft=lora: rollouts generate with the adapters on, the reference is the base
+    with them off (KL 0 at the first step, no second copy loaded), and the reward rises on the
+    toy task of test_rlhf_grpo."""
+    from rlhf_helpers import ROLLOUTS, TINY, arithmetic_prompts, assert_reward_rises
+
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "grpo"
+    out = run_llmtrain(f"hydra.searchpath=[file://{confident_base}]", "model=hf",
+                       f"checkpoint.load={confident_base}",
+                       "data.tokenizer.tokenizer_type=huggingface",
+                       f"data.tokenizer.tokenizer_model={confident_base}", "stage=grpo",
+                       "data=prompts", f"data.data_path=[{data}]", *TINY, *ROLLOUTS,
+                       "optim.lr=2e-2", "optim.min_lr=2e-2", "stage.alignment.group_size=8",
+                       "stage.micro_batch_size=16", "stage.global_batch_size=32",
+                       "stage.train_iters=10", "peft=lora", f"hydra.run.dir={run}",
+                       "checkpoint.save=null").stdout
+    assert "(frozen reference)" not in out
+    assert "rollouts: Megatron-Core's engine, static batches (LoRA adapters" in out
+    metrics = summary(run)["metrics"]
+    assert abs(metrics["kl"][0]) < 1e-6 < metrics["kl"][-1], metrics["kl"]
+    assert_reward_rises(metrics["reward"])
+
+
+def test_lora_ppo_trains_the_actors_adapters_and_the_whole_critic(base, tmp_path):
+    """stage=ppo peft=lora: the actor is LoRA (its checkpoint the adapters alone, the reference
+    the base with them off), the critic trains every weight of its value-head model from the
+    base and saves them all."""
+    from llmtrain.megatron.checkpoint import stored_tensors
+    from rlhf_helpers import ROLLOUTS, TINY, arithmetic_prompts
+
+    data = arithmetic_prompts(tmp_path / "prompts.jsonl")
+    run = tmp_path / "ppo"
+    out = run_llmtrain("stage=ppo", "data=prompts", f"data.data_path=[{data}]", *TINY,
+                       *ROLLOUTS, "model.num_layers=2", "stage.micro_batch_size=4",
+                       "stage.global_batch_size=8", "stage.train_iters=1", "peft=lora",
+                       f"checkpoint.load={base}", f"hydra.run.dir={run}").stdout
+    assert "(frozen reference)" not in out
+    assert f"critic: loaded {base / 'iter_0000002'}" in out
+    assert abs(summary(run)["metrics"]["kl"][0]) < 1e-6
+    actor = stored_tensors(run / "checkpoints" / "iter_0000001")
+    critic = stored_tensors(run / "checkpoints" / "critic" / "iter_0000001")
+    assert all("_lora." in k for k in actor if k.startswith("decoder."))
+    assert "decoder.layers.self_attention.linear_qkv.weight" in critic
+    assert "scalar_head.weight" in critic and not any("_lora." in k for k in critic)

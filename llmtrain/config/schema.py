@@ -419,11 +419,18 @@ class PeftConfig:
     adapters on a frozen base model (checkpoint.load), named as Hugging Face PEFT names them."""
 
     name: str = "none"  # none | lora
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    # A Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) trained
+    # elsewhere, to train further: it gives the settings below, which may then be left unset.
+    load: Optional[str] = None
+    # null (the four below): peft.load's value, else the default in LORA_DEFAULTS.
+    r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_dropout: Optional[float] = None
     # Megatron's linear layers (linear_qkv, linear_proj, linear_fc1, linear_fc2), or all-linear.
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: Optional[list[str]] = None
+
+
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ["all-linear"]}
 
 
 @dataclass

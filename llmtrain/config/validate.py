@@ -139,7 +139,10 @@ def _lora_on_mlp(cfg: Config) -> bool:
 def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
     """Return the layout of a runnable config, or raise ConfigError listing every problem.
     `generates`: whether a grpo or ppo config's processes generate rollouts (a critic server's
-    do not)."""
+    do not). Fills peft's unset settings (llmtrain.config.peft) first."""
+    from llmtrain.config.peft import resolve_peft
+
+    resolve_peft(cfg)
     problems: list[str] = []
     m, par, prec, data, stage, optim = (
         cfg.model, cfg.parallel, cfg.precision, cfg.data, cfg.stage, cfg.optim)
@@ -571,9 +574,12 @@ def checkpoint_problems(cfg: Config) -> list[str]:
 
 def peft_problems(cfg: Config) -> list[str]:
     """LoRA's settings (docs/lora.md)."""
-    peft, problems = cfg.peft, []
+    from llmtrain.config.peft import peft_settings
+
+    peft, problems = peft_settings(cfg.peft, cfg.model)
     if peft.name != "lora":
-        return problems
+        return [f"peft.load={peft.load} is a LoRA adapter: add peft=lora to train it further"] \
+            if peft.load else problems
     if peft.r < 1:
         problems.append(f"peft.r={peft.r} must be at least 1 (the adapters' rank)")
     if peft.lora_alpha <= 0:
@@ -596,6 +602,11 @@ def peft_problems(cfg: Config) -> list[str]:
                         f"{cfg.model.family}: unset checkpoint.save_hf and export the adapters "
                         f"merged into the base with python -m llmtrain.convert "
                         f"direction=mcore_to_hf")
+    if cfg.checkpoint.save_hf and cfg.stage.name == "rm":
+        problems.append("checkpoint.save_hf with peft=lora writes a PEFT adapter folder, which "
+                        "has no place for a reward model's scalar head: unset checkpoint.save_hf "
+                        "(the run's checkpoints hold adapters and head; serve or score with "
+                        "them)")
     spec = task_spec(cfg.stage.name)
     if spec is not None and not spec.adapters:
         problems.append(f"peft=lora with stage={cfg.stage.name} is not supported yet: use "

@@ -27,6 +27,9 @@ class InferenceConfig:
     # A Hugging Face tokenizer folder or tokenizer.json (or a sentencepiece .model) when the
     # checkpoint has none beside it.
     tokenizer: Optional[str] = None
+    # A Hugging Face PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for the
+    # model `load` holds: merged into its weights as they load (docs/lora.md).
+    peft_load: Optional[str] = None
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     # fp32 | bf16 | fp16; null: bf16 on a GPU, fp32 on the CPU.

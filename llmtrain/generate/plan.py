@@ -23,6 +23,7 @@ from llmtrain.config.schema import (
     DataConfig,
     ModelConfig,
     ParallelConfig,
+    PeftConfig,
     PrecisionConfig,
     StageConfig,
     TokenizerConfig,
@@ -136,6 +137,7 @@ def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> bool:
     except ValueError as exc:
         raise InferenceError(str(exc)) from None
     stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else step)
+    heads = stored if adapter is None else checkpoint.stored_tensors(step)  # a LoRA rm's: its own
     embedding = stored.get("embedding.word_embeddings.weight", ([0, 0], None))[0]
     layers = {shape[0] for name, (shape, _) in stored.items()
               if name.startswith("decoder.layers.") and name.endswith(".weight")
@@ -147,7 +149,27 @@ def _check_shapes(model: ModelConfig, root: Path, iteration: int) -> bool:
         raise InferenceError(f"{step} holds a model of {found}; model {model.name} has hidden "
                              f"size {model.hidden_size}, vocabulary {model.vocab_size} and "
                              f"{model.num_layers} layers: give the model= it was trained as")
-    return any(name.startswith(checkpoint.HEADS) for name in stored)
+    return any(name.startswith(checkpoint.HEADS) for name in heads)
+
+
+def _peft(c: InferenceConfig, model: ModelConfig, root: Path, iteration: int,
+          reward_model: bool) -> PeftConfig:
+    """peft_load's adapter as the settings that load it (peft.load), checked against the model."""
+    if not c.peft_load:
+        return PeftConfig()
+    from llmtrain.config.peft import peft_settings
+    from llmtrain.megatron.lora_checkpoint import adapter_of
+
+    if reward_model or adapter_of(root, iteration) is not None:
+        raise InferenceError(f"peft_load={c.peft_load} goes onto a language model, but step "
+                             f"{iteration} of {root} holds "
+                             f"{'a reward model' if reward_model else 'LoRA adapters already'}: "
+                             f"give load= the base model the adapter was trained on")
+    peft, problems = peft_settings(PeftConfig(name="lora", load=c.peft_load), model)
+    if problems:
+        raise InferenceError("the adapter cannot load:\n  - " + "\n  - ".join(
+            p.replace("peft.load=", "peft_load=") for p in problems))
+    return peft
 
 
 def tokenizer_in(folder: Path) -> Optional[TokenizerConfig]:
@@ -220,6 +242,7 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True,
                              f"head, no output layer): it scores text rather than generating "
                              f"it. Serve its scores with python -m llmtrain.serve load={c.load} "
                              f"(POST /v1/rewards), or load a language model")
+    peft = _peft(c, model, root, iteration, reward_model)
     tokenizer, folder = _tokenizer(c, root, run, needs_tokenizer)
     machine = machine or detect_machine()
     device = c.device or ("cuda" if machine.gpus else "cpu")
@@ -242,6 +265,7 @@ def prepare(c: InferenceConfig, machine=None, needs_tokenizer: bool = True,
                  launcher=dataclasses.replace(c.launcher, nproc_per_node=max(tp, 1) * max(pp, 1)),
                  output_dir=".")
     layout = validate(cfg, machine)
+    cfg.peft = peft  # checked by _peft: validate's peft checks are training's
     return Plan(root=str(root.resolve()), iteration=iteration, model=model, tokenizer=tokenizer,
                 tokenizer_folder=folder, cfg=cfg, layout=layout,
                 max_batch_size=c.inference_max_batch_size, max_sequence_length=seq, seed=c.seed,

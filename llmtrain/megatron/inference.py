@@ -20,7 +20,6 @@ Data-parallel replicas (GRPO and PPO rollouts) generate independently, each its 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.generate.sampler import Mode, RowSampling, row_keys
 from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence, check_batch
-from llmtrain.megatron import checkpoint, lora, lora_checkpoint
+from llmtrain.megatron import lora, lora_checkpoint
 from llmtrain.megatron.model import build_model, params_dtype
 from llmtrain.megatron.replica import Replica
 
@@ -46,11 +45,10 @@ def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.
     if layout.virtual_pipeline_model_parallel_size:
         raise ValueError("generation runs without virtual pipeline stages")
     chunks = [chunk.to(params_dtype(cfg)) for chunk in build_model(cfg, layout)]
-    adapter = lora_checkpoint.adapter_of(Path(root), iteration)
-    if adapter is None:
-        checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
-    else:  # a peft=lora run's step: its base, the adapters merged into this model's weights
-        lora_checkpoint.load_with_adapters(root, iteration, chunks, *adapter)
+    lora_checkpoint.load_merged(root, iteration, chunks)
+    if cfg.peft.load:  # peft_load: a PEFT folder onto this base, merged into its weights
+        lora.add_adapters(chunks, cfg.peft, 0)
+        lora_checkpoint.load_peft(chunks, cfg.peft.load)
         lora.merge(chunks)
     # One position per step is bound by launch overhead: the compiled bias-dropout-add (nothing
     # to fuse at inference) costs more than it saves (Llama 3.2 1B on an H100: 34 -> 44 tok/s).
@@ -287,6 +285,10 @@ def make_engine(model: torch.nn.Module, vocab_size: int, max_batch_size: int,
     from llmtrain.megatron.kv_model import unsupported
 
     why = unsupported(model) if kind == "auto" else f"engine={kind}"
+    if why is None and lora.active(model):
+        # The decode engine reads the base weights in place; merging the adapters into them for
+        # each rollout and back out after would drift a bf16 base by a rounding every step.
+        why = "LoRA adapters, which the model's own forward adds"
     if why is None:
         engine = DecodeEngine(model, vocab_size, max_batch_size, max_sequence_length, device,
                               seed)

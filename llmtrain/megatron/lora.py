@@ -36,6 +36,8 @@ from llmtrain.megatron.weights import global_names, shard, tensor_group
 # The column-parallel layers a LoRA may target split their output.
 COLUMN = ("linear_qkv", "linear_fc1")
 SUFFIX = "_lora"
+# A reward model's (stage=rm) scalar head: new, so it trains and is saved beside the adapters.
+HEAD = "scalar_head."
 
 
 class LoraAdapter(torch.nn.Module):
@@ -151,28 +153,40 @@ def is_adapter_key(key: str) -> bool:
     return any(f"{t}{SUFFIX}." in key for t in LORA_LAYERS)
 
 
+def active(module: torch.nn.Module) -> bool:
+    """Whether adapters add to the model's output (none merged or switched off)."""
+    return any(a.enabled for a in adapters([module]))
+
+
+def is_trained_key(key: str) -> bool:
+    """A parameter or checkpoint key that a LoRA run trains and saves: an adapter's, or a
+    scalar head's."""
+    return is_adapter_key(key) or HEAD in key
+
+
 def saved_part(model: torch.nn.Module, state: dict) -> dict:
-    """A model's checkpointed state: the adapters alone when it has any (the base is frozen and
-    stays where checkpoint.load has it)."""
+    """A model's checkpointed state: the adapters (and a scalar head) alone when it has any
+    (the base is frozen and stays where checkpoint.load has it)."""
     if not has_adapters(model):
         return state
-    return {key: value for key, value in state.items() if is_adapter_key(key)}
+    return {key: value for key, value in state.items() if is_trained_key(key)}
 
 
 def in_base(model: torch.nn.Module, key: str) -> bool:
     """A state key that an adapter-only checkpoint leaves to the base model."""
-    return has_adapters(model) and not is_adapter_key(key)
+    return has_adapters(model) and not is_trained_key(key)
 
 
 @torch.no_grad()
 def add_adapters(chunks: list, peft: PeftConfig, seed: int) -> int:
-    """Freeze every weight and attach adapters to the targeted layers; return how many. A is
+    """Freeze every weight but a scalar head's (stage=rm: it is new) and attach adapters to the
+    targeted layers; return how many. A is
     drawn as PEFT draws it (Kaiming-uniform) at its whole shape from a generator seeded by its
     global name, so every layout starts alike; B starts at zero (the model is unchanged)."""
     wanted = lora_targets(peft)
     for chunk in chunks:
-        for param in chunk.parameters():
-            param.requires_grad_(False)
+        for name, param in chunk.named_parameters():
+            param.requires_grad_(name.startswith(HEAD))
         found = [(name, parent, leaf) for name, parent in chunk.named_modules()
                  for leaf in wanted if isinstance(getattr(parent, leaf, None), torch.nn.Module)]
         for name, parent, leaf in found:

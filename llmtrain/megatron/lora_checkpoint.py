@@ -97,3 +97,40 @@ def load_with_adapters(root, iteration: int, chunks: list, base: str, peft: Peft
     checkpoint.load(base.parent, step, chunks, None, None, weights_only=True)
     lora.add_adapters(chunks, peft, 0)
     checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+
+
+def load_merged(root, iteration: int, chunks: list) -> None:
+    """Collective: a step's weights into freshly built chunks to run, not train (generation, a
+    frozen reward model): a whole model's as they are, a peft=lora run's as its base with the
+    adapters (and scalar head) merged in."""
+    from llmtrain.megatron import checkpoint, lora
+
+    adapter = adapter_of(Path(root), iteration)
+    if adapter is None:
+        checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+    else:
+        load_with_adapters(root, iteration, chunks, *adapter)
+        lora.merge(chunks)
+
+
+def load_peft(chunks: list, folder: str) -> None:
+    """A PEFT adapter folder's tensors into freshly attached adapters (every rank its shard, as
+    the export gathers them: llmtrain.convert.peft.hf_name maps the names both ways). A part it
+    does not have (k of a q,v-only adapter on the fused qkv) gets zeros: it adds nothing, and its
+    gradients stay zero."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmtrain.convert.peft import WEIGHTS, hf_name
+    from llmtrain.megatron import lora
+    from llmtrain.megatron.weights import global_names, shard, tensor_group
+
+    tensors = load_file(str(Path(folder) / WEIGHTS))
+    with torch.no_grad():
+        for chunk in chunks:
+            names, tp = global_names(chunk), tensor_group(chunk)
+            for local, param in chunk.named_parameters():
+                if lora.is_adapter_key(local):
+                    full = tensors.get(hf_name(names[local]))
+                    param.copy_(torch.zeros_like(param) if full is None else
+                                shard(full.to(param.device, torch.float32), param, False, tp))

@@ -20,9 +20,12 @@ def apply_transforms(cfg: Config, chunks: list, say=None) -> list:
         except checkpoint.NotThisModel as exc:
             raise RunStopped(f"peft=lora: the base model {base} does not load: {exc}") from None
         count = lora.add_adapters(chunks, cfg.peft, cfg.seed)
+        if cfg.peft.load:  # an adapter trained elsewhere, to train further
+            lora_checkpoint.load_peft(chunks, cfg.peft.load)
         if say:
             trained = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
             total = sum(p.numel() for c in chunks for p in c.parameters())
-            say(f"LoRA: {count} adapters (r={cfg.peft.r}) on the frozen base {base}; "
+            source = f" from {cfg.peft.load}" if cfg.peft.load else ""
+            say(f"LoRA: {count} adapters (r={cfg.peft.r}){source} on the frozen base {base}; "
                 f"{trained:,} of {total:,} parameters on this rank train")
     return chunks

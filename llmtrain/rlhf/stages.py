@@ -24,7 +24,7 @@ def _rollout_roles(critic: bool):
     return roles
 
 
-register(TaskSpec("rm", f"{ALIGN}.preference:RewardModelTask", ("preference",)))
+register(TaskSpec("rm", f"{ALIGN}.preference:RewardModelTask", ("preference",), adapters=True))
 register(TaskSpec("dpo", f"{ALIGN}.preference:PolicyPreferenceTask", ("preference",),
                   roles=_dpo_roles, possible_roles=frozenset({"reference"}),
                   checks=preference_problems, adapters=True))
@@ -33,8 +33,9 @@ register(TaskSpec("kto", f"{ALIGN}.kto:KTOTask", ("unpaired",),
                   checks=kto_problems, adapters=True))
 register(TaskSpec("grpo", f"{ALIGN}.rollout:RolloutTask", ("prompts",), generates=True,
                   roles=_rollout_roles(critic=False),
-                  possible_roles=frozenset({"reference", "reward"}), checks=rollout_problems))
+                  possible_roles=frozenset({"reference", "reward"}), checks=rollout_problems,
+                  adapters=True))
 register(TaskSpec("ppo", f"{ALIGN}.rollout:RolloutTask", ("prompts",), generates=True,
                   roles=_rollout_roles(critic=True),
                   possible_roles=frozenset({"reference", "reward", "critic"}),
-                  checks=rollout_problems))
+                  checks=rollout_problems, adapters=True))

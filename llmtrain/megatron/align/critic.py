@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from llmtrain.config.schema import PeftConfig
+from llmtrain.errors import RunStopped
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.align.heads import (
     Role,
@@ -59,6 +62,19 @@ def _value_loss(batch: dict, device: str, value_clip: float, values: torch.Tenso
                                                                  tokens.float()])}
 
 
+def _refuse_adapters(source: Optional[str]) -> None:
+    """The critic trains every weight: it cannot start from a peft=lora run's adapters."""
+    from llmtrain.megatron.lora_checkpoint import adapter_of
+
+    step = checkpoint.latest_iteration(source) if source else None
+    if step is not None and adapter_of(Path(source), step) is not None:
+        raise RunStopped(f"the critic trains every weight and would start from {source}, which "
+                         f"holds LoRA adapters (a peft=lora run's): give "
+                         f"stage.alignment.critic_load a whole model's checkpoint (e.g. the "
+                         f"base the adapters were trained on)",
+                         exit_code=2)
+
+
 class Critic:
     """The critic on this process's ranks: built, restored to the actor's step `start` (else
     initialised from critic_load, reward_load or checkpoint.load), trained and saved with its
@@ -75,8 +91,11 @@ class Critic:
         else:
             load = dict(load=a.critic_load or a.reward_load or cfg.checkpoint.load,
                         finetune=True, load_step=None)
+            _refuse_adapters(load["load"])
+        # peft=lora puts adapters on the actor alone: the critic trains every weight.
         critic_cfg = dataclasses.replace(
-            cfg, optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
+            cfg, peft=PeftConfig(),
+            optim=dataclasses.replace(cfg.optim, lr=lr, min_lr=min(cfg.optim.min_lr, lr)),
             checkpoint=dataclasses.replace(cfg.checkpoint, **load))
         layout, groups = role_layout(placement, layout)
         chunks = build_scalar_model(critic_cfg, layout, groups)

@@ -21,7 +21,7 @@ from megatron.core.transformer.module import Float16Module
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
-from llmtrain.megatron import checkpoint
+from llmtrain.megatron import checkpoint, lora_checkpoint
 from llmtrain.megatron.align.placement import Placement, role_layout
 from llmtrain.megatron.init import initialize as initialize_weights
 from llmtrain.megatron.model import build_model
@@ -169,7 +169,7 @@ def load_frozen(cfg: Config, layout: Layout, source: Optional[str], scalar: bool
         step = checkpoint.latest_iteration(source) if step is None else step
         if step is None:
             raise FileNotFoundError(f"{source} holds no complete checkpoint step")
-        checkpoint.load(source, step, chunks, None, None, weights_only=True)
+        lora_checkpoint.load_merged(source, step, chunks)  # a LoRA run's: merged
         say(f"loaded {checkpoint.step_dir(source, step)} (frozen {name})")
     if placement is not None:
         say(f"frozen {name}: tensor parallel {placement.tensor_parallel} over every rank, its "

@@ -43,6 +43,7 @@ from llmtrain.generate.sequence import Sampling, Sequence, run_all
 from llmtrain.megatron import checkpoint
 from llmtrain.megatron.align.critic import Critic, ServedCritic
 from llmtrain.megatron.align.heads import (
+    AdaptersOff,
     Role,
     causal_inputs,
     load_frozen,
@@ -126,9 +127,10 @@ class RolloutTask(Task):
                  + (f", {left_out} longer than seq_length - max_new_tokens left out"
                     if left_out else ""))
         source = a.reference_load or cfg.checkpoint.load
-        self.reference = None if a.reference_url else load_frozen(
-            cfg, self.layout, source, scalar=False, say=self.say,
-            placement=self.placement(a.reference_tensor_model_parallel_size))
+        self.reference = None if a.reference_url else AdaptersOff(model) \
+            if cfg.peft.name == "lora" else load_frozen(
+                cfg, self.layout, source, scalar=False, say=self.say,
+                placement=self.placement(a.reference_tensor_model_parallel_size))
         if a.reference_url:
             self.say(f"reference: served at {a.reference_url}")
         self.scorer = load_frozen(
