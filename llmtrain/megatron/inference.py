@@ -285,10 +285,6 @@ def make_engine(model: torch.nn.Module, vocab_size: int, max_batch_size: int,
     from llmtrain.megatron.kv_model import unsupported
 
     why = unsupported(model) if kind == "auto" else f"engine={kind}"
-    if why is None and lora.active(model):
-        # The decode engine reads the base weights in place; merging the adapters into them for
-        # each rollout and back out after would drift a bf16 base by a rounding every step.
-        why = "LoRA adapters, which the model's own forward adds"
     if why is None:
         engine = DecodeEngine(model, vocab_size, max_batch_size, max_sequence_length, device,
                               seed)

@@ -9,7 +9,8 @@ optimizer step at once) and computes what Megatron's layers compute for the arch
 covers, the pre-norm Llama shape: RMSNorm or LayerNorm, rotary positions (any fraction of the head,
 interleaved or not, Llama 3 scaling, as the model's own RotaryEmbedding makes them), grouped-query
 attention with or without QKV bias and Q/K norms, a gated or plain MLP of SiLU or GELU, tied or
-untied output. Anything else is `unsupported` and generates on Megatron-Core's own path
+untied output, and LoRA adapters that are switched on (llmtrain.megatron.lora), added to their
+layers' products as the model's forward adds them, so a peft=lora rollout needs no merge. Anything else is `unsupported` and generates on Megatron-Core's own path
 (llmtrain.megatron.inference.Engine), as does a model split over pipeline stages.
 
 Under tensor parallelism each rank holds its shard as Megatron lays it out (its query groups'
@@ -66,6 +67,22 @@ class _Layer:
     fc1_b: Optional[torch.Tensor]
     fc2_w: torch.Tensor
     fc2_b: Optional[torch.Tensor]
+    # LoRA adapters (switched on) of linear_qkv, linear_proj, linear_fc1, linear_fc2
+    loras: dict
+
+
+def _lora(adapter, x: torch.Tensor) -> torch.Tensor:
+    """A LoRA adapter's addition to this rank's product of its layer, from the layer's (normed)
+    input: its output shard for a column-parallel layer (A whole, B split), its partial sum for
+    a row-parallel one (A split, B whole: the sum over TP of each rank's (x A_i) B is (x A) B)."""
+    return adapter.compose([F.linear(F.linear(x, a), b) for _, a, b in adapter.pairs()]) \
+        * adapter.scale
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapter
+            ) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    return y if adapter is None else y + _lora(adapter, x).to(y.dtype)
 
 
 def _bias(module) -> Optional[torch.Tensor]:
@@ -157,12 +174,16 @@ class KVModel:
         self.layers = []
         for layer in model.decoder.layers:
             a, m = layer.self_attention, layer.mlp
+            loras = {name: adapter for name, adapter in (
+                (name, getattr(parent, f"{name}_lora", None)) for parent, name in
+                ((a, "linear_qkv"), (a, "linear_proj"), (m, "linear_fc1"), (m, "linear_fc2")))
+                if adapter is not None and adapter.enabled}
             self.layers.append(_Layer(
                 _norm(c, a.linear_qkv, layer.input_layernorm), a.linear_qkv.weight,
                 _bias(a.linear_qkv), _head_norm(c, a.q_layernorm), _head_norm(c, a.k_layernorm),
                 a.linear_proj.weight, _bias(a.linear_proj),
                 _norm(c, m.linear_fc1, layer.pre_mlp_layernorm), m.linear_fc1.weight,
-                _bias(m.linear_fc1), m.linear_fc2.weight, _bias(m.linear_fc2)))
+                _bias(m.linear_fc1), m.linear_fc2.weight, _bias(m.linear_fc2), loras))
         rotary = model.rotary_pos_emb
         with torch.no_grad():
             freqs = rotary.get_freqs_non_repeated(max_sequence_length).float().to(self.device)
@@ -211,7 +232,7 @@ class KVModel:
 
     def _qkv(self, layer: _Layer, h: torch.Tensor, positions: torch.Tensor):
         """q [..., heads, d], k and v [..., groups, d], normed and rotated as Megatron does."""
-        qkv = F.linear(layer.norm1(h), layer.qkv_w, layer.qkv_b)
+        qkv = _linear(layer.norm1(h), layer.qkv_w, layer.qkv_b, layer.loras.get("linear_qkv"))
         per_group = self.heads // self.groups
         qkv = qkv.view(*h.shape[:-1], self.groups, per_group + 2, self.head_dim)
         q = qkv[..., :per_group, :].flatten(-3, -2)
@@ -224,13 +245,13 @@ class KVModel:
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the MLP's output (before the sum over TP and fc2's bias)."""
-        h = F.linear(layer.norm2(x), layer.fc1_w, layer.fc1_b)
+        h = _linear(layer.norm2(x), layer.fc1_w, layer.fc1_b, layer.loras.get("linear_fc1"))
         if self.gated:  # each rank's fc1 rows are its share of the gate, then of the up
             gate, up = h.chunk(2, dim=-1)
             h = self.activation(gate) * up
         else:
             h = self.activation(h)
-        return F.linear(h, layer.fc2_w)
+        return _linear(h, layer.fc2_w, None, layer.loras.get("linear_fc2"))
 
     def _row_sum(self, partial: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """A row-parallel layer's output: the ranks' partial products summed, then its bias,
@@ -281,7 +302,8 @@ class KVModel:
                 v.repeat_interleave(per_group, 2).transpose(1, 2), is_causal=True,
                 scale=self.scale)
             attn = attn.transpose(1, 2).reshape(n, length, -1)
-            x = x + self._row_sum(F.linear(attn, layer.proj_w), layer.proj_b)
+            x = x + self._row_sum(_linear(attn, layer.proj_w, None,
+                                          layer.loras.get("linear_proj")), layer.proj_b)
             x = x + self._row_sum(self._mlp(layer, x), layer.fc2_b)
         return self.logits(x) if want_logits else None
 
@@ -326,4 +348,4 @@ class KVModel:
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale + mask
         probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [n, groups, per_group, span]
         attn = torch.matmul(probs, values).reshape(n, -1)
-        return F.linear(attn, layer.proj_w)
+        return _linear(attn, layer.proj_w, None, layer.loras.get("linear_proj"))
