@@ -102,9 +102,13 @@ def _memory_line(memory: dict) -> str:
     gib, size = 2 ** 30, memory["model_bytes"]
     workers, main = sum(memory["processes_peak_rss_bytes"]), memory["main_peak_rss_bytes"]
     count = len(memory["processes_peak_rss_bytes"])
-    return (f"[convert] peak memory: {workers / gib:.2f} GiB over the {count} conversion "
-            f"process(es) ({workers / size:.1f}x the model's {size / gib:.2f} GiB), "
-            f"{main / gib:.2f} GiB in this one ({main / size:.1f}x)")
+    line = f"[convert] peak memory: {workers / gib:.2f} GiB"
+    if count > 1:
+        line += f" over the {count} conversion processes together"
+    line += f" ({workers / size:.1f}x the model's {size / gib:.2f} GiB)"
+    if count > 1:  # one process converts in this one
+        line += f", {main / gib:.2f} GiB in this one ({main / size:.1f}x)"
+    return line
 
 
 def execute(plan: Plan, say=print) -> dict:
