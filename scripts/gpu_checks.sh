@@ -148,7 +148,7 @@ step_sft() {
 step_lora() {
     # The sft step's run with peft=lora on Transformer Engine's layers: its loss, the merged
     # export checked against transformers, the adapters as a PEFT folder, and generation from
-    # the adapter checkpoint (merged on load).
+    # the adapter checkpoint (the adapters unmerged).
     need_converted
     local run="$WORK/lora_$MODEL"
     rm -rf "$run" "$WORK/lora_merged_$MODEL" "$WORK/lora_peft_$MODEL"

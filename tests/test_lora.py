@@ -289,7 +289,7 @@ def test_lora_grpo_raises_the_reward_against_the_base_with_adapters_off(confiden
                        "stage.train_iters=10", "peft=lora", f"hydra.run.dir={run}",
                        "checkpoint.save=null").stdout
     assert "(frozen reference)" not in out
-    assert "rollouts: Megatron-Core's engine, static batches (LoRA adapters" in out
+    assert "rollouts: decode engine, continuous batching" in out
     metrics = summary(run)["metrics"]
     assert abs(metrics["kl"][0]) < 1e-6 < metrics["kl"][-1], metrics["kl"]
     assert_reward_rises(metrics["reward"])

@@ -20,6 +20,7 @@ Data-parallel replicas (GRPO and PPO rollouts) generate independently, each its 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -34,22 +35,27 @@ from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout
 from llmtrain.generate.sampler import Mode, RowSampling, row_keys
 from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence, check_batch
-from llmtrain.megatron import lora, lora_checkpoint
+from llmtrain.megatron import checkpoint, lora, lora_checkpoint
 from llmtrain.megatron.model import build_model, params_dtype
 from llmtrain.megatron.replica import Replica
 
 def load_model(cfg: Config, layout: Layout, root: str, iteration: int) -> torch.nn.Module:
     """The training builder's model with its weights from a checkpoint, every tensor in the
     precision's format (as Megatron-LM's inference and transformers run a bf16 model), in eval
-    mode. Inference has no interleaved pipeline: one chunk per rank."""
+    mode. Inference has no interleaved pipeline: one chunk per rank. LoRA adapters (a peft=lora
+    run's step, or a PEFT folder: peft_load) stay apart from the base, unmerged: both engines
+    add them to their layers' products, as training's forward does."""
     if layout.virtual_pipeline_model_parallel_size:
         raise ValueError("generation runs without virtual pipeline stages")
     chunks = [chunk.to(params_dtype(cfg)) for chunk in build_model(cfg, layout)]
-    lora_checkpoint.load_merged(root, iteration, chunks)
-    if cfg.peft.load:  # peft_load: a PEFT folder onto this base, merged into its weights
+    adapter = lora_checkpoint.adapter_of(Path(root), iteration)
+    if adapter is None:
+        checkpoint.load(root, iteration, chunks, None, None, weights_only=True)
+    else:  # a peft=lora run's step: its base, and its adapters beside it
+        lora_checkpoint.load_with_adapters(root, iteration, chunks, *adapter)
+    if cfg.peft.load:  # peft_load: a PEFT folder's adapters onto this base
         lora.add_adapters(chunks, cfg.peft, 0)
         lora_checkpoint.load_peft(chunks, cfg.peft.load)
-        lora.merge(chunks)
     # One position per step is bound by launch overhead: the compiled bias-dropout-add (nothing
     # to fuse at inference) costs more than it saves (Llama 3.2 1B on an H100: 34 -> 44 tok/s).
     chunks[0].config.bias_dropout_fusion = False
