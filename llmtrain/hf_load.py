@@ -19,11 +19,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -147,27 +143,23 @@ def cache_key(folder: Path, tp: int, pp: int) -> str:
 
 
 def _convert(folder: Path, target: Path, tp: int, pp: int) -> None:
-    """`python -m llmtrain.convert` into a folder renamed into place once it passed its check."""
-    from llmtrain.hf_save import conversion_env
+    """`python -m llmtrain.convert` into `target`, in place once it passed its check."""
+    from llmtrain.hf_save import convert_into
 
-    building = target.with_name(f".{target.name}.building")
-    shutil.rmtree(building, ignore_errors=True)
     print(f"[llmtrain] checkpoint.load={folder} is a Hugging Face folder: converting it (once) "
           f"into {target}", flush=True)
-    with subprocess.Popen([sys.executable, "-m", "llmtrain.convert", f"input={folder}",
-                           f"output={building}", f"tensor_model_parallel_size={tp}",
-                           f"pipeline_model_parallel_size={pp}"], env=conversion_env(),
-                          stdout=subprocess.PIPE, text=True) as done:
-        for line in done.stdout:
-            # Its closing hint (a training command for the folder) is this command's own job.
-            if not line.startswith("[convert] train from it:"):
-                print(line, end="", flush=True)
-    if done.returncode != 0:
-        kept = f"; what it wrote is in {building}" if building.exists() else ""
+
+    def echo(line: str) -> None:
+        # Its closing hint (a training command for the folder) is this command's own job.
+        if not line.startswith("[convert] train from it:"):
+            print(line, end="", flush=True)
+
+    failed = convert_into(target, f"input={folder}", f"tensor_model_parallel_size={tp}",
+                          f"pipeline_model_parallel_size={pp}", echo=echo)
+    if failed:
         raise ConfigError([f"checkpoint.load={folder}: the conversion failed (python -m "
-                           f"llmtrain.convert exited with status {done.returncode}, its output "
-                           f"is above{kept})"])
-    os.replace(building, target)
+                           f"llmtrain.convert, {failed.splitlines()[0].rstrip(':')}; its output "
+                           f"is above)"])
 
 
 def prepare(cfg: Config) -> None:

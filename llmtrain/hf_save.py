@@ -13,8 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -31,6 +32,30 @@ def conversion_env() -> dict[str, str]:
             if key not in LAUNCH_ENV and not key.startswith("TORCHELASTIC_")}
 
 
+def convert_into(final: Path, *args: str, echo: Optional[Callable[[str], None]] = None
+                 ) -> Optional[str]:
+    """`python -m llmtrain.convert <args>` into a hidden folder beside `final`, renamed to
+    `final` once it succeeded (its check passed): a failure never leaves a half-written
+    folder. Its output lines go to `echo` as they come. None on success, else the output's end
+    (the hidden folder removed)."""
+    hidden = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(hidden, ignore_errors=True)
+    tail: deque = deque(maxlen=40)
+    with subprocess.Popen([sys.executable, "-m", "llmtrain.convert", *args, f"output={hidden}"],
+                          env=conversion_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            tail.append(line)
+            if echo is not None:
+                echo(line)
+    if process.returncode != 0:
+        shutil.rmtree(hidden, ignore_errors=True)
+        return f"exit status {process.returncode}:\n" + "".join(tail)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(hidden, final)
+    return None
+
+
 def hf_folder(save_dir: Path, iteration: int) -> Path:
     return Path(save_dir) / f"hf_iter_{iteration:07d}"
 
@@ -41,19 +66,11 @@ def save_hf(save_dir: Path, iteration: int, say: Callable[[str], None],
     whole model, or with `adapters` (peft=lora) a PEFT adapter folder for the Hugging Face base."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         final = hf_folder(save_dir, iteration)
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        process = subprocess.run(
-            [sys.executable, "-m", "llmtrain.convert",
-             f"direction={'lora_to_peft' if adapters else 'mcore_to_hf'}",
-             f"input={Path(save_dir) / f'iter_{iteration:07d}'}", f"output={tmp}"],
-            env=conversion_env(), capture_output=True, text=True)
-        if process.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"checkpoint.save_hf: the export of step {iteration} failed:\n"
-                               f"{process.stdout[-2000:]}\n{process.stderr[-2000:]}")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        failed = convert_into(final, f"direction={'lora_to_peft' if adapters else 'mcore_to_hf'}",
+                              f"input={Path(save_dir) / f'iter_{iteration:07d}'}")
+        if failed:
+            raise RuntimeError(f"checkpoint.save_hf: the export of step {iteration} failed "
+                               f"({failed}")
         say(f"saved the Hugging Face {'PEFT adapter ' if adapters else ''}folder {final}")
     if dist.is_initialized():
         dist.barrier()
