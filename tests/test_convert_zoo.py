@@ -40,6 +40,9 @@ PUBLISHED = {
     # the shared expert and its gate too (Qwen1.5-MoE).
     "mixtral_8x7b": 46_702_792_704, "qwen1_5_moe_a2_7b": 14_315_784_192,
     "qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560,
+    # DeepSeek: the Hub's 685B for V3 holds the multi-token-prediction layer too (and the
+    # routers' expert biases, buffers rather than parameters), the published 671B does not.
+    "deepseek_v3": 671_026_404_352, "deepseek_v2_lite": 15_706_484_224,
 }
 # Entries added with conversion (the others came with training and its tests).
 CONVERSION_ZOO = (
@@ -175,6 +178,32 @@ HUB_CONFIGS = {
         "num_hidden_layers": 94, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
         "use_sliding_window": False, "vocab_size": 151936}),
+    "deepseek_v3": ("DeepseekV3Config", {
+        "attention_bias": False, "first_k_dense_replace": 3, "hidden_act": "silu",
+        "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "n_group": 8,
+        "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+        "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+        "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
+        "topk_group": 4, "v_head_dim": 128, "vocab_size": 129280}),
+    "deepseek_v2_lite": ("DeepseekV2Config", {
+        "attention_bias": False, "first_k_dense_replace": 1, "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 10944, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 1408, "n_group": 1,
+        "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+        "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+        "num_key_value_heads": 16, "q_lora_rank": None, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                         "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False,
+        "topk_group": 1, "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400}),
     "bloom_560m": ("BloomConfig", {
         "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
         "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
@@ -200,6 +229,20 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
     hf_config = getattr(transformers, class_name)(**fields)
     family = families.for_hf_config(hf_config)
     assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite"])
+def test_transformers_builds_the_counted_deepseek_model_from_its_published_config(name):
+    """transformers' own model of the published config.json (no weights: on the meta device)
+    has exactly the parameters counted: the dense first layers, the MoE ones, the latents."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, fields = HUB_CONFIGS[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**fields))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
 
 
 def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
