@@ -296,6 +296,38 @@ def test_qwen3_235b_a22b_plans_for_sixteen_nodes_with_its_experts_split_sixteen_
     assert memory.total < 80
 
 
+def test_deepseek_v3_plans_for_128_nodes_of_h200s_with_its_experts_split_64_ways():
+    """The plan `dry_run=true` prints for DeepSeek-V3 as its paper trained it (PP 16, EP 64, no
+    TP) on 1024 GPUs: its 61 layers as 1 (a dense one, beside the embedding) + 15 x 4, the last
+    stage the heaviest (4 MoE layers and the output layer); it fits a 141 GB H200, not an 80 GB
+    GPU (activations without recomputation: 16 micro-batches in flight)."""
+    cfg = compose_config("model=deepseek_v3", "parallel.pipeline_model_parallel_size=16",
+                         "parallel.num_layers_in_first_pipeline_stage=1",
+                         "parallel.num_layers_in_last_pipeline_stage=4",
+                         "parallel.expert_model_parallel_size=64", "launcher.nnodes=128",
+                         "device=cuda", "precision=bf16", "data=mock", "data.seq_length=4096",
+                         "stage.micro_batch_size=1", "stage.global_batch_size=4096",
+                         "parallel.use_distributed_optimizer=true")
+    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
+    plan = describe(cfg, layout)
+    assert "deepseek_v3: 671.026 B parameters (61 layers: 1 + " + "4 + " * 14 + "4 over the " \
+           "pipeline stages, hidden 7168, vocab 129280 padded to 129280)" in plan
+    assert "1024 = 128 node(s) x 8  |  TP 1  PP 16  CP 1  EP 64  DP 64" in plan
+    memory = memory_plan(cfg, layout)
+    # A MoE layer: attention (query latent, key/value latent, their norms, output), 256 routed
+    # experts with their router rows, the shared expert, two norms.
+    attention = ((7168 + 1 + 128 * 192) * 1536 + 7168 * (512 + 64) + (1 + 128 * 256) * 512
+                 + 128 * 128 * 7168)
+    expert = 3 * 7168 * 2048
+    moe_layer = attention + 256 * (expert + 7168) + expert + 2 * 7168
+    last_stage = 4 * moe_layer + 7168 + 129_280 * 7168
+    own_experts = 4 * 256 * expert // 64
+    assert memory.params_per_rank == last_stage - 4 * 256 * expert + own_experts
+    dense = memory.params_per_rank - own_experts
+    assert memory.optimizer == pytest.approx((dense * 12 / 64 + own_experts * 12) / 2**30)
+    assert 80 < memory.total < 141e9 / 2**30
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama3_2_1b", "mistral_7b", "qwen2_5_0_5b",
                                   "qwen3_0_6b", "bloom_560m", "falcon_7b"])
 def test_the_benchmarks_transformers_peer_builds_the_published_model(name):

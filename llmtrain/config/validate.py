@@ -191,6 +191,10 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
     if m.num_moe_experts is not None:
         problems += routing_problems(m)
     problems += moe_layer_problems(m)
+    if m.multi_latent_attention and m.num_query_groups not in (None, m.num_attention_heads):
+        problems.append(f"model.multi_latent_attention=true gives every head its own key and "
+                        f"value (from the shared latent): set model.num_query_groups=null, not "
+                        f"{m.num_query_groups}")
     if m.multi_latent_attention and m.position_embedding_type != "rope":
         problems.append(f"model.multi_latent_attention=true rotates positions itself "
                         f"(model.rope_type): set model.position_embedding_type=rope, not "
