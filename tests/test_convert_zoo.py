@@ -51,7 +51,7 @@ CONVERSION_ZOO = (
     "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
     "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b",
     "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
-    "qwen3_30b_a3b", "qwen3_235b_a22b")
+    "qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3", "deepseek_v2_lite")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # Published models (each of a family with a Hugging Face mapping), not the tiny test models.
 PUBLISHED_ZOO = [name for name in ZOO if name not in ("tiny", "tiny_moe")]
@@ -84,21 +84,30 @@ def test_entry_validates_for_a_cpu_run(name):
     validate(compose_config(f"model={name}"), CPU)
 
 
-# Heads that TP=2 does not divide.
+# Heads that TP=2 does not divide, layers that PP=2 does not.
 NOT_TP2 = {"falcon_7b": 71, "gpt2_xl": 25}
+NOT_PP2 = {"deepseek_v3": 61, "deepseek_v2_lite": 27}
 
 
 @pytest.mark.parametrize("name", CONVERSION_ZOO)
 def test_entry_under_tp2_pp2(name):
     cfg = compose_config(f"model={name}", "parallel=tp2pp2")
-    if name not in NOT_TP2:
+    if name not in NOT_TP2 and name not in NOT_PP2:
         validate(cfg, CPU)
         return
     with pytest.raises(ConfigError) as error:
         validate(cfg, CPU)
     assert error.value.problems == [
         f"model {name} has {NOT_TP2[name]} attention heads, which tensor parallel size 2 does not "
-        f"divide: choose a TP that divides it"]
+        f"divide: choose a TP that divides it"] if name in NOT_TP2 else [
+        f"model {name} has {NOT_PP2[name]} layers, which pipeline parallel size 2 does not divide: "
+        f"choose a layout whose stages divide the layers, or give the first and last stages counts "
+        f"of their own (parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_"
+        f"pipeline_stage)"]
+    if name in NOT_PP2:  # the first stage one layer more: the rest splits evenly
+        validate(compose_config(f"model={name}", "parallel=tp2pp2",
+                                "parallel.num_layers_in_first_pipeline_stage="
+                                f"{NOT_PP2[name] // 2 + 1}"), CPU)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -59,7 +59,8 @@ def _normalized(m: ModelConfig) -> dict:
     if m.position_embedding_type != "rope":
         values.update(rotary_base=None, rotary_percent=None)
     values["window_size"] = list(m.window_size) if m.window_size else None
-    values["moe_layer_freq"] = moe_layers(m)  # a step or its list of layers
+    # A step or its list of layers, the same MoE layers (a dense model has none to compare).
+    values["moe_layer_freq"] = moe_layers(m) if m.num_moe_experts else None
     return {k: v for k, v in values.items() if k not in NOT_ARCHITECTURE}
 
 
