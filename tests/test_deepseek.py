@@ -58,3 +58,22 @@ def test_a_training_step_of_a_tiny_deepseek_v3(tmp_path):
     assert "step      1 | expert load imbalance (busiest / mean) of layers 1-3: " in out
     losses = summary(tmp_path)["losses"]
     assert len(losses) == 1 and math.isfinite(losses[0])
+
+
+def test_layer_pattern_and_latent_attention_settings_that_cannot_run_are_refused():
+    """Before launch, each with what to do."""
+    import pytest
+
+    from conftest import compose_config
+    from llmtrain.config.validate import ConfigError, Machine, validate
+
+    cfg = compose_config("model=tiny_moe", "model.moe_layer_freq=[0,1]",
+                         "model.multi_latent_attention=true")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, Machine())
+    assert error.value.problems == [
+        "model.moe_layer_freq has 2 entries [0, 1]: give one 0 (dense) or 1 (MoE) for each of the "
+        "4 layers, e.g. [0, 1, 1, ...] for a dense first layer",
+        "model.multi_latent_attention=true gives every head its own key and value (from the "
+        "shared latent): set model.num_query_groups=null, not 4"]
+    validate(compose_config("model=tiny_moe", "model.moe_layer_freq=2"), Machine())

@@ -27,10 +27,10 @@ def moe_layer_problems(m) -> list[str]:
     if len(flags) != m.num_layers or any(flag not in (0, 1) for flag in flags):
         return [f"model.moe_layer_freq has {len(flags)} entries {flags[:8]}"
                 + ("..." if len(flags) > 8 else "") + f": give one 0 (dense) or 1 (MoE) for each "
-                f"of the {m.num_layers} layers, e.g. [0]*3 + [1]*{m.num_layers - 3} as "
-                f"[0, 0, 0, 1, ...]"]
+                f"of the {m.num_layers} layers, e.g. [0, 1, 1, ...] for a dense first layer"]
     if not m.num_moe_experts and any(flags):
-        return ["model.moe_layer_freq names MoE layers but model.num_moe_experts is not set"]
+        return ["model.moe_layer_freq names MoE layers but model.num_moe_experts is not set: set "
+                "it (the routed experts of each MoE layer), or leave moe_layer_freq at 1"]
     return []
 
 

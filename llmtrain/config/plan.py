@@ -91,8 +91,7 @@ def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
     if m.num_moe_experts:  # every routed expert, the router, the shared expert and its gate
         gated = 2 if m.activation == "swiglu" else 1
         shared = m.moe_shared_expert_intermediate_size or 0
-        expert = _mlp_parameters(m, m.moe_ffn_hidden_size or m.ffn_hidden_size)
-        mlp = ((expert + h) * m.num_moe_experts + h * shared * (gated + 1)
+        mlp = ((_expert_params(m) + h) * m.num_moe_experts + h * shared * (gated + 1)
                + h * m.moe_shared_expert_gate)
         # The router's expert bias (aux-loss-free balancing) is a buffer, not a parameter.
     # Falcon's parallel layers share one norm between attention and MLP unless told otherwise.
@@ -129,9 +128,7 @@ def _attention_width(m: ModelConfig) -> float:
 
 
 def _expert_params(m: ModelConfig) -> int:
-    ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
-    gated = 2 if m.activation == "swiglu" else 1
-    return m.hidden_size * ffn * gated + ffn * m.hidden_size
+    return _mlp_parameters(m, m.moe_ffn_hidden_size or m.ffn_hidden_size)
 
 
 def _activation_bytes_per_token(m: ModelConfig) -> tuple[int, int]:
