@@ -13,7 +13,10 @@ optimizers and pipeline schedules on CPU tensors over gloo once these are answer
   gradient clipping and in the mixed-precision and distributed optimizers): CPU tensors answer
   with the CUDA name, so the same code paths run;
 - its MoE router's gating GEMM goes through Transformer Engine wherever TE is installed, which
-  takes CUDA tensors: on the CPU it takes its own torch.mm path (a CPU run on a GPU machine).
+  takes CUDA tensors: on the CPU it takes its own torch.mm path (a CPU run on a GPU machine);
+- it torch.compile's a few small functions (the router's expert-bias bookkeeping of aux-loss-free
+  balancing), which on the CPU costs a C++ build of some 20 s at the first step, more than a
+  tiny model's whole run: they run eagerly (TorchDynamo off), as their plain Python reads.
 
 `enable()` is called once per process, before any model is built, and only when the run's device
 is the CPU. Nothing here changes numerics.
@@ -74,6 +77,7 @@ def enable() -> None:
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    torch._dynamo.config.disable = True
 
     import megatron.core.tensor_parallel.random as mcore_random
     import megatron.core.transformer.moe.moe_utils as moe_utils
