@@ -23,15 +23,28 @@ _GROUPED_EXPERT = re.compile(r"experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
 # Buffers that are weights: the router's expert bias (aux-loss-free balancing, DeepSeek-V3's
-# e_score_correction_bias), learned by its own update rule instead of by gradients.
+# e_score_correction_bias), learned by its own update rule instead of by gradients. They stay in
+# fp32 whatever the precision: Megatron-Core's router keeps it so, Hugging Face stores it so, and
+# the experts it picks hang on its small differences.
 WEIGHT_BUFFERS = ("router.expert_bias",)
+
+
+def is_weight_buffer(name: str) -> bool:
+    return name.endswith(WEIGHT_BUFFERS)
+
+
+def weight_buffers_in_fp32(chunk: torch.nn.Module) -> None:
+    """Back to fp32 after a cast of the whole chunk (`chunk.to(bf16)`)."""
+    for name, buffer in chunk.named_buffers():
+        if is_weight_buffer(name):
+            buffer.data = buffer.data.float()
 
 
 def named_weights(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The chunk's parameters and the buffers that are weights, by their local names."""
     yield from chunk.named_parameters()
     for name, buffer in chunk.named_buffers():
-        if name.endswith(WEIGHT_BUFFERS):
+        if is_weight_buffer(name):
             yield name, buffer
 
 

@@ -72,6 +72,10 @@ def _fields(c, problems: list[str]) -> dict:
         problems.append(f"hidden_act={c.hidden_act} (DeepSeek uses silu, SwiGLU)")
     if c.attention_bias or getattr(c, "mlp_bias", False):
         problems.append("biases on the projections (attention_bias, mlp_bias)")
+    if getattr(c, "quantization_config", None):
+        problems.append("quantized weights (quantization_config: DeepSeek-V3's published FP8 "
+                        "weights with their block scales): dequantize them to bf16 first "
+                        "(DeepSeek-V3's inference/fp8_cast_bf16.py), then convert that folder")
     if c.num_key_value_heads != c.num_attention_heads:
         problems.append(f"num_key_value_heads={c.num_key_value_heads} other than "
                         f"num_attention_heads={c.num_attention_heads} (multi-latent attention "
