@@ -87,18 +87,20 @@ class RunLog:
               f" | mem {scalars['memory/peak_gib']:.2f} GiB | {seconds:.3f} s/step | "
               f"eta {_duration(remaining)}{' | skipped' if skipped else ''}", flush=True)
 
-    def expert_load(self, iteration: int, imbalance: list[float]) -> None:
-        """Each MoE layer's busiest expert over its mean load this step: TensorBoard's
-        moe/layer_NN_load_imbalance, and a line at each log interval."""
+    def expert_load(self, iteration: int, imbalance: dict[int, float]) -> None:
+        """Each MoE layer's busiest expert over its mean load this step ({layer: ratio}):
+        TensorBoard's moe/layer_NN_load_imbalance, and a line at each log interval."""
         if not self.enabled:
             return
         self._write({f"moe/layer_{i:02d}_load_imbalance": value
-                     for i, value in enumerate(imbalance)}, iteration)
+                     for i, value in imbalance.items()}, iteration)
+        layers = list(imbalance)
+        span = (f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1))
+                else ",".join(map(str, layers)))
         if iteration % self.cfg.logging.log_interval == 0 or \
                 iteration == self.cfg.stage.train_iters:
             print(f"step {iteration:>6} | expert load imbalance (busiest / mean) of layers "
-                  f"0-{len(imbalance) - 1}: {' '.join(f'{v:.2f}' for v in imbalance)}",
-                  flush=True)
+                  f"{span}: {' '.join(f'{v:.2f}' for v in imbalance.values())}", flush=True)
 
     def evaluation(self, iteration: int, loss: float) -> None:
         if not self.enabled:

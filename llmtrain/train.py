@@ -130,8 +130,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
         step_metrics = dict(result.metrics)
         if expert_load is not None:
             imbalance, dropped = expert_load.take()
-            step_metrics.update(moe_load_imbalance=sum(imbalance) / len(imbalance),
-                                moe_load_imbalance_max=max(imbalance))
+            step_metrics.update(moe_load_imbalance=sum(imbalance.values()) / len(imbalance),
+                                moe_load_imbalance_max=max(imbalance.values()))
             if cfg.model.moe_expert_capacity_factor is not None:
                 step_metrics["moe_dropped_fraction"] = dropped
             log.expert_load(iteration, imbalance)

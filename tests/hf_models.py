@@ -14,6 +14,8 @@ VOCAB = 256
 def _config(kind: str):
     from transformers import (
         BloomConfig,
+        DeepseekV2Config,
+        DeepseekV3Config,
         FalconConfig,
         GlmConfig,
         GPT2Config,
@@ -29,6 +31,12 @@ def _config(kind: str):
     small = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                  max_position_embeddings=128)
     llama = dict(small, vocab_size=VOCAB, intermediate_size=160, num_key_value_heads=2)
+    deepseek = dict(small, vocab_size=VOCAB, intermediate_size=160, num_key_value_heads=4,
+                    moe_intermediate_size=32, n_routed_experts=8, first_k_dense_replace=1,
+                    kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                     "original_max_position_embeddings": 32, "mscale": 0.707,
+                                     "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})
     return {
         # Llama 3.1-style RoPE scaling, grouped-query attention, separate output layer.
         "llama": lambda: LlamaConfig(**llama, rope_theta=500000.0, rope_scaling={
@@ -62,10 +70,19 @@ def _config(kind: str):
         "qwen2_moe": lambda: Qwen2MoeConfig(**llama, num_experts=4, num_experts_per_tok=2,
                                             moe_intermediate_size=96,
                                             shared_expert_intermediate_size=128),
+        # DeepSeek: a dense first layer, then 8 routed experts (4 per token) and a shared one;
+        # multi-latent attention with YaRN. V3: the query through its latent, sigmoid scores
+        # with the expert bias, 2 of 4 groups, scaled weights. V2: the query straight from the
+        # hidden state (V2-Lite), top 2 of a softmax over all, two shared experts.
+        "deepseek_v3": lambda: DeepseekV3Config(**deepseek, q_lora_rank=32, n_shared_experts=1,
+                                                num_experts_per_tok=4, n_group=4, topk_group=2,
+                                                routed_scaling_factor=2.5),
+        "deepseek_v2": lambda: DeepseekV2Config(**deepseek, q_lora_rank=None, n_shared_experts=2,
+                                                num_experts_per_tok=2, topk_method="greedy"),
     }[kind]()
 
 
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2")
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm",
             "qwen3", *MOE)
 
@@ -102,6 +119,9 @@ def tiny_hf(kind: str, folder: Path, dtype: torch.dtype = torch.float32,
         for name, param in model.named_parameters():
             if "norm" in name or ".ln" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's expert bias is a buffer
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
     if kind in MOE:
         _train(model)
     model.to(dtype).save_pretrained(str(folder))

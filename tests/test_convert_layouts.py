@@ -1,6 +1,6 @@
 """Conversions on several processes, run as a user runs them (`python -m llmtrain.convert`):
 TP=2 x PP=2 and back (Qwen3), experts over EP=2 and back at TP=2 (Qwen2-MoE), tensor-parallel
-ALiBi and parallel attention, a Megatron-LM checkpoint split over TP ranks, and training started
+multi-latent attention (DeepSeek-V3), ALiBi and parallel attention, a Megatron-LM checkpoint split over TP ranks, and training started
 from a converted checkpoint under another layout."""
 
 from __future__ import annotations
@@ -71,6 +71,15 @@ def test_experts_split_over_expert_parallel_ranks_and_back_under_tensor_parallel
              "tensor_model_parallel_size=2")
     _tight(_report(back)["check"])
     assert_identical(tensors(hf), tensors(back))
+
+
+def test_multi_latent_attention_and_expert_bias_under_tensor_parallelism(tmp_path):
+    """DeepSeek-V3 at TP 2: the latents' down projections split over the ranks and gathered
+    before their norms, the heads' up projections split, the router's expert bias on both."""
+    hf = tiny_hf("deepseek_v3", tmp_path / "hf")
+    out = _convert(f"input={hf}", "check_only=true", "tensor_model_parallel_size=2")
+    assert "on 2 process(es) (TP 2 x PP 1)" in out
+    assert "check passed" in out
 
 
 def test_alibi_and_parallel_attention_under_tensor_parallelism(tmp_path):

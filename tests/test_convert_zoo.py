@@ -40,6 +40,9 @@ PUBLISHED = {
     # the shared expert and its gate too (Qwen1.5-MoE).
     "mixtral_8x7b": 46_702_792_704, "qwen1_5_moe_a2_7b": 14_315_784_192,
     "qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560,
+    # DeepSeek: the Hub's 685B for V3 holds the multi-token-prediction layer too (and the
+    # routers' expert biases, buffers rather than parameters), the published 671B does not.
+    "deepseek_v3": 671_026_404_352, "deepseek_v2_lite": 15_706_484_224,
 }
 # Entries added with conversion (the others came with training and its tests).
 CONVERSION_ZOO = (
@@ -48,7 +51,7 @@ CONVERSION_ZOO = (
     "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
     "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b",
     "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
-    "qwen3_30b_a3b", "qwen3_235b_a22b")
+    "qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3", "deepseek_v2_lite")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # Published models (each of a family with a Hugging Face mapping), not the tiny test models.
 PUBLISHED_ZOO = [name for name in ZOO if name not in ("tiny", "tiny_moe")]
@@ -81,21 +84,30 @@ def test_entry_validates_for_a_cpu_run(name):
     validate(compose_config(f"model={name}"), CPU)
 
 
-# Heads that TP=2 does not divide.
+# Heads that TP=2 does not divide, layers that PP=2 does not.
 NOT_TP2 = {"falcon_7b": 71, "gpt2_xl": 25}
+NOT_PP2 = {"deepseek_v3": 61, "deepseek_v2_lite": 27}
 
 
 @pytest.mark.parametrize("name", CONVERSION_ZOO)
 def test_entry_under_tp2_pp2(name):
     cfg = compose_config(f"model={name}", "parallel=tp2pp2")
-    if name not in NOT_TP2:
+    if name not in NOT_TP2 and name not in NOT_PP2:
         validate(cfg, CPU)
         return
     with pytest.raises(ConfigError) as error:
         validate(cfg, CPU)
     assert error.value.problems == [
         f"model {name} has {NOT_TP2[name]} attention heads, which tensor parallel size 2 does not "
-        f"divide: choose a TP that divides it"]
+        f"divide: choose a TP that divides it"] if name in NOT_TP2 else [
+        f"model {name} has {NOT_PP2[name]} layers, which pipeline parallel size 2 does not divide: "
+        f"choose a layout whose stages divide the layers, or give the first and last stages counts "
+        f"of their own (parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_"
+        f"pipeline_stage)"]
+    if name in NOT_PP2:  # the first stage one layer more: the rest splits evenly
+        validate(compose_config(f"model={name}", "parallel=tp2pp2",
+                                "parallel.num_layers_in_first_pipeline_stage="
+                                f"{NOT_PP2[name] // 2 + 1}"), CPU)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -175,6 +187,32 @@ HUB_CONFIGS = {
         "num_hidden_layers": 94, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
         "use_sliding_window": False, "vocab_size": 151936}),
+    "deepseek_v3": ("DeepseekV3Config", {
+        "attention_bias": False, "first_k_dense_replace": 3, "hidden_act": "silu",
+        "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "n_group": 8,
+        "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+        "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+        "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
+        "topk_group": 4, "v_head_dim": 128, "vocab_size": 129280}),
+    "deepseek_v2_lite": ("DeepseekV2Config", {
+        "attention_bias": False, "first_k_dense_replace": 1, "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 10944, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 1408, "n_group": 1,
+        "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+        "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+        "num_key_value_heads": 16, "q_lora_rank": None, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                         "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False,
+        "topk_group": 1, "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400}),
     "bloom_560m": ("BloomConfig", {
         "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
         "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
@@ -200,6 +238,20 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
     hf_config = getattr(transformers, class_name)(**fields)
     family = families.for_hf_config(hf_config)
     assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite"])
+def test_transformers_builds_the_counted_deepseek_model_from_its_published_config(name):
+    """transformers' own model of the published config.json (no weights: on the meta device)
+    has exactly the parameters counted: the dense first layers, the MoE ones, the latents."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, fields = HUB_CONFIGS[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**fields))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
 
 
 def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
@@ -251,6 +303,38 @@ def test_qwen3_235b_a22b_plans_for_sixteen_nodes_with_its_experts_split_sixteen_
     dense = memory.params_per_rank - own_experts
     assert memory.optimizer == pytest.approx((dense * 12 / 16 + own_experts * 12) / 2**30)
     assert memory.total < 80
+
+
+def test_deepseek_v3_plans_for_128_nodes_of_h200s_with_its_experts_split_64_ways():
+    """The plan `dry_run=true` prints for DeepSeek-V3 as its paper trained it (PP 16, EP 64, no
+    TP) on 1024 GPUs: its 61 layers as 1 (a dense one, beside the embedding) + 15 x 4, the last
+    stage the heaviest (4 MoE layers and the output layer); it fits a 141 GB H200, not an 80 GB
+    GPU (activations without recomputation: 16 micro-batches in flight)."""
+    cfg = compose_config("model=deepseek_v3", "parallel.pipeline_model_parallel_size=16",
+                         "parallel.num_layers_in_first_pipeline_stage=1",
+                         "parallel.num_layers_in_last_pipeline_stage=4",
+                         "parallel.expert_model_parallel_size=64", "launcher.nnodes=128",
+                         "device=cuda", "precision=bf16", "data=mock", "data.seq_length=4096",
+                         "stage.micro_batch_size=1", "stage.global_batch_size=4096",
+                         "parallel.use_distributed_optimizer=true")
+    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
+    plan = describe(cfg, layout)
+    assert "deepseek_v3: 671.026 B parameters (61 layers: 1 + " + "4 + " * 14 + "4 over the " \
+           "pipeline stages, hidden 7168, vocab 129280 padded to 129280)" in plan
+    assert "1024 = 128 node(s) x 8  |  TP 1  PP 16  CP 1  EP 64  DP 64" in plan
+    memory = memory_plan(cfg, layout)
+    # A MoE layer: attention (query latent, key/value latent, their norms, output), 256 routed
+    # experts with their router rows, the shared expert, two norms.
+    attention = ((7168 + 1 + 128 * 192) * 1536 + 7168 * (512 + 64) + (1 + 128 * 256) * 512
+                 + 128 * 128 * 7168)
+    expert = 3 * 7168 * 2048
+    moe_layer = attention + 256 * (expert + 7168) + expert + 2 * 7168
+    last_stage = 4 * moe_layer + 7168 + 129_280 * 7168
+    own_experts = 4 * 256 * expert // 64
+    assert memory.params_per_rank == last_stage - 4 * 256 * expert + own_experts
+    dense = memory.params_per_rank - own_experts
+    assert memory.optimizer == pytest.approx((dense * 12 / 64 + own_experts * 12) / 2**30)
+    assert 80 < memory.total < 141e9 / 2**30
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3_2_1b", "mistral_7b", "qwen2_5_0_5b",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmtrain.config.layers import moe_layers
 from llmtrain.config.schema import Config, ModelConfig
 from llmtrain.config.validate import Layout, pipeline_stage_layers
 
@@ -30,43 +31,72 @@ def peak_tflops(device_name: str) -> float | None:
 class ParamCounts:
     embedding: int  # word embedding table
     position: int  # learned position table
-    per_layer: int
+    per_layer: int  # a layer's (a MoE layer's where dense layers sit among them)
     final_norm: int
     output: int  # output layer (0 when tied to the embedding)
     num_layers: int
+    # The dense layers among MoE ones (moe_layer_freq): their indices and a dense layer's count.
+    dense_layers: tuple[int, ...] = ()
+    per_dense_layer: int = 0
+
+    def layers(self, first: int = 0, count: int | None = None) -> int:
+        """Parameters of the layers first, ..., first + count - 1 (default: all)."""
+        stop = self.num_layers if count is None else first + count
+        dense = sum(first <= i < stop for i in self.dense_layers)
+        return self.per_layer * (stop - first - dense) + self.per_dense_layer * dense
 
     @property
     def total(self) -> int:
-        return (self.embedding + self.position + self.per_layer * self.num_layers
-                + self.final_norm + self.output)
+        return self.embedding + self.position + self.layers() + self.final_norm + self.output
 
     @property
     def matmul(self) -> int:
         """Parameters used in matrix products for each token (the output layer included)."""
         output = self.output or self.embedding
-        return self.per_layer * self.num_layers + output
+        return self.layers() + output
 
 
-def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
-    h = m.hidden_size
+def _attention_parameters(m: ModelConfig, norm: int) -> int:
+    h, bias = m.hidden_size, m.add_bias_linear
+    if m.multi_latent_attention:  # down projections to the latents, their norms, up projections
+        heads, q_head = m.num_attention_heads, m.qk_head_dim + m.qk_pos_emb_head_dim
+        latent_norm = norm // h if m.qk_layernorm else 0
+        query = (h * heads * q_head if m.q_lora_rank is None else
+                 (h + latent_norm + heads * q_head) * m.q_lora_rank)
+        kv = (h * (m.kv_lora_rank + m.qk_pos_emb_head_dim)
+              + (latent_norm + heads * (m.qk_head_dim + m.v_head_dim)) * m.kv_lora_rank)
+        return query + kv + heads * m.v_head_dim * h + h * bias
     head = m.kv_channels or h // m.num_attention_heads
     q_width = m.num_attention_heads * head
     kv_width = (m.num_query_groups or m.num_attention_heads) * head
-    norm = 2 * h if m.normalization == "LayerNorm" else h
-    bias = m.add_bias_linear
     attention = h * (q_width + 2 * kv_width) + q_width * h
     attention += (q_width + 2 * kv_width) * (m.add_qkv_bias or bias) + h * bias
     if m.qk_layernorm:  # the Q and K norms: one head-sized weight each, shared by the heads
         attention += 2 * (norm // h) * head
+    return attention
+
+
+def _mlp_parameters(m: ModelConfig, ffn: int) -> int:
     gated = 2 if m.activation == "swiglu" else 1
-    ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
-    mlp = h * ffn * gated + ffn * h + (ffn * gated + h) * bias
+    return m.hidden_size * ffn * gated + ffn * m.hidden_size + (
+        ffn * gated + m.hidden_size) * m.add_bias_linear
+
+
+def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
+    h = m.hidden_size
+    norm = 2 * h if m.normalization == "LayerNorm" else h
+    attention = _attention_parameters(m, norm)
+    dense_mlp = _mlp_parameters(m, m.ffn_hidden_size)
+    mlp = dense_mlp
     if m.num_moe_experts:  # every routed expert, the router, the shared expert and its gate
+        gated = 2 if m.activation == "swiglu" else 1
         shared = m.moe_shared_expert_intermediate_size or 0
-        mlp = ((mlp + h) * m.num_moe_experts + h * shared * (gated + 1)
+        mlp = ((_expert_params(m) + h) * m.num_moe_experts + h * shared * (gated + 1)
                + h * m.moe_shared_expert_gate)
+        # The router's expert bias (aux-loss-free balancing) is a buffer, not a parameter.
     # Falcon's parallel layers share one norm between attention and MLP unless told otherwise.
     layer_norms = 1 if m.parallel_attention_mlp and not m.parallel_mlp_layernorm else 2
+    moe = moe_layers(m)
     return ParamCounts(
         embedding=padded_vocab * h + (norm if m.embedding_layernorm else 0),
         position=m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute"
@@ -75,6 +105,8 @@ def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
         final_norm=norm,
         output=0 if m.share_embeddings_and_output_weights else padded_vocab * h,
         num_layers=m.num_layers,
+        dense_layers=tuple(i for i, sparse in enumerate(moe) if not sparse) if any(moe) else (),
+        per_dense_layer=attention + dense_mlp + layer_norms * norm,
     )
 
 
@@ -82,18 +114,21 @@ def flops_per_token(m: ModelConfig, padded_vocab: int, seq_length: int) -> float
     """Training FLOPs per token (forward + backward), Megatron's way."""
     counts = count_parameters(m, padded_vocab)
     matmul = counts.matmul
-    if m.num_moe_experts:  # only top-k experts touch a token
-        dense_layer = counts.per_layer - _expert_params(m) * m.num_moe_experts
-        matmul = (dense_layer + _expert_params(m) * m.moe_router_topk) * m.num_layers + (
-            counts.output or counts.embedding)
-    q_width = m.num_attention_heads * (m.kv_channels or m.hidden_size // m.num_attention_heads)
-    return 6.0 * matmul + 6.0 * m.num_layers * q_width * seq_length
+    if m.num_moe_experts:  # only top-k experts of each MoE layer touch a token
+        sparse = m.num_layers - len(counts.dense_layers)
+        matmul -= _expert_params(m) * (m.num_moe_experts - m.moe_router_topk) * sparse
+    return 6.0 * matmul + 6.0 * m.num_layers * _attention_width(m) * seq_length
+
+
+def _attention_width(m: ModelConfig) -> float:
+    """Channels of one token's scores and weighted values, halved (Q K^T and A V)."""
+    if m.multi_latent_attention:
+        return m.num_attention_heads * (m.qk_head_dim + m.qk_pos_emb_head_dim + m.v_head_dim) / 2
+    return m.num_attention_heads * (m.kv_channels or m.hidden_size // m.num_attention_heads)
 
 
 def _expert_params(m: ModelConfig) -> int:
-    ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
-    gated = 2 if m.activation == "swiglu" else 1
-    return m.hidden_size * ffn * gated + ffn * m.hidden_size
+    return _mlp_parameters(m, m.moe_ffn_hidden_size or m.ffn_hidden_size)
 
 
 def _activation_bytes_per_token(m: ModelConfig) -> tuple[int, int]:
@@ -104,15 +139,20 @@ def _activation_bytes_per_token(m: ModelConfig) -> tuple[int, int]:
     plain 4h MLP that is Korthikanti's 24 h, but wide attention (Qwen3-32B: 8192 against a
     hidden size of 5120) and gated MLPs keep more."""
     h = m.hidden_size
-    head = m.kv_channels or h // m.num_attention_heads
-    q_width = m.num_attention_heads * head
-    kv_width = (m.num_query_groups or m.num_attention_heads) * head
+    if m.multi_latent_attention:  # each head's query and key, value (Q, K, V as attention sees them)
+        q_width = m.num_attention_heads * m.v_head_dim
+        qkv = m.num_attention_heads * (2 * (m.qk_head_dim + m.qk_pos_emb_head_dim) + m.v_head_dim)
+    else:
+        head = m.kv_channels or h // m.num_attention_heads
+        q_width = m.num_attention_heads * head
+        qkv = q_width + 2 * (m.num_query_groups or m.num_attention_heads) * head
     gated = 2 if m.activation == "swiglu" else 1
-    ffn = m.ffn_hidden_size
+    widths = {m.ffn_hidden_size} if not all(moe_layers(m)) else set()
     if m.num_moe_experts:  # each token passes top-k experts (and the shared one)
-        ffn = (m.moe_ffn_hidden_size or m.ffn_hidden_size) * m.moe_router_topk + (
-            m.moe_shared_expert_intermediate_size or 0)
-    split = 2 * (q_width + 2 * kv_width) + 2 * q_width + 2 * gated * ffn + 2 * ffn
+        widths.add((m.moe_ffn_hidden_size or m.ffn_hidden_size) * m.moe_router_topk + (
+            m.moe_shared_expert_intermediate_size or 0))
+    ffn = max(widths)  # the widest kind of layer (dense or MoE)
+    split = 2 * qkv + 2 * q_width + 2 * gated * ffn + 2 * ffn
     return 10 * h, split
 
 
@@ -151,17 +191,23 @@ def memory_plan(cfg: Config, layout: Layout) -> MemoryPlan:
               ) if pp == par.pipeline_model_parallel_size else ()
     stages = pipeline_stage_layers(m.num_layers, pp, *uneven) or [m.num_layers // pp] * pp
     layers_per_stage = max(stages)
-    # First stage: embedding + its layers; last stage: its layers + output layer.
-    first = counts.embedding + counts.position + counts.per_layer * stages[0]
-    last = counts.per_layer * stages[-1] + counts.final_norm + (
-        counts.output or counts.embedding)  # a tied embedding has a copy on the last stage
-    per_rank = counts.total if pp == 1 else max(first, last, counts.per_layer * layers_per_stage)
-    per_rank = per_rank // tp
     ep = layout.expert_model_parallel_size
-    # The routed experts of a stage, split over TP and EP (this rank's share: `experts`).
-    experts = _expert_params(m) * (m.num_moe_experts or 0) * layers_per_stage // tp
-    per_rank -= experts - experts // ep
-    experts //= ep
+    # Each stage's parameters on one rank (first stage: the embedding too; last: the final norm
+    # and the output layer, a copy of a tied embedding), its routed experts split over TP and
+    # EP; the most loaded stage counts (its experts on this rank: `experts`).
+    loads = []
+    for k, count in enumerate(stages):
+        start = sum(stages[:k])
+        params = counts.layers(start, count)
+        if k == 0:
+            params += counts.embedding + counts.position
+        if k == len(stages) - 1:
+            params += counts.final_norm + (counts.output if pp == 1 else
+                                           counts.output or counts.embedding)
+        sparse = count - sum(start <= i < start + count for i in counts.dense_layers)
+        stage_experts = _expert_params(m) * (m.num_moe_experts or 0) * sparse // tp
+        loads.append((params // tp - stage_experts + stage_experts // ep, stage_experts // ep))
+    per_rank, experts = max(loads)
     half = prec.bf16 or prec.fp16
     weight_bytes = 2 if half else 4
     grad_bytes = 4 if prec.grad_reduce_in_fp32 or not half else 2

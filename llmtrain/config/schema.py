@@ -63,9 +63,34 @@ class ModelConfig:
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # Multi-latent attention (DeepSeek-V2/V3): queries straight from the hidden state
+    # (q_lora_rank null) or through a normalised low-rank latent, keys and values from one shared
+    # latent of kv_lora_rank; each head's query and key are qk_head_dim channels without position
+    # and qk_pos_emb_head_dim with RoPE (the key's shared by all heads), its value v_head_dim.
+    # qk_layernorm=true is the norm of each latent.
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    # Multi-latent attention's RoPE: rope (rotary_base), or yarn (YaRN: the positions of
+    # original_max_position_embeddings stretched rotary_scaling_factor times, with its beta_fast,
+    # beta_slow ramp and attention factors mscale and mscale_all_dim).
+    rope_type: str = "rope"
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
     # Mixture of experts (None: dense).
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2
+    # The MoE layers: every N-th layer (N=1: all), or one 0 (dense) or 1 (MoE) per layer, e.g.
+    # DeepSeek's first three dense layers [0, 0, 0, 1, ...]. Dense layers are ffn_hidden_size
+    # wide, each expert moe_ffn_hidden_size (None: ffn_hidden_size).
+    moe_layer_freq: Any = 1
     moe_ffn_hidden_size: Optional[int] = None
     # Always-on shared expert beside the routed ones (Qwen MoE), and its sigmoid gate.
     moe_shared_expert_intermediate_size: Optional[int] = None
@@ -75,6 +100,8 @@ class ModelConfig:
     # Softmax over all experts before the top-k choice, weights not renormalised (Qwen1.5/2-MoE:
     # norm_topk_prob false); false: softmax over the k chosen logits (Mixtral, Qwen3-MoE).
     moe_router_pre_softmax: bool = False
+    # The chosen experts' weights multiplied by this (DeepSeek's routed_scaling_factor; None: 1).
+    moe_router_topk_scaling_factor: Optional[float] = None
     # The router's logits and softmax in this format whatever the precision (fp32 | fp64; None:
     # the model's).
     moe_router_dtype: Optional[str] = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from llmtrain.config.changes import unknown_entries
+from llmtrain.config.layers import moe_layer_problems
 from llmtrain.config.schema import Config, PeftConfig
 from llmtrain.data.chat import FORMATS, TEMPLATES
 from llmtrain.rlhf.checks import alignment_problems
@@ -41,6 +42,7 @@ CHOICES = {
     "peft.name": ("none", "lora"),
     "model.moe_router_score_function": ("softmax", "sigmoid"),
     "model.moe_token_drop_policy": ("probs", "position"),
+    "model.rope_type": ("rope", "yarn"),
 }
 # Megatron's linear layers a LoRA may target; peft.target_modules=[all-linear] names them all.
 LORA_LAYERS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -191,6 +193,15 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"model (model.num_moe_experts is not set)")
     if m.num_moe_experts is not None:
         problems += routing_problems(m)
+    problems += moe_layer_problems(m)
+    if m.multi_latent_attention and m.num_query_groups not in (None, m.num_attention_heads):
+        problems.append(f"model.multi_latent_attention=true gives every head its own key and "
+                        f"value (from the shared latent): set model.num_query_groups=null, not "
+                        f"{m.num_query_groups}")
+    if m.multi_latent_attention and m.position_embedding_type != "rope":
+        problems.append(f"model.multi_latent_attention=true rotates positions itself "
+                        f"(model.rope_type): set model.position_embedding_type=rope, not "
+                        f"{m.position_embedding_type}")
     if m.num_moe_experts is not None and m.num_moe_experts % ep:
         problems.append(f"model.num_moe_experts={m.num_moe_experts} is not divisible by "
                         f"expert_model_parallel_size={ep}: choose an expert parallel size that "

@@ -10,6 +10,7 @@ transposes, so Hugging Face -> Megatron -> Hugging Face gives back bitwise-ident
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -131,11 +132,17 @@ class Transposed(Transform):
 @dataclass(frozen=True)
 class Rule:
     """Megatron parameter `mcore` from the Hugging Face tensors `hf` ({i}: the layer number,
-    {e}: the expert's)."""
+    {e}: the expert's), on the layers `layers` (None: every layer)."""
 
     mcore: str
     hf: tuple[str, ...]
     transform: Transform = field(default_factory=Copy)
+    layers: Optional[tuple[int, ...]] = None
+
+
+def on_layers(rules: list[Rule], layers: tuple[int, ...]) -> list[Rule]:
+    """The rules of a kind of layer (the MoE or the dense ones of a model that has both)."""
+    return [dataclasses.replace(rule, layers=layers) for rule in rules]
 
 
 def linear(mcore: str, hf: str, bias: bool, transform: Optional[Transform] = None) -> list[Rule]:
@@ -174,9 +181,9 @@ class Mapping:
 
     def __post_init__(self):
         self.by_mcore, self.by_hf = {}, {}
-        layers = range(self.model.num_layers)
         experts = range(self.model.num_moe_experts or 0)
         for rule in self.rules:
+            layers = range(self.model.num_layers) if rule.layers is None else rule.layers
             places = ([{"i": i, "e": e} for i in layers for e in experts] if "{e}" in rule.mcore
                       else [{"i": i} for i in layers] if "{i}" in rule.mcore else [{}])
             for place in places:

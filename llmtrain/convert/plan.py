@@ -19,6 +19,7 @@ from llmtrain.config.schema import (
     StageConfig,
 )
 from llmtrain.config.inputs import holds_steps
+from llmtrain.config.layers import moe_layers
 from llmtrain.config.validate import Layout, Machine, padded_vocab_size, validate
 from llmtrain.convert import families, hf_files, legacy
 from llmtrain.convert import peft as peft_files
@@ -58,6 +59,8 @@ def _normalized(m: ModelConfig) -> dict:
     if m.position_embedding_type != "rope":
         values.update(rotary_base=None, rotary_percent=None)
     values["window_size"] = list(m.window_size) if m.window_size else None
+    # A step or its list of layers, the same MoE layers (a dense model has none to compare).
+    values["moe_layer_freq"] = moe_layers(m) if m.num_moe_experts else None
     return {k: v for k, v in values.items() if k not in NOT_ARCHITECTURE}
 
 
@@ -164,10 +167,22 @@ def _tied_head(reader: hf_files.HFReader, mapping, m: ModelConfig, folder: Path)
     return {head}
 
 
+def _extra_layers(names: set[str], family: Family, m: ModelConfig) -> dict[str, int]:
+    """{tensor: layer} of the layers past num_layers that the family's checkpoints may hold."""
+    if not family.extra_layers:
+        return {}
+    layer = re.compile(rf"^{re.escape(family.layers)}\.(\d+)\.")
+    found = {n: int(match[1]) for n in names if (match := layer.match(n))}
+    return {n: i for n, i in found.items() if i >= m.num_layers}
+
+
 def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfig,
-                        folder: Path) -> None:
+                        folder: Path) -> list[str]:
+    """Refuse missing and unplaced tensors; return the notes on what is skipped."""
     mapping = family.mapping(m)
     present = set(reader.names()) - _tied_head(reader, mapping, m, folder)
+    skipped = _extra_layers(present, family, m)
+    present -= set(skipped)
     missing = [n for n in mapping.hf_names() if n not in present]
     unused = [n for n in present if n not in mapping.by_hf and not mapping.is_ignored(n)]
     problems = []
@@ -181,6 +196,12 @@ def _check_tensor_names(reader: hf_files.HFReader, family: Family, m: ModelConfi
                         f"{', '.join(sorted(unused)[:8])}" + (" ..." if len(unused) > 8 else ""))
     if problems:
         raise ConversionError("\n".join(problems))
+    if not skipped:
+        return []
+    layers = ", ".join(map(str, sorted(set(skipped.values()))))
+    return [f"skipped {len(skipped)} tensor(s) of layer(s) {layers} "
+            f"({family.extra_layers}, past the {m.num_layers} layers): llmtrain does not "
+            f"train {family.extra_layers}, and the converted model goes without it"]
 
 
 def _check_shapes(reader: hf_files.HFReader, hf_config, folder: Path) -> None:
@@ -239,12 +260,12 @@ def _plan_hf_to_mcore(c: ConvertConfig) -> Plan:
                                    c.pipeline_model_parallel_size, c.expert_model_parallel_size)
     reader = hf_files.HFReader(folder, family.base_prefix)
     _check_shapes(reader, hf_config, folder)
-    _check_tensor_names(reader, family, m, folder)
+    notes = _check_tensor_names(reader, family, m, folder)
     source = _dtype_name(getattr(hf_config, "dtype", None)) or _dtype_name(
         reader.dtype()) or "fp32"
     sequences, tokens_from = tokenize(folder, c.prompts, m.vocab_size, cfg.data.seq_length, c.seed)
     return Plan(c, family, m, cfg, layout, _job(c, m, c.dtype or source, sequences),
-                source_dtype=source, tokens_from=tokens_from)
+                source_dtype=source, tokens_from=tokens_from, notes=notes)
 
 
 def _read_mcore(root: Path) -> tuple[Path, int]:

@@ -48,11 +48,15 @@ def peak_rss() -> int:
 
 
 def _build(cfg: Config, layout: Layout, dtype: str) -> list:
-    """The training builder's model, every tensor in `dtype`: Megatron makes norms and position
-    embeddings in fp32 whatever the precision, and training's mixed-precision wrapper casts
-    them; converted weights are stored in one format, like a training checkpoint."""
-    chunks = build_model(dataclasses.replace(cfg, precision=PRECISIONS[dtype]), layout)
-    return [chunk.to(TORCH_DTYPES[dtype]) for chunk in chunks]
+    """The training builder's model, every tensor in `dtype` (the weight buffers in fp32):
+    Megatron makes norms and position embeddings in fp32 whatever the precision, and training's
+    mixed-precision wrapper casts them; converted weights are stored in one format, like a
+    training checkpoint."""
+    chunks = [chunk.to(TORCH_DTYPES[dtype]) for chunk in
+              build_model(dataclasses.replace(cfg, precision=PRECISIONS[dtype]), layout)]
+    for chunk in chunks:
+        weights.weight_buffers_in_fp32(chunk)
+    return chunks
 
 
 def _fresh(cfg: Config, layout: Layout, dtype: str, root: str, iteration: int,
@@ -99,7 +103,8 @@ def _hf_to_mcore(job: Job, cfg: Config, layout: Layout) -> dict:
     chunks = _build(cfg, layout, job.check_dtype if job.output is None else job.dtype)
     written = TORCH_DTYPES[job.dtype]
     weights.load_whole_tensors(
-        chunks, lambda name, shape: mapping.to_mcore(name, reader.read, shape).to(written))
+        chunks, lambda name, shape: _stored(name, mapping.to_mcore(name, reader.read, shape),
+                                            written))
     if job.output is not None:
         checkpoint.save(job.output, 0, chunks, None, None, {"converted_from": job.input})
         del chunks
@@ -108,6 +113,11 @@ def _hf_to_mcore(job: Job, cfg: Config, layout: Layout) -> dict:
             return {}
         chunks = _fresh(cfg, layout, job.check_dtype, job.output, 0)
     return _probe(job, chunks)
+
+
+def _stored(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor in the format written, a weight buffer (the expert bias) in fp32."""
+    return tensor.float() if weights.is_weight_buffer(name) else tensor.to(dtype)
 
 
 def _mcore_to_hf(job: Job, cfg: Config, layout: Layout) -> dict:
@@ -123,7 +133,7 @@ def _mcore_to_hf(job: Job, cfg: Config, layout: Layout) -> dict:
             for hf_name, hf_tensor in mapping.to_hf(name, tensor).items():
                 if job.strip_prefix and hf_name.startswith(job.strip_prefix):
                     hf_name = hf_name[len(job.strip_prefix):]
-                writer.add(hf_name, hf_tensor.to(dtype))
+                writer.add(hf_name, _stored(name, hf_tensor, dtype))
     parts = weights.gather_to_first(writer.close() if writer else None)
     result = {"hf_parts": sorted((p for p in parts or [] if p), key=lambda p: sorted(p))}
     if job.check_dtype is not None:

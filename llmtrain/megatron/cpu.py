@@ -14,9 +14,11 @@ optimizers and pipeline schedules on CPU tensors over gloo once these are answer
   with the CUDA name, so the same code paths run;
 - its MoE router's gating GEMM goes through Transformer Engine wherever TE is installed, which
   takes CUDA tensors: on the CPU it takes its own torch.mm path (a CPU run on a GPU machine);
-- on a GPU machine, `torch.cuda.is_available()` answers False, as on a machine without one:
-  code compiled with torch.compile (the MoE router's expert bias) otherwise asks the GPU's
-  properties of `current_device()`, which is "cpu" here, and fails.
+- it torch.compile's a few small functions (the router's expert-bias bookkeeping of aux-loss-free
+  balancing), which on the CPU costs a C++ build of some 20 s at the first step, more than a
+  tiny model's whole run, and on a GPU machine fails (the compiler asks the GPU's properties of
+  `current_device()`, which is "cpu" here): they run eagerly (TorchDynamo off), as their plain
+  Python reads.
 
 `enable()` is called once per process, before any model is built, and only when the run's device
 is the CPU. Nothing here changes numerics.
@@ -72,12 +74,12 @@ def enable() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _type_with_cuda_names
     torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.is_available = lambda: False
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _OrderedStream()
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    torch._dynamo.config.disable = True
 
     import megatron.core.tensor_parallel.random as mcore_random
     import megatron.core.transformer.moe.moe_utils as moe_utils

@@ -33,12 +33,14 @@ class ExpertLoad:
                 row[:-1] += routing_map.sum(0)
                 row[-1] += routing_map.shape[0] * router.topk
 
-    def take(self) -> tuple[list[float], float]:
-        """Each layer's imbalance since the last call, and the fraction of the routers' choices
+    def take(self) -> tuple[dict[int, float], float]:
+        """Each MoE layer's imbalance since the last call ({layer: imbalance}; the dense layers
+        among them, DeepSeek's first, route nothing), and the fraction of the routers' choices
         dropped for capacity, over every rank's tokens (collective); the counts start again."""
         counts, self.counts = self.counts, torch.zeros_like(self.counts)
         dist.all_reduce(counts)
         routed, chosen = counts[:, :-1], counts[:, -1]
         imbalance = routed.max(1).values / routed.mean(1).clamp(min=1e-12)
         dropped = 1.0 - routed.sum() / chosen.sum().clamp(min=1e-12)
-        return imbalance.tolist(), dropped.item()
+        layers = [i for i, choices in enumerate(chosen.tolist()) if choices]
+        return {i: imbalance[i].item() for i in layers}, dropped.item()

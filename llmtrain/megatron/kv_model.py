@@ -102,11 +102,13 @@ def unsupported(model: torch.nn.Module) -> Optional[str]:
     c = model.config
     if ps.get_pipeline_model_parallel_world_size() > 1:
         return "the model is split over pipeline stages (PP > 1)"
+    # (Before the positions: multi-latent attention rotates them itself, with no model-wide
+    # rotary embedding.)
+    if c.num_moe_experts or c.multi_latent_attention:
+        return "mixture-of-experts or multi-latent attention"
     if getattr(model, "position_embedding_type", None) != "rope" or \
             type(getattr(model, "rotary_pos_emb", None)) is not RotaryEmbedding:
         return "positions other than rotary embeddings (learned, ALiBi, YaRN)"
-    if c.num_moe_experts or c.multi_latent_attention:
-        return "mixture-of-experts or multi-latent attention"
     if c.window_size is not None:
         return "sliding-window attention"
     if c.activation_func not in (F.silu, F.gelu) or c.apply_residual_connection_post_layernorm \

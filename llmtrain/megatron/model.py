@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import Layout, te_op_fuser_fits
@@ -43,7 +43,18 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
     cuda = layout.device == "cuda"
     dtype = params_dtype(cfg)
     own_pp = layout.pipeline_model_parallel_size == par.pipeline_model_parallel_size
-    return TransformerConfig(
+    config_class, mla = TransformerConfig, {}
+    if m.multi_latent_attention:
+        config_class, mla = MLATransformerConfig, dict(
+            q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
+            qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+            rope_type=m.rope_type, rotary_base=m.rotary_base, rotary_percent=m.rotary_percent,
+            rotary_scaling_factor=m.rotary_scaling_factor,
+            original_max_position_embeddings=m.original_max_position_embeddings,
+            beta_fast=m.beta_fast, beta_slow=m.beta_slow, mscale=m.mscale,
+            mscale_all_dim=m.mscale_all_dim)
+    return config_class(
+        **mla,
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -65,6 +76,9 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         num_moe_experts=m.num_moe_experts,
         moe_router_topk=m.moe_router_topk,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_layer_freq=(m.moe_layer_freq if isinstance(m.moe_layer_freq, int)
+                        else list(m.moe_layer_freq)),
+        moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
         moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=m.moe_shared_expert_gate,
         moe_router_load_balancing_type=m.moe_router_load_balancing_type,
@@ -125,7 +139,9 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         # Megatron's fused softmax and persistent LayerNorm are Apex kernels of its local layers
         # (Transformer Engine's layers have their own): without Apex they fail to build.
         masked_softmax_fusion=False,
-        apply_rope_fusion=cuda and layout.use_transformer_engine,
+        # Megatron-Core fuses multi-latent attention's RoPE for YaRN only.
+        apply_rope_fusion=cuda and layout.use_transformer_engine and (
+            not m.multi_latent_attention or m.rope_type == "yarn"),
         persist_layer_norm=False,
         cross_entropy_loss_fusion=cuda and layout.use_transformer_engine,
         cross_entropy_fusion_impl="te" if layout.use_transformer_engine else "native",

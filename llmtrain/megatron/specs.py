@@ -6,6 +6,11 @@
   separate modules, not fused into the following linear layer as Transformer Engine's spec does, so
   that one norm can feed both branches; checkpoints have the same names on CPU and GPU.
 - Embedding LayerNorm (Bloom): a norm applied to the embedding's output.
+- Multi-latent attention (DeepSeek): on the local layers `LatentDotProductAttention`, whose key
+  and value heads differ in size, and a query without a latent norm (`DirectQueryAttention`;
+  llmtrain.megatron.mla).
+- Dense layers among MoE ones (DeepSeek's first layers: moe_layer_freq): each layer gets the
+  dense or the MoE spec of its own kind.
 
 Every spec is assembled from a backend (Megatron's local layers on CPU, Transformer Engine's on a
 GPU that has it), so the same architecture trains on both and their checkpoints agree.
@@ -32,11 +37,17 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 from megatron.core.utils import make_viewless_tensor
 
+from llmtrain.config.layers import moe_layers
 from llmtrain.config.schema import ModelConfig
 from llmtrain.megatron.alibi import AlibiDotProductAttention
+from llmtrain.megatron.mla import DirectQueryAttention, LatentDotProductAttention
 
 
 class ParallelAttentionMLPLayer(TransformerLayer):
@@ -103,27 +114,47 @@ def _parallel_layer_spec(m: ModelConfig, use_te: bool) -> ModuleSpec:
     )
 
 
-def gpt_layer_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool = False) -> ModuleSpec:
+def gpt_layer_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool = False,
+                   moe: bool | None = None) -> ModuleSpec:
     """The transformer layer of model `m`, on Transformer Engine's layers or Megatron's own
-    (`te_op_fuser`: the dense MLP through Transformer Engine's operation fuser)."""
+    (`te_op_fuser`: the dense MLP through Transformer Engine's operation fuser; `moe`: whether
+    this layer holds the experts, None: wherever the model has them)."""
     if m.parallel_attention_mlp:
         return _parallel_layer_spec(m, use_te)
+    experts = m.num_moe_experts if moe or moe is None else None
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=m.num_moe_experts, moe_grouped_gemm=bool(m.num_moe_experts),
-            qk_layernorm=m.qk_layernorm, use_te_op_fuser=te_op_fuser)
+            num_experts=experts, moe_grouped_gemm=bool(experts), qk_layernorm=m.qk_layernorm,
+            multi_latent_attention=m.multi_latent_attention, use_te_op_fuser=te_op_fuser)
     else:
-        spec = get_gpt_layer_local_spec(num_experts=m.num_moe_experts,
-                                        qk_layernorm=m.qk_layernorm,
+        spec = get_gpt_layer_local_spec(num_experts=experts, qk_layernorm=m.qk_layernorm,
+                                        multi_latent_attention=m.multi_latent_attention,
                                         normalization=m.normalization)
-        if m.num_moe_experts:
+        if m.multi_latent_attention:
+            spec.submodules.self_attention.submodules.core_attention = LatentDotProductAttention
+            spec.submodules.sharded_state_dict_keys_map = _mla_te_names(bool(experts))
+        elif experts:
             # Megatron's local spec saves the pre-MLP norm under the name of Transformer
             # Engine's fused fc1 norm, but a TE MoE layer keeps that norm apart (its experts
             # have no fused fc1): keep the norm's own name, the one a GPU run loads.
             spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.", None)
+    if m.multi_latent_attention and m.q_lora_rank is None:
+        spec.submodules.self_attention.module = DirectQueryAttention
     if m.position_embedding_type == "alibi":
         spec.submodules.self_attention.submodules.core_attention = AlibiDotProductAttention
     return spec
+
+
+def _mla_te_names(moe: bool) -> dict[str, str]:
+    """Checkpoint names of the local multi-latent attention layer's norms as Transformer
+    Engine's layer has them (fused into the linear layer they feed), so that checkpoints written
+    on CPU load on GPU: the latents' norms, and a dense layer's MLP norm (a MoE layer keeps its
+    own `pre_mlp_layernorm` on both)."""
+    names = {"self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+             "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_"}
+    if not moe:
+        names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return names
 
 
 def _normalize_output(module, args, output):
@@ -144,7 +175,9 @@ def gpt_block_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool, config: Tran
     """This pipeline stage's layers and a final norm of the same backend. Given a bare layer
     spec, Megatron picks Transformer Engine's norm whenever TE is installed, which fails on CPU
     tensors (a CPU run, or a conversion's check, on a GPU machine)."""
-    layer = gpt_layer_spec(m, use_te, te_op_fuser)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    flags = moe_layers(m)[offset:offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
+    kinds = {moe: gpt_layer_spec(m, use_te, te_op_fuser, moe) for moe in set(flags)}
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_specs=[kinds[moe] for moe in flags],
         layer_norm=_backend(use_te).layer_norm(rms_norm=m.normalization == "RMSNorm"))

@@ -22,12 +22,38 @@ _EXPERT = re.compile(r"local_experts\.(\d+)\.")
 _GROUPED_EXPERT = re.compile(r"experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
+# Buffers that are weights: the router's expert bias (aux-loss-free balancing, DeepSeek-V3's
+# e_score_correction_bias), learned by its own update rule instead of by gradients. They stay in
+# fp32 whatever the precision: Megatron-Core's router keeps it so, Hugging Face stores it so, and
+# the experts it picks hang on its small differences.
+WEIGHT_BUFFERS = ("router.expert_bias",)
+
+
+def is_weight_buffer(name: str) -> bool:
+    return name.endswith(WEIGHT_BUFFERS)
+
+
+def weight_buffers_in_fp32(chunk: torch.nn.Module) -> None:
+    """Back to fp32 after a cast of the whole chunk (`chunk.to(bf16)`)."""
+    for name, buffer in chunk.named_buffers():
+        if is_weight_buffer(name):
+            buffer.data = buffer.data.float()
+
+
+def named_weights(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The chunk's parameters and the buffers that are weights, by their local names."""
+    yield from chunk.named_parameters()
+    for name, buffer in chunk.named_buffers():
+        if is_weight_buffer(name):
+            yield name, buffer
+
+
 def global_names(chunk: torch.nn.Module) -> dict[str, str]:
-    """Map each local parameter name to its name in the whole (unsplit) model."""
+    """Map each local parameter (or weight buffer) name to its name in the whole model."""
     layers = chunk.decoder.layers
     num_local_experts = None
     names = {}
-    for name, _ in chunk.named_parameters():
+    for name, _ in named_weights(chunk):
         gname = name
         match = _LAYER.search(name)
         if match:
@@ -100,10 +126,11 @@ def _unshard(param: torch.Tensor, gated: bool, group) -> torch.Tensor:
 @torch.no_grad()
 def load_whole_tensors(chunks: list[torch.nn.Module],
                        whole: Callable[[str, torch.Size], torch.Tensor]) -> None:
-    """Fill every parameter from `whole(global_name, whole_shape)`, one tensor at a time."""
+    """Fill every parameter (and weight buffer) from `whole(global_name, whole_shape)`, one
+    tensor at a time."""
     for chunk in chunks:
         names, tp = global_names(chunk), tensor_group(chunk)
-        for name, param in chunk.named_parameters():
+        for name, param in named_weights(chunk):
             shape = list(param.shape)
             if getattr(param, "tensor_model_parallel", False):
                 shape[param.partition_dim] *= tp[0]
@@ -118,7 +145,7 @@ def whole_tensors(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Te
     group must iterate to the end (the gathers are collective)."""
     for chunk in chunks:
         names = global_names(chunk)
-        for name, param in chunk.named_parameters():
+        for name, param in named_weights(chunk):
             if name != names[name] and name.startswith("output_layer."):
                 continue
             yield names[name], _unshard(param, is_gated(chunk, names[name]), chunk.tp_group)

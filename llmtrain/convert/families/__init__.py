@@ -47,6 +47,9 @@ class Family:
     sizes: tuple[str, ...] = ()
     # Hugging Face tensors that hold nothing to convert (buffers some checkpoints carry).
     ignored: tuple[str, ...] = ()
+    # What Hugging Face layers past num_layers hold, skipped on import (DeepSeek-V3's
+    # multi-token prediction); empty: a checkpoint has none.
+    extra_layers: str = ""
 
     def model_fields(self, hf_config) -> dict:
         """ModelConfig fields (all but the name) of a Hugging Face config."""
@@ -62,7 +65,8 @@ class Family:
 
 
 # The modules of this package that define families, in the order errors list them.
-MODULES = ("llama", "gpt2", "bloom", "falcon", "glm", "qwen3", "mixtral", "qwen_moe")
+MODULES = ("llama", "gpt2", "bloom", "falcon", "glm", "qwen3", "mixtral", "qwen_moe",
+           "deepseek")
 
 
 @cache

@@ -6,10 +6,22 @@ window, Qwen2's Q/K/V biases, and tied embeddings on the small sizes.
 
 from __future__ import annotations
 
+from typing import Callable
+
+from llmtrain.config.layers import moe_layers
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.families import Family, unsupported
 from llmtrain.convert.families.moe import PROJECTIONS, Experts
-from llmtrain.convert.mapping import QKV, Rule, Vocabulary, gated_mlp, head_counts, linear, norm
+from llmtrain.convert.mapping import (
+    QKV,
+    Rule,
+    Vocabulary,
+    gated_mlp,
+    head_counts,
+    linear,
+    norm,
+    on_layers,
+)
 
 # Llama 3.1's RoPE scaling as Megatron-Core implements it (only the factor is configurable).
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -154,22 +166,22 @@ def _qwen2_hf(m: ModelConfig):
 
 
 def rules(m: ModelConfig, fused_gate_up: bool = False, experts: Experts | None = None,
-          ) -> list[Rule]:
+          attention: Callable[[ModelConfig, str, str], list[Rule]] | None = None) -> list[Rule]:
     """Llama's names; `fused_gate_up`: one [gate; up] projection (GLM), Megatron's own layout;
-    `experts`: a mixture-of-experts block in place of the MLP, named the family's way."""
+    `experts`: a mixture-of-experts block in place of the MLP, named the family's way;
+    `attention`: the rules of (Megatron's, Hugging Face's) attention module in place of the
+    Q/K/V ones (DeepSeek's multi-latent attention)."""
     layer, hf = "decoder.layers.{i}", "model.layers.{i}"
-    attention = f"{hf}.self_attn"
     result = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
                    Vocabulary())]
     result += norm(f"{layer}.input_layernorm", f"{hf}.input_layernorm", m)
-    for kind in ("weight", "bias") if m.add_qkv_bias or m.add_bias_linear else ("weight",):
-        result.append(Rule(f"{layer}.self_attention.linear_qkv.{kind}",
-                           tuple(f"{attention}.{p}_proj.{kind}" for p in "qkv"), QKV()))
-    result += linear(f"{layer}.self_attention.linear_proj", f"{attention}.o_proj",
-                     m.add_bias_linear)
+    result += (attention or qkv_attention)(m, f"{layer}.self_attention", f"{hf}.self_attn")
     result += norm(f"{layer}.pre_mlp_layernorm", f"{hf}.post_attention_layernorm", m)
-    if experts is not None:
-        result += experts.rules(m, layer, hf)
+    if experts is not None:  # the MoE layers' experts, the dense layers' MLP (moe_layer_freq)
+        moe = moe_layers(m)
+        result += on_layers(experts.rules(m, layer, hf), tuple(i for i, e in enumerate(moe) if e))
+        result += on_layers(gated_mlp(f"{layer}.mlp", f"{hf}.mlp", PROJECTIONS, m.add_bias_linear),
+                            tuple(i for i, e in enumerate(moe) if not e))
     elif fused_gate_up:
         result.append(Rule(f"{layer}.mlp.linear_fc1.weight", (f"{hf}.mlp.gate_up_proj.weight",)))
         result += linear(f"{layer}.mlp.linear_fc2", f"{hf}.mlp.down_proj", m.add_bias_linear)
@@ -179,6 +191,15 @@ def rules(m: ModelConfig, fused_gate_up: bool = False, experts: Experts | None =
     if not m.share_embeddings_and_output_weights:
         result.append(Rule("output_layer.weight", ("lm_head.weight",), Vocabulary()))
     return result
+
+
+def qkv_attention(m: ModelConfig, mcore: str, hf: str) -> list[Rule]:
+    """Separate Q, K, V projections into Megatron's fused one, and the output projection."""
+    result = [Rule(f"{mcore}.linear_qkv.{kind}", tuple(f"{hf}.{p}_proj.{kind}" for p in "qkv"),
+                   QKV())
+              for kind in (("weight", "bias") if m.add_qkv_bias or m.add_bias_linear
+                           else ("weight",))]
+    return result + linear(f"{mcore}.linear_proj", f"{hf}.o_proj", m.add_bias_linear)
 
 
 # What every family of this layout shares.

@@ -35,14 +35,19 @@ class Experts:
     block: str
     # Each expert's (gate, up, down) projections.
     projections: tuple[str, str, str]
+    # The shared expert's module: Qwen's `shared_expert`, DeepSeek's `shared_experts`.
+    shared: str = "shared_expert"
 
     def rules(self, m: ModelConfig, layer: str, hf: str) -> list[Rule]:
         block = f"{hf}.{self.block}"
         result = [Rule(f"{layer}.mlp.router.weight", (f"{block}.gate.weight",))]
+        if m.moe_router_enable_expert_bias:  # DeepSeek-V3's bias on the scores of the choice
+            result.append(Rule(f"{layer}.mlp.router.expert_bias",
+                               (f"{block}.gate.e_score_correction_bias",)))
         result += gated_mlp(f"{layer}.mlp.experts.local_experts.{{e}}", f"{block}.experts.{{e}}",
                             self.projections, bias=False)
         if m.moe_shared_expert_intermediate_size:
-            result += gated_mlp(f"{layer}.mlp.shared_experts", f"{block}.shared_expert",
+            result += gated_mlp(f"{layer}.mlp.shared_experts", f"{block}.{self.shared}",
                                 PROJECTIONS, bias=False)
         if m.moe_shared_expert_gate:
             result.append(Rule(f"{layer}.mlp.shared_experts.gate_weight",
@@ -58,7 +63,7 @@ def moe_fields(c, problems: list[str], experts: int, expert_size: int | None) ->
                         f"the router input, not carried)")
     if getattr(c, "decoder_sparse_step", 1) != 1 or getattr(c, "mlp_only_layers", None):
         problems.append("dense MLP layers between the MoE ones (decoder_sparse_step, "
-                        "mlp_only_layers): llmtrain's layer spec makes every layer MoE")
+                        "mlp_only_layers): the Qwen mapping does not carry them yet")
     return {"num_moe_experts": experts, "moe_router_topk": c.num_experts_per_tok,
             "moe_ffn_hidden_size": expert_size,
             "moe_router_pre_softmax": not getattr(c, "norm_topk_prob", True),
