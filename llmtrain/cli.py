@@ -16,7 +16,8 @@ from llmtrain.config.peft import resolve_peft
 from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
-from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import ConfigError, validate
 from llmtrain.data.sources import DataError
 from llmtrain.launch import launch, runs_here, target_machine
 

@@ -13,7 +13,7 @@ import torch
 
 from llmtrain.config.plan import flops_per_token, peak_tflops
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 from llmtrain.tracking import Trackers
 
 GIB = 1024**3

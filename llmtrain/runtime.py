@@ -7,7 +7,7 @@ import logging
 import os
 import warnings
 
-from llmtrain.config.validate import Machine
+from llmtrain.config.layout import Machine
 
 
 # The caching allocator grows its blocks in place instead of leaving fragments: Llama 3.2 1B

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import REQUEUE_EXIT_CODE, RunStopped
 from llmtrain.hf_save import save_hf

@@ -17,7 +17,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PORT", "2
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import compose_config  # noqa: E402
-from llmtrain.config.validate import Machine, validate  # noqa: E402
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import validate  # noqa: E402
 from llmtrain.megatron import parallel  # noqa: E402
 from llmtrain.megatron.init import initialize  # noqa: E402
 from llmtrain.megatron.model import build_model  # noqa: E402

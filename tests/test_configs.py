@@ -11,7 +11,8 @@ from test_convert_zoo import CONVERSION_ZOO
 from llmtrain.cli import CONF_DIR, resolve, resolve_run
 from llmtrain.config.plan import describe
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import ConfigError, validate
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 OPTIONS = {g: sorted(f.stem for f in (Path(CONF_DIR) / g).glob("*.yaml")) for g in GROUPS}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import compose_config
-from llmtrain.config.validate import Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import validate
 from llmtrain.data.indexed import IndexedDatasetWriter
 from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import load_tokenizer

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import compose_config, run_llmtrain
 from data_helpers import as_sharegpt, conversations, documents, train_bpe, write_jsonl
-from llmtrain.config.validate import Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import validate
 from llmtrain.data.sources import DataError, chunks
 
 datasets = pytest.importorskip("datasets")

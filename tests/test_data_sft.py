@@ -15,7 +15,8 @@ from conftest import FAST, ROOT, compose_config, run_llmtrain, summary
 from data_helpers import (as_alpaca, as_sharegpt, conversations, train_bpe, train_sentencepiece,
                           write_jsonl)
 from llmtrain.config.schema import TokenizerConfig
-from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import ConfigError, validate
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import load_tokenizer
@@ -156,7 +157,8 @@ def test_packed_attention_never_crosses_samples(tmp_path, tokenizer_dir):
 import os, sys, torch
 sys.path.insert(0, {str(ROOT / 'tests')!r})
 from conftest import compose_config
-from llmtrain.config.validate import Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import validate
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.launch.local import free_port
 from llmtrain.megatron import parallel

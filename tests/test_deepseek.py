@@ -65,7 +65,8 @@ def test_layer_pattern_and_latent_attention_settings_that_cannot_run_are_refused
     import pytest
 
     from conftest import compose_config
-    from llmtrain.config.validate import ConfigError, Machine, validate
+    from llmtrain.config.layout import Machine
+    from llmtrain.config.validate import ConfigError, validate
 
     cfg = compose_config("model=tiny_moe", "model.moe_layer_freq=[0,1]",
                          "model.multi_latent_attention=true")

@@ -12,7 +12,8 @@ import typing
 
 from conftest import FAST, compose_config, run_llmtrain
 from llmtrain.config import inputs, overrides
-from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import ConfigError, validate
 from llmtrain.data.corpus import corpus_prefix, corpus_tokenizer_path
 
 CPU = Machine(gpus=0, has_transformer_engine=False)

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from conftest import FAST, ROOT, compose_config, run_llmtrain, summary
-from llmtrain.config.validate import Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import validate
 from llmtrain.launch import local
 from llmtrain.launch.slurm import time_minutes
 

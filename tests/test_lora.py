@@ -74,7 +74,8 @@ def test_lora_refuses_its_checkpoint_on_another_base(uninterrupted, tmp_path):
 
 
 def test_lora_settings_are_checked_before_anything_starts():
-    from llmtrain.config.validate import ConfigError, Machine, validate
+    from llmtrain.config.layout import Machine
+    from llmtrain.config.validate import ConfigError, validate
 
     cfg = compose_config("stage=sft", "peft=lora", "peft.r=0", "peft.target_modules=[q_proj]")
     with pytest.raises(ConfigError) as error:
@@ -95,7 +96,8 @@ def test_lora_settings_are_checked_before_anything_starts():
 def test_adapters_on_the_mlp_keep_transformer_engines_mlp_unfused():
     """Transformer Engine's operation fuser runs the whole MLP as one op: no adapter could add
     to linear_fc1's or linear_fc2's output (found on the H200), so LoRA there goes without it."""
-    from llmtrain.config.validate import ConfigError, Machine, validate
+    from llmtrain.config.layout import Machine
+    from llmtrain.config.validate import ConfigError, validate
     from llmtrain.megatron.model import te_op_fuser
 
     gpu = Machine(gpus=1, has_transformer_engine=True)

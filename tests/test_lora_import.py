@@ -95,7 +95,8 @@ def test_a_peft_adapter_trains_further_and_exports_back_unchanged(tiny_llama, ad
 
 
 def test_what_llmtrain_cannot_place_is_refused_before_launch(tiny_llama, adapter, tmp_path):
-    from llmtrain.config.validate import ConfigError, Machine, validate
+    from llmtrain.config.layout import Machine
+    from llmtrain.config.validate import ConfigError, validate
 
     hf, mcore = tiny_llama
 

@@ -68,7 +68,8 @@ class InstalledTENorm:
         raise RuntimeError("Transformer Engine's norm built for a CPU model")
 block.LayerNormImpl = InstalledTENorm
 from conftest import compose_config
-from llmtrain.config.validate import Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import validate
 from llmtrain.megatron import parallel
 from llmtrain.megatron.model import build_model
 cfg = compose_config("model=tiny")
@@ -94,7 +95,8 @@ sys.path.insert(0, "tests")
 import torch
 from megatron.core.models.gpt import GPTModel
 from conftest import compose_config
-from llmtrain.config.validate import Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import validate
 from llmtrain.megatron import parallel
 from llmtrain.megatron.model import block_spec, transformer_config
 cfg = compose_config("model=tiny", "precision=bf16", "model.normalization=LayerNorm")

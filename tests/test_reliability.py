@@ -446,7 +446,8 @@ def test_only_changes_that_keep_the_experiment_pass_without_being_named():
 
 def test_checkpoint_settings_are_validated_before_anything_runs():
     from conftest import compose_config
-    from llmtrain.config.validate import ConfigError, Machine, validate
+    from llmtrain.config.layout import Machine
+    from llmtrain.config.validate import ConfigError, validate
 
     cfg = compose_config("checkpoint.keep_last=0", "checkpoint.keep_every=10",
                          "checkpoint.load_step=5", "checkpoint.resume=never",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import FAST, compose_config, run_llmtrain
-from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import ConfigError, validate
 
 
 def test_a_run_saves_hugging_face_folders_transformers_loads(tmp_path):

@@ -16,7 +16,7 @@ from typing import Optional
 
 from llmtrain.config.plan import GIB, checkpoint_bytes, memory_plan
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 
 # data_path entries that name generated sets, not files.
 GENERATED = ("self-cognition", "arithmetic")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from llmtrain.config.layers import moe_layers
 from llmtrain.config.schema import Config, ModelConfig
-from llmtrain.config.validate import Layout, pipeline_stage_layers
+from llmtrain.config.layout import Layout
+from llmtrain.config.validate import pipeline_stage_layers
 
 GIB = 1024**3
 # Dense bf16 peak of the GPUs we know, TFLOP/s (for MFU).

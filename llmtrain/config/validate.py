@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
 from typing import Optional
 
 from llmtrain.config.changes import unknown_entries
 from llmtrain.config.layers import moe_layer_problems
+from llmtrain.config.layout import Layout, Machine
 from llmtrain.config.schema import Config, PeftConfig
 from llmtrain.data.chat import FORMATS, TEMPLATES
 from llmtrain.rlhf.checks import alignment_problems
@@ -61,39 +61,6 @@ class ConfigError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"the configuration has {len(problems)} problem(s):\n{lines}")
-
-
-@dataclass(frozen=True)
-class Machine:
-    """What this node offers; filled in by `llmtrain.machine.detect()`."""
-
-    gpus: int = 0
-    has_transformer_engine: bool = False
-    # CUDA compute capability of the GPUs, e.g. (9, 0) for Hopper.
-    gpu_capability: Optional[tuple[int, int]] = None
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The resolved process layout, shared by the launcher and every worker."""
-
-    device: str
-    nnodes: int
-    nproc_per_node: int
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    virtual_pipeline_model_parallel_size: int | None
-    context_parallel_size: int
-    expert_model_parallel_size: int
-    data_parallel_size: int
-    num_microbatches: int
-    padded_vocab_size: int
-    use_transformer_engine: bool
-    sequence_parallel: bool
-
-    @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc_per_node
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

@@ -20,7 +20,8 @@ from llmtrain.config.schema import (
 )
 from llmtrain.config.inputs import holds_steps
 from llmtrain.config.layers import moe_layers
-from llmtrain.config.validate import Layout, Machine, padded_vocab_size, validate
+from llmtrain.config.layout import Layout, Machine
+from llmtrain.config.validate import padded_vocab_size, validate
 from llmtrain.convert import families, hf_files, legacy
 from llmtrain.convert import peft as peft_files
 from llmtrain.convert.check import tokenize

@@ -28,7 +28,8 @@ from llmtrain.config.schema import (
     StageConfig,
     TokenizerConfig,
 )
-from llmtrain.config.validate import Layout, validate
+from llmtrain.config.layout import Layout
+from llmtrain.config.validate import validate
 from llmtrain.generate.config import DTYPES, InferenceConfig
 
 DEFAULT_MAX_SEQ_LENGTH = 4096

@@ -12,7 +12,7 @@ import warnings
 from typing import Callable
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 from llmtrain.generate.plan import Plan
 from llmtrain.runtime import quiet_libraries
 

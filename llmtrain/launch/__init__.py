@@ -25,7 +25,8 @@ import os
 import signal
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import ConfigError, Layout, Machine
+from llmtrain.config.layout import Layout, Machine
+from llmtrain.config.validate import ConfigError
 from llmtrain.errors import REQUEUE_EXIT_CODE  # noqa: F401 (the launchers' name for it)
 
 PREEMPTION_SIGNAL = signal.SIGUSR1

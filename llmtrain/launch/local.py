@@ -19,7 +19,7 @@ import uuid
 from typing import Callable, Optional
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 from llmtrain.launch import PREEMPTION_SIGNAL, REQUEUE_EXIT_CODE
 
 

@@ -24,7 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import ConfigError, Machine, validate
+from llmtrain.config.layout import Machine
+from llmtrain.config.validate import ConfigError, validate
 from llmtrain.launch import PREEMPTION_SIGNAL, PREEMPTION_SIGNAL_NAME, local
 
 # Slurm's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 
 
 def initialize(layout: Layout, seed: int, timeout_minutes: int = 30) -> None:

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import Float16Module
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 from llmtrain.megatron import checkpoint, lora_checkpoint
 from llmtrain.megatron.align.placement import Placement, role_layout
 from llmtrain.megatron.init import initialize as initialize_weights

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 
 
 def _own_group(rank_lists: list[list[int]]):

@@ -11,7 +11,7 @@ import importlib
 from typing import Optional
 
 from llmtrain.config.schema import Config
-from llmtrain.config.validate import Layout
+from llmtrain.config.layout import Layout
 from llmtrain.tasks import task_spec
 
 
