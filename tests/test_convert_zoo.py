@@ -255,14 +255,21 @@ def test_transformers_builds_the_counted_deepseek_model_from_its_published_confi
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
 
 
+def gpu_plan(*overrides: str):
+    """(cfg, layout, the plan `dry_run=true` prints) of a bf16 pretraining run at sequence 4096,
+    micro-batch 1, the distributed optimizer, on nodes of eight Hopper GPUs."""
+    cfg = compose_config(*overrides, "device=cuda", "precision=bf16", "data=mock",
+                         "data.seq_length=4096", "stage.micro_batch_size=1",
+                         "parallel.use_distributed_optimizer=true")
+    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
+    return cfg, layout, describe(cfg, layout)
+
+
 def test_qwen3_32b_plans_for_one_node_of_eight_gpus():
     """The largest Qwen3 at TP 8 with the distributed optimizer: the plan `dry_run=true` prints
     fits an 80 GB GPU."""
-    cfg = compose_config("model=qwen3_32b", "parallel=tp8pp1", "device=cuda", "precision=bf16",
-                         "data=mock", "data.seq_length=4096", "stage.micro_batch_size=1",
-                         "stage.global_batch_size=64", "parallel.use_distributed_optimizer=true")
-    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
-    plan = describe(cfg, layout)
+    cfg, layout, plan = gpu_plan("model=qwen3_32b", "parallel=tp8pp1",
+                                 "stage.global_batch_size=64")
     # 32.762 B as published, plus 640 rows each for the embedding and the output layer that pad
     # the vocabulary to a multiple of 128 x TP 8.
     assert "qwen3_32b: 32.769 B parameters (64 layers, hidden 5120, vocab 151936 padded to " \
@@ -283,14 +290,10 @@ def test_qwen3_235b_a22b_plans_for_sixteen_nodes_with_its_experts_split_sixteen_
     fits an 80 GB GPU. Each rank holds a 16th of its stage's 47 x 128 experts (split over TP
     4), and their optimizer state whole: a rank's experts have no other copy to shard it with
     (DP 16 / EP 16)."""
-    cfg = compose_config("model=qwen3_235b_a22b", "parallel.tensor_model_parallel_size=4",
-                         "parallel.pipeline_model_parallel_size=2",
-                         "parallel.expert_model_parallel_size=16", "launcher.nnodes=16",
-                         "device=cuda", "precision=bf16", "data=mock", "data.seq_length=4096",
-                         "stage.micro_batch_size=1", "stage.global_batch_size=1024",
-                         "parallel.use_distributed_optimizer=true")
-    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
-    plan = describe(cfg, layout)
+    cfg, layout, plan = gpu_plan("model=qwen3_235b_a22b", "parallel.tensor_model_parallel_size=4",
+                                 "parallel.pipeline_model_parallel_size=2",
+                                 "parallel.expert_model_parallel_size=16", "launcher.nnodes=16",
+                                 "stage.global_batch_size=1024")
     # 235.094 B as published, plus 128 padding rows each for the embedding and the output layer.
     assert "qwen3_235b_a22b: 235.095 B parameters (94 layers, hidden 4096, vocab 151936 padded " \
            "to 152064)" in plan
@@ -311,15 +314,11 @@ def test_deepseek_v3_plans_for_128_nodes_of_h200s_with_its_experts_split_64_ways
     TP) on 1024 GPUs: its 61 layers as 1 (a dense one, beside the embedding) + 15 x 4, the last
     stage the heaviest (4 MoE layers and the output layer); it fits a 141 GB H200, not an 80 GB
     GPU (activations without recomputation: 16 micro-batches in flight)."""
-    cfg = compose_config("model=deepseek_v3", "parallel.pipeline_model_parallel_size=16",
-                         "parallel.num_layers_in_first_pipeline_stage=1",
-                         "parallel.num_layers_in_last_pipeline_stage=4",
-                         "parallel.expert_model_parallel_size=64", "launcher.nnodes=128",
-                         "device=cuda", "precision=bf16", "data=mock", "data.seq_length=4096",
-                         "stage.micro_batch_size=1", "stage.global_batch_size=4096",
-                         "parallel.use_distributed_optimizer=true")
-    layout = validate(cfg, Machine(gpus=8, has_transformer_engine=True, gpu_capability=(9, 0)))
-    plan = describe(cfg, layout)
+    cfg, layout, plan = gpu_plan("model=deepseek_v3", "parallel.pipeline_model_parallel_size=16",
+                                 "parallel.num_layers_in_first_pipeline_stage=1",
+                                 "parallel.num_layers_in_last_pipeline_stage=4",
+                                 "parallel.expert_model_parallel_size=64", "launcher.nnodes=128",
+                                 "stage.global_batch_size=4096")
     assert "deepseek_v3: 671.026 B parameters (61 layers: 1 + " + "4 + " * 14 + "4 over the " \
            "pipeline stages, hidden 7168, vocab 129280 padded to 129280)" in plan
     assert "1024 = 128 node(s) x 8  |  TP 1  PP 16  CP 1  EP 64  DP 64" in plan

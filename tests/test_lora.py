@@ -153,19 +153,28 @@ def test_adapters_go_out_as_a_peft_folder_and_merged_into_the_base(tiny_llama, t
     assert record["generated_tokens"] == hf_greedy(tmp_path / "merged", ids, 8)
 
 
+def lora_against_the_base(base, run, stage: str, data: list, *overrides: str) -> dict:
+    """A short peft=lora run of `stage` from `base` on `data` (data=<data kind> and path
+    overrides); its metrics. No second copy of the model was loaded for the reference."""
+    from rlhf_helpers import TINY
+
+    out = run_llmtrain(f"stage={stage}", *data, *TINY, "model.num_layers=2", "optim.lr=5e-3",
+                       "optim.min_lr=5e-3", "stage.micro_batch_size=4",
+                       "stage.global_batch_size=8", "peft=lora", f"checkpoint.load={base}",
+                       f"hydra.run.dir={run}", "checkpoint.save=null", *overrides).stdout
+    assert "(frozen reference)" not in out
+    return summary(run)["metrics"]
+
+
 def test_lora_dpo_raises_the_margin_against_the_base_with_adapters_off(base, tmp_path):
     """The reference is the trained model with its adapters off: the margin starts at 0 (the
     adapters start as a no-op) and rises."""
-    from rlhf_helpers import TINY, separable_pairs
+    from rlhf_helpers import separable_pairs
 
     data = separable_pairs(tmp_path / "pairs.jsonl", count=64)
-    out = run_llmtrain("stage=dpo", "data=preference", f"data.data_path=[{data}]", *TINY,
-                       "model.num_layers=2", "optim.lr=5e-3", "optim.min_lr=5e-3",
-                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
-                       "stage.train_iters=6", "peft=lora", f"checkpoint.load={base}",
-                       f"hydra.run.dir={tmp_path / 'dpo'}", "checkpoint.save=null").stdout
-    assert "(frozen reference)" not in out  # no second copy was loaded
-    margin = summary(tmp_path / "dpo")["metrics"]["margin"]
+    margin = lora_against_the_base(base, tmp_path / "dpo", "dpo",
+                                   ["data=preference", f"data.data_path=[{data}]"],
+                                   "stage.train_iters=6")["margin"]
     assert margin[0] == pytest.approx(0.0, abs=1e-6)
     assert margin[-1] > margin[0] + 0.1, margin
 
@@ -173,16 +182,12 @@ def test_lora_dpo_raises_the_margin_against_the_base_with_adapters_off(base, tmp
 def test_lora_kto_pulls_desirable_completions_above_the_base_with_adapters_off(base, tmp_path):
     """KTO's reference under peft=lora is the base too: the implicit rewards and the reference
     point start at 0, then the desirable completions rise above the base and the others fall."""
-    from rlhf_helpers import TINY, separable_unpaired
+    from rlhf_helpers import separable_unpaired
 
     data = separable_unpaired(tmp_path / "kto.jsonl", count=64)
-    out = run_llmtrain("stage=kto", "data=unpaired", f"data.data_path=[{data}]", *TINY,
-                       "model.num_layers=2", "optim.lr=5e-3", "optim.min_lr=5e-3",
-                       "stage.micro_batch_size=4", "stage.global_batch_size=8",
-                       "stage.train_iters=4", "peft=lora", f"checkpoint.load={base}",
-                       f"hydra.run.dir={tmp_path / 'kto'}", "checkpoint.save=null").stdout
-    assert "(frozen reference)" not in out  # no second copy was loaded
-    metrics = summary(tmp_path / "kto")["metrics"]
+    metrics = lora_against_the_base(base, tmp_path / "kto", "kto",
+                                    ["data=unpaired", f"data.data_path=[{data}]"],
+                                    "stage.train_iters=4")
     good, bad = metrics["reward_desirable"], metrics["reward_undesirable"]
     assert good[0] == pytest.approx(0.0, abs=1e-6) and bad[0] == pytest.approx(0.0, abs=1e-6)
     assert metrics["kl"][0] == pytest.approx(0.0, abs=1e-6)
