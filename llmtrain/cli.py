@@ -12,12 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain import hf_load
 from llmtrain.config import inputs, overrides
 from llmtrain.config.aliases import AliasError, rewrite
+from llmtrain.config.layout import Machine
 from llmtrain.config.peft import resolve_peft
 from llmtrain.config.schedule import resolve_token_lengths
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
-from llmtrain.config.layout import Machine
 from llmtrain.config.validate import ConfigError, validate
+from llmtrain.data.hub import resolve_hub_datasets
 from llmtrain.data.sources import DataError
 from llmtrain.launch import launch, runs_here, target_machine
 
@@ -37,9 +38,10 @@ def resolve(dcfg: DictConfig):
 
 
 def resolve_run(dcfg: DictConfig) -> Config:
-    """A training run's typed config, with run lengths given in tokens turned into iterations
-    and peft's settings filled (from peft.load's folder, or the defaults)."""
-    cfg = resolve_peft(resolve_token_lengths(resolve(dcfg)))
+    """A training run's typed config, with run lengths given in tokens turned into iterations,
+    peft's settings filled (from peft.load's folder, or the defaults) and datasets named in the
+    local Hugging Face cache (hf://datasets/...) found there."""
+    cfg = resolve_hub_datasets(resolve_peft(resolve_token_lengths(resolve(dcfg))))
     missing = [f"logging.{key} needs {name}: pip install 'llmtrain[{extra}]' (or leave "
                f"logging.{key} unset)"
                for key, extra, name in (("wandb_project", "wandb", "Weights & Biases"),

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
+from llmtrain.config.layout import Layout
 from llmtrain.config.plan import flops_per_token, peak_tflops
 from llmtrain.config.schema import Config
-from llmtrain.config.layout import Layout
 from llmtrain.tracking import Trackers
 
 GIB = 1024**3

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import REQUEUE_EXIT_CODE, RunStopped
 from llmtrain.hf_save import save_hf

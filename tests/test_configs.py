@@ -9,9 +9,9 @@ import pytest
 from conftest import compose_config, run_llmtrain
 from test_convert_zoo import CONVERSION_ZOO
 from llmtrain.cli import CONF_DIR, resolve, resolve_run
+from llmtrain.config.layout import Machine
 from llmtrain.config.plan import describe
 from llmtrain.config.schema import Config
-from llmtrain.config.layout import Machine
 from llmtrain.config.validate import ConfigError, validate
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())

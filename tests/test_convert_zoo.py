@@ -10,9 +10,9 @@ import pytest
 
 from conftest import compose_config
 from llmtrain.cli import CONF_DIR
+from llmtrain.config.layout import Machine
 from llmtrain.config.plan import count_parameters, describe, memory_plan
 from llmtrain.config.schema import ModelConfig
-from llmtrain.config.layout import Machine
 from llmtrain.config.validate import ConfigError, validate
 from llmtrain.convert import families
 from llmtrain.convert.plan import differences

@@ -82,3 +82,38 @@ def test_preference_pairs_from_parquet_shards_and_bad_folders(tmp_path):
     with pytest.raises(DataError, match=r"test_only: a DatasetDict without a 'train' split "
                                         r"\(its splits: test\)"):
         list(read([str(tmp_path / "test_only")]))
+
+
+def test_a_dataset_in_the_local_hub_cache_is_read_by_its_hub_name(tmp_path, monkeypatch):
+    """data.data_path=[hf://datasets/<org>/<name>] is the snapshot that `huggingface-cli
+    download --repo-type dataset` leaves in the cache (laid out here as it does): the rows of
+    its train shards, not of its test ones. One not in the cache is refused with the command
+    that puts it there; nothing is downloaded."""
+    import huggingface_hub.constants
+
+    from llmtrain.cli import resolve_run
+    from llmtrain.config.validate import ConfigError
+    from llmtrain.rlhf.records import read
+
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+    repo, revision = tmp_path / "hub" / "datasets--org--pairs", "0123456789" * 4
+    shards = repo / "snapshots" / revision / "data"
+    shards.mkdir(parents=True)
+    datasets.Dataset.from_list(rows[:4]).to_parquet(str(shards / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(rows[4:]).to_parquet(str(shards / "test-00000-of-00001.parquet"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def resolved(entry: str):
+        return resolve_run(compose_config("stage=dpo", "data=preference",
+                                          f"data.data_path=[{entry}]", typed=False))
+
+    cfg = resolved("hf://datasets/org/pairs")
+    assert cfg.data.data_path == [str(shards.parent)]
+    assert [record for _, record in read(cfg.data.data_path)] == rows[:4]
+    with pytest.raises(ConfigError) as error:
+        resolved("hf://datasets/org/absent")
+    assert str(error.value).endswith(
+        "data.data_path entry hf://datasets/org/absent: the dataset is not in the local Hugging "
+        "Face cache; download it first: huggingface-cli download --repo-type dataset org/absent")

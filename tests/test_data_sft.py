@@ -14,8 +14,8 @@ import pytest
 from conftest import FAST, ROOT, compose_config, run_llmtrain, summary
 from data_helpers import (as_alpaca, as_sharegpt, conversations, train_bpe, train_sentencepiece,
                           write_jsonl)
-from llmtrain.config.schema import TokenizerConfig
 from llmtrain.config.layout import Machine
+from llmtrain.config.schema import TokenizerConfig
 from llmtrain.config.validate import ConfigError, validate
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError

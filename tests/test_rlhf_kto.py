@@ -14,8 +14,8 @@ import torch
 
 from conftest import compose_config, run_llmtrain, summary
 from llmtrain.config import inputs
-from llmtrain.config.schema import AlignmentConfig, TokenizerConfig
 from llmtrain.config.layout import Machine
+from llmtrain.config.schema import AlignmentConfig, TokenizerConfig
 from llmtrain.config.validate import ConfigError, validate
 from llmtrain.data import chat
 from llmtrain.data.sources import DataError

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from llmtrain.config.layout import Layout
 from llmtrain.config.plan import GIB, checkpoint_bytes, memory_plan
 from llmtrain.config.schema import Config
-from llmtrain.config.layout import Layout
 
 # data_path entries that name generated sets, not files.
 GENERATED = ("self-cognition", "arithmetic")

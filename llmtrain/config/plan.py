@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmtrain.config.layers import moe_layers
-from llmtrain.config.schema import Config, ModelConfig
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config, ModelConfig
 from llmtrain.config.validate import pipeline_stage_layers
 
 GIB = 1024**3

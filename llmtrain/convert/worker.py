@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.config.schema import Config, PrecisionConfig
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config, PrecisionConfig
 from llmtrain.convert import families, hf_files, legacy
 from llmtrain.convert import peft as peft_files
 from llmtrain.convert.job import Job

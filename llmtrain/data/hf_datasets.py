@@ -1,6 +1,8 @@
 """Datasets in the Hugging Face formats, read as rows like a parquet file: a folder written by
 `datasets.save_to_disk` (one dataset, or a DatasetDict of splits), or a folder of parquet or
-arrow shards. The rows go through the same column checks and record parsing as the files."""
+arrow shards (its training split's, where the file names say the split, as in a dataset from the
+Hub: llmtrain.data.hub). The rows go through the same column checks and record parsing as the
+files."""
 
 from __future__ import annotations
 
@@ -29,10 +31,21 @@ def _load(folder: Path):
             return loaded[SPLIT]
         return loaded
     for builder, suffix in SHARD_FORMATS:
-        shards = sorted(str(p) for p in folder.rglob(f"*{suffix}"))
+        shards = _training_shards(folder, sorted(folder.rglob(f"*{suffix}")))
         if shards:
             return datasets.load_dataset(builder, data_files={SPLIT: shards}, split=SPLIT)
     raise DataError(f"{folder}: a folder, but not a dataset: give a file, or {WHAT}")
+
+
+def _training_shards(folder: Path, shards: list[Path]) -> list[str]:
+    """The shards of the training split where the folder names splits as the Hub lays them out
+    (data/train-00000-of-00002.parquet, or train/0000.parquet), else every shard."""
+    def in_train(path: Path) -> bool:
+        parts = path.relative_to(folder).parts
+        return any(p == SPLIT or p.startswith((f"{SPLIT}-", f"{SPLIT}.")) for p in parts)
+
+    train = [p for p in shards if in_train(p)]
+    return [str(p) for p in train or shards]
 
 
 def hf_chunks(folder: str, records_per_chunk: int,

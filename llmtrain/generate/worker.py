@@ -11,8 +11,8 @@ import time
 import warnings
 from typing import Callable
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.generate.plan import Plan
 from llmtrain.runtime import quiet_libraries
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import signal
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout, Machine
+from llmtrain.config.schema import Config
 from llmtrain.config.validate import ConfigError
 from llmtrain.errors import REQUEUE_EXIT_CODE  # noqa: F401 (the launchers' name for it)
 

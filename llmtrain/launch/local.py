@@ -18,8 +18,8 @@ import traceback
 import uuid
 from typing import Callable, Optional
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.launch import PREEMPTION_SIGNAL, REQUEUE_EXIT_CODE
 
 

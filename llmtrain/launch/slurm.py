@@ -23,8 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Machine
+from llmtrain.config.schema import Config
 from llmtrain.config.validate import ConfigError, validate
 from llmtrain.launch import PREEMPTION_SIGNAL, PREEMPTION_SIGNAL_NAME, local
 

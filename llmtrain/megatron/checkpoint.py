@@ -44,8 +44,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from llmtrain import __version__, faults
 from llmtrain.config import changes
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.errors import RunStopped
 from llmtrain.megatron import lora, lora_checkpoint, rng
 

@@ -26,8 +26,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.data.indexed import IndexedDatasetReader
 from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import Tokenizer

@@ -31,8 +31,8 @@ from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper 
     GPTInferenceWrapper,
 )
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.generate.sampler import Mode, RowSampling, row_keys
 from llmtrain.generate.sequence import OnFinish, OnToken, Output, Sequence, check_batch
 from llmtrain.megatron import checkpoint, lora, lora_checkpoint

@@ -16,8 +16,8 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.config.validate import te_op_fuser_fits
 from llmtrain.megatron.specs import add_embedding_layernorm, gpt_block_spec
 

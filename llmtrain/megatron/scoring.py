@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.megatron.align.heads import causal_inputs, load_frozen, score_forward
 from llmtrain.megatron.replica import Replica
 

@@ -44,9 +44,9 @@ from omegaconf import DictConfig
 from pydantic import BaseModel
 
 from llmtrain.cli import CONF_DIR, resolve_run
+from llmtrain.config.layout import Layout
 from llmtrain.config.schema import Config
 from llmtrain.config.store import register
-from llmtrain.config.layout import Layout
 from llmtrain.config.validate import ConfigError, validate
 from llmtrain.tasks import either, stages_where
 

@@ -19,8 +19,8 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import Float16Module
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.megatron import checkpoint, lora_checkpoint
 from llmtrain.megatron.align.placement import Placement, role_layout
 from llmtrain.megatron.init import initialize as initialize_weights

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
-from llmtrain.config.schema import Config
 from llmtrain.config.layout import Layout
+from llmtrain.config.schema import Config
 from llmtrain.tasks import task_spec
 
 
