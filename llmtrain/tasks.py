@@ -45,6 +45,8 @@ class TaskSpec:
     checks: Checks = _no_checks
     # Whether it trains low-rank adapters on a frozen base (peft=lora).
     adapters: bool = False
+    # Whether its model ends in a scalar head (a reward model) instead of the output layer.
+    scalar_head: bool = False
 
 
 TASKS: dict[str, TaskSpec] = {}

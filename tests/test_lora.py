@@ -92,6 +92,13 @@ def test_lora_settings_are_checked_before_anything_starts():
     assert ("checkpoint.save_hf with peft=lora writes a PEFT adapter folder, which supports the "
             "llama, qwen3 families, not gpt2") in str(error.value)
 
+    cfg = compose_config("stage=rm", "data=preference", "peft=lora", "checkpoint.load=/base",
+                         "checkpoint.save_hf=true")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, Machine())
+    assert "has no place for a reward model's scalar head: unset checkpoint.save_hf" in str(
+        error.value)
+
 
 def test_adapters_on_the_mlp_keep_transformer_engines_mlp_unfused():
     """Transformer Engine's operation fuser runs the whole MLP as one op: no adapter could add

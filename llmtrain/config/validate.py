@@ -580,12 +580,12 @@ def peft_problems(cfg: Config) -> list[str]:
                         f"{cfg.model.family}: unset checkpoint.save_hf and export the adapters "
                         f"merged into the base with python -m llmtrain.convert "
                         f"direction=mcore_to_hf")
-    if cfg.checkpoint.save_hf and cfg.stage.name == "rm":
+    spec = task_spec(cfg.stage.name)
+    if cfg.checkpoint.save_hf and spec is not None and spec.scalar_head:
         problems.append("checkpoint.save_hf with peft=lora writes a PEFT adapter folder, which "
                         "has no place for a reward model's scalar head: unset checkpoint.save_hf "
                         "(the run's checkpoints hold adapters and head; serve or score with "
                         "them)")
-    spec = task_spec(cfg.stage.name)
     if spec is not None and not spec.adapters:
         problems.append(f"peft=lora with stage={cfg.stage.name} is not supported yet: use "
                         f"stage={either(stages_where(lambda s: s.adapters))}, or peft=none")

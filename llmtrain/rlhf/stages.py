@@ -24,7 +24,8 @@ def _rollout_roles(critic: bool):
     return roles
 
 
-register(TaskSpec("rm", f"{ALIGN}.preference:RewardModelTask", ("preference",), adapters=True))
+register(TaskSpec("rm", f"{ALIGN}.preference:RewardModelTask", ("preference",), adapters=True,
+                  scalar_head=True))
 register(TaskSpec("dpo", f"{ALIGN}.preference:PolicyPreferenceTask", ("preference",),
                   roles=_dpo_roles, possible_roles=frozenset({"reference"}),
                   checks=preference_problems, adapters=True))
