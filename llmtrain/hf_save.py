@@ -3,8 +3,8 @@ PEFT adapter folder for a peft=lora run).
 
 It reuses the offline export (`python -m llmtrain.convert direction=mcore_to_hf`, with its
 per-layer check against transformers) on the committed step, in a process of its own started by
-global rank 0 while the other ranks wait; the folder is written under a temporary name and
-renamed into place, so a crash never leaves a half-written one.
+global rank 0 while training goes on (the run's end waits for the last); the folder is written
+under a temporary name and renamed into place, so a crash never leaves a half-written one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Callable, Optional
@@ -60,17 +61,50 @@ def hf_folder(save_dir: Path, iteration: int) -> Path:
     return Path(save_dir) / f"hf_iter_{iteration:07d}"
 
 
-def save_hf(save_dir: Path, iteration: int, say: Callable[[str], None],
-            adapters: bool = False) -> None:
-    """Export step `iteration` of `save_dir` (committed) to hf_iter_NNNNNNN/ (collective): the
-    whole model, or with `adapters` (peft=lora) a PEFT adapter folder for the Hugging Face base."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        final = hf_folder(save_dir, iteration)
-        failed = convert_into(final, f"direction={'lora_to_peft' if adapters else 'mcore_to_hf'}",
-                              f"input={Path(save_dir) / f'iter_{iteration:07d}'}")
+class HFExports:
+    """A run's checkpoint.save_hf exports of its committed steps: each runs in a process of its
+    own, watched by global rank 0 from a thread while training goes on (the other ranks take no
+    part); the next export, and `finish`, wait for it, and raise if it failed."""
+
+    def __init__(self, save_dir: Optional[Path], say: Callable[[str], None],
+                 adapters: bool = False):
+        self.save_dir, self.say, self.adapters = save_dir, say, adapters
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self._running: Optional[threading.Thread] = None
+        self._failure: Optional[str] = None
+
+    def start(self, iteration: int) -> None:
+        """Export committed step `iteration` in the background (rank 0)."""
+        self.wait()
+        if self.rank0:
+            self._running = threading.Thread(target=self._export, args=(iteration,), daemon=True)
+            self._running.start()
+
+    def wait(self) -> None:
+        if self._running is not None:
+            self._running.join()
+            self._running = None
+        if self._failure:
+            failure, self._failure = self._failure, None
+            raise RuntimeError(failure)
+
+    def finish(self, iteration: int) -> None:
+        """Collective: export the last step and wait for it, every rank with rank 0."""
+        self.start(iteration)
+        self.wait()
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _export(self, iteration: int) -> None:
+        final = hf_folder(self.save_dir, iteration)
+        direction = "lora_to_peft" if self.adapters else "mcore_to_hf"
+        try:
+            failed = convert_into(final, f"direction={direction}",
+                                  f"input={Path(self.save_dir) / f'iter_{iteration:07d}'}")
+        except OSError as error:  # the converter could not even start
+            failed = str(error)
         if failed:
-            raise RuntimeError(f"checkpoint.save_hf: the export of step {iteration} failed "
-                               f"({failed}")
-        say(f"saved the Hugging Face {'PEFT adapter ' if adapters else ''}folder {final}")
-    if dist.is_initialized():
-        dist.barrier()
+            self._failure = f"checkpoint.save_hf: the export of step {iteration} failed ({failed}"
+        else:
+            self.say(f"saved the Hugging Face {'PEFT adapter ' if self.adapters else ''}folder "
+                     f"{final}")

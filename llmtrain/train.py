@@ -16,7 +16,7 @@ from llmtrain.config.layout import Layout
 from llmtrain.config.schema import Config
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.errors import REQUEUE_EXIT_CODE, RunStopped
-from llmtrain.hf_save import save_hf
+from llmtrain.hf_save import HFExports
 from llmtrain.megatron import checkpoint, parallel
 from llmtrain.megatron.expert_load import ExpertLoad
 from llmtrain.megatron.init import initialize as initialize_weights
@@ -88,7 +88,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
     scheduler = build_scheduler(cfg, optimizer)
 
     save_dir = run_path(cfg, cfg.checkpoint.save)
-    adapters = cfg.peft.name != "none"  # save_hf writes them as a PEFT adapter folder
+    # checkpoint.save_hf's exports (a PEFT adapter folder for a peft=lora run)
+    hf_exports = HFExports(save_dir, log.message, adapters=cfg.peft.name != "none")
     checkpoints = checkpoint.Checkpoints(cfg, layout, tokenizer, save_dir, log.message)
     restored = checkpoints.restore(model, optimizer, scheduler)
     start = restored.iteration
@@ -165,9 +166,8 @@ def _train(cfg: Config, layout: Layout) -> dict:
             checkpoints.save(iteration, model, optimizer, scheduler,
                              blocking=bool(signal_name or exiting or hf_now))
             last_saved = iteration
-            if hf_now:
-                checkpoints.wait()
-                save_hf(save_dir, iteration, log.message, adapters)
+            if hf_now:  # the export reads the committed step while training goes on
+                hf_exports.start(iteration)
         if signal_name:
             preempted = (iteration, signal_name)
             break
@@ -184,7 +184,9 @@ def _train(cfg: Config, layout: Layout) -> dict:
     checkpoints.wait()
     if (save_dir and cfg.checkpoint.save_hf and not preempted and not exiting
             and (last_saved == stage.train_iters or cfg.checkpoint.save_on_exit)):
-        save_hf(save_dir, stage.train_iters, log.message, adapters)  # the last step
+        hf_exports.finish(stage.train_iters)  # the last step
+    else:
+        hf_exports.wait()
 
     summary = {}
     summary_path = Path(cfg.output_dir) / "summary.json"

@@ -21,11 +21,16 @@ def test_a_run_saves_hugging_face_folders_transformers_loads(tmp_path):
     shutil.copy(corpus_tokenizer_path(), tokenizer_folder / "tokenizer.json")
     (tokenizer_folder / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
     run_dir = tmp_path / "run"
-    run_llmtrain("model=tiny", *FAST, "data.tokenizer.tokenizer_type=huggingface",
-                 f"data.tokenizer.tokenizer_model={tokenizer_folder}", "stage.train_iters=4", "checkpoint.save_interval=2",
-                 "checkpoint.save_hf=true", "checkpoint.save_hf_interval=2",
-                 f"hydra.run.dir={run_dir}")
+    out = run_llmtrain("model=tiny", *FAST, "data.tokenizer.tokenizer_type=huggingface",
+                       f"data.tokenizer.tokenizer_model={tokenizer_folder}",
+                       "stage.train_iters=4", "checkpoint.save_interval=2",
+                       "checkpoint.save_hf=true", "checkpoint.save_hf_interval=2",
+                       f"hydra.run.dir={run_dir}").stdout
     saved = run_dir / "checkpoints"
+    # Step 2's export (a process of its own, seconds long) ran while steps 3 and 4 trained.
+    lines = out.splitlines()
+    exported = next(i for i, line in enumerate(lines) if "hf_iter_0000002" in line)
+    assert any("step      3/4" in line for line in lines[:exported]), out
     assert sorted(p.name for p in saved.glob("*hf_iter_*")) == ["hf_iter_0000002",
                                                                "hf_iter_0000004"]
     folder = saved / "hf_iter_0000004"
