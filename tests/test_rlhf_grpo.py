@@ -123,7 +123,7 @@ def test_a_reward_model_served_by_llmtrain_serve_scores_grpo_like_a_local_one(tm
         grpo_scored_by(["stage.alignment.reward=remote",
                         f"stage.alignment.reward_url={server.url}/v1/rewards"], prompts,
                        tmp_path / "served")
-        assert server.get("/metrics")["sequences"] == 2 + 2 * 8
+        assert server.get("/metrics?format=json")["sequences"] == 2 + 2 * 8
     finally:
         assert server.stop() == 0, server.output[-3000:]
     grpo_scored_by(["stage.alignment.reward=model", f"stage.alignment.reward_load={reward_model}"],

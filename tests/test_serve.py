@@ -27,7 +27,8 @@ from inference_helpers import (
 def served(tiny_llama):
     hf, mcore = tiny_llama
     server = ServerProcess(f"load={mcore}", "inference_max_batch_size=8",
-                           "batch_wait_ms=300", "served_model_name=tiny")
+                           "batch_wait_ms=300", "served_model_name=tiny",
+                           "max_request_bytes=100000")
     yield server, hf
     assert server.stop() == 0, server.output[-3000:]
     assert "[serve] stopped" in server.output
@@ -152,7 +153,7 @@ def test_megatron_api_and_its_command_line_client(served):
 
 def test_concurrent_requests_all_complete_batched_together(served):
     server, hf = served
-    before = server.get("/metrics")
+    before = server.get("/metrics?format=json")
     prompts = [f"Request number {i} says" for i in range(8)]
 
     def ask(prompt):
@@ -163,7 +164,7 @@ def test_concurrent_requests_all_complete_batched_together(served):
         answers = list(pool.map(ask, prompts))
     # Each answer is its own prompt's, whatever it was batched with.
     assert answers == [_text(hf, hf_greedy(hf, _ids(hf, p), 6)) for p in prompts]
-    after = server.get("/metrics")
+    after = server.get("/metrics?format=json")
     assert after["requests"] - before["requests"] == 8
     assert after["max_batch_size"] > 1, after
     batches = after["batches"] - before["batches"]
@@ -177,7 +178,6 @@ MALFORMED = [
     ("POST", "/v1/completions", {"max_tokens": 3}, 400, "prompt: Field required"),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ("POST", "/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
     ("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
     ("POST", "/v1/completions", {"prompt": [[]]}, 400, "the prompt is empty"),
     ("POST", "/v1/completions", {"prompt": [10 ** 6]}, 400, "token ids must lie in 0..4095"),
@@ -193,6 +193,18 @@ MALFORMED = [
     ("PUT", "/api", {"prompts": ["x"], "tokens_to_generate": 0}, 400,
      "tokens_to_generate=0 implies logprobs should be True"),
     ("POST", "/detokenize", {"tokens": ["a"]}, 400, "detokenize takes"),
+    # Text that is not Unicode (JSON's escapes carry lone surrogates), before any tokenizer.
+    ("POST", "/v1/completions", {"prompt": "a\ud800b"}, 400,
+     "prompt holds text that is not valid Unicode (a lone surrogate, '\\ud800', at character 1)"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]},
+     400, "messages[0].content holds text that is not valid Unicode"),
+    ("PUT", "/api", {"prompts": ["\ud800"]}, 400, "prompts[0] holds text that is not valid"),
+    ("POST", "/tokenize", {"prompt": "\ud800"}, 400, "not valid Unicode"),
+    ("POST", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400, "error parsing the body"),
+    # A body over max_request_bytes (100000 here) is refused before it is read.
+    ("POST", "/v1/completions", b" " * 150_000, 413,
+     "the request body is 150000 bytes, over this server's limit of 100000 (max_request_bytes)"),
+    ("GET", "/v1/models/gpt-4", None, 404, "The model `gpt-4` does not exist"),
 ]
 
 
@@ -217,3 +229,76 @@ def test_tokenizer_endpoints(served):
     assert status == 200 and answer["tokens"] == _ids(hf, "Hello world")
     status, answer = server.send("/detokenize", {"tokens": _ids(hf, "Hello world")})
     assert answer == {"prompt": "Hello world"}
+
+
+def test_what_openai_ecosystem_clients_send_is_served(served):
+    """Fields this server does not know are ignored with a line in its log (as vLLM does), the
+    `developer` role is the system's, GET /v1/models/<id> describes the model, a stop string
+    is the choice's stop_reason, and /metrics speaks Prometheus."""
+    server, hf = served
+    client = _client(server)
+    answer = client.completions.create(model="tiny", prompt="Still here", max_tokens=4,
+                                       temperature=0, extra_body={"frobnicate": 1})
+    assert answer.choices[0].text == _text(hf, hf_greedy(hf, _ids(hf, "Still here"), 4))
+    assert ("[serve] /v1/completions: ignored the field(s) this server does not know: "
+            "frobnicate") in server.output
+
+    def chat(role):
+        return client.chat.completions.create(
+            model="tiny", max_tokens=6, temperature=0,
+            messages=[{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        ).choices[0].message.content
+    assert chat("developer") == chat("system")
+
+    assert client.models.retrieve("tiny").id == "tiny"
+
+    full = client.completions.create(model="tiny", prompt="Still here", max_tokens=8,
+                                     temperature=0).choices[0].text
+    stop = full[2:4]  # a stop string inside the greedy answer
+    stopped = client.completions.create(model="tiny", prompt="Still here", max_tokens=8,
+                                        temperature=0, stop=[stop]).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == full[:full.find(stop)]
+    assert stopped.model_extra["stop_reason"] == stop
+    plain = client.completions.create(model="tiny", prompt="Still here", max_tokens=2,
+                                      temperature=0).choices[0]
+    assert plain.model_extra["stop_reason"] is None
+
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert "# TYPE llmtrain_requests counter" in text
+    assert any(line.startswith("llmtrain_requests ") and int(line.split()[1]) >= 4
+               for line in text.splitlines()), text
+
+
+def test_logprobs_cover_an_end_token_as_usage_counts_it(tiny_llama):
+    """lm-evaluation-harness's local-completions asks for max_tokens=1 with echo and logprobs,
+    and drops the last log-probability as the generated token's: when that token is the end
+    token, which the text leaves out, its log-probability must still be there (else lm-eval
+    drops the prompt's last one and scores the wrong tokens)."""
+    from llmtrain.config.schema import TokenizerConfig
+    from llmtrain.data.tokenizer import load_tokenizer
+    from llmtrain.generate.sequence import Output, Sampling, Sequence
+    from llmtrain.generate.text import Text
+    from llmtrain.serve.batcher import Choice
+    from llmtrain.serve.openai_api import CompletionRequest, Server
+
+    hf, _ = tiny_llama
+    text = Text(load_tokenizer(TokenizerConfig(tokenizer_type="huggingface",
+                                               tokenizer_model=str(hf))), 4096)
+    end = text.stop_ids[0]
+    prompt = _ids(hf, "The capital of France is")
+    request = CompletionRequest(prompt=prompt, max_tokens=1, logprobs=1, echo=True)
+    choice = Choice(Sequence(prompt, 1, Sampling(temperature=0), text.stop_ids), 0)
+    made = Output(tokens=[end], finish_reason="stop", logprobs=[-0.25],
+                  top_logprobs=[[(end, -0.25)]],
+                  prompt_logprobs=[None] + [-1.0] * (len(prompt) - 1),
+                  prompt_top_logprobs=[None] * len(prompt))
+    answer = Server(text, "tiny", 64).completion_choice(request, choice, made, "", "")
+    assert answer["text"] == ""  # the end token is not text ...
+    logprobs = answer["logprobs"]
+    assert len(logprobs["token_logprobs"]) == len(prompt) + 1  # ... but it has its logprob
+    assert logprobs["token_logprobs"][-1] == -0.25
+    assert logprobs["token_logprobs"][1:len(prompt)] == [-1.0] * (len(prompt) - 1)

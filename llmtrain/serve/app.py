@@ -3,10 +3,15 @@ request, queue it for the batcher, answer when its sequences are done or stream 
 token (server-sent events, as OpenAI's API does). A malformed request is answered with a 4xx that
 says what is wrong; nothing it does stops the server.
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (OpenAI); PUT /api
-(Megatron-LM); GET /tokenizer_info, POST /tokenize, POST /detokenize (as vLLM has them: what
-lm-evaluation-harness's remote tokenizer uses); GET /health; GET /metrics (requests, batches and
-their sizes).
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models and
+/v1/models/{id} (OpenAI); PUT /api (Megatron-LM); GET /tokenizer_info, POST /tokenize, POST
+/detokenize (as vLLM has them: what lm-evaluation-harness's remote tokenizer uses); GET /health;
+GET /metrics (requests, batches and their sizes, in Prometheus' text format; ?format=json as
+JSON).
+
+One client's request never touches another's: text that is not valid Unicode is refused with a
+400 before it reaches the tokenizer, a body over `max_request_bytes` with a 413 before it is
+read, and tokenization runs off the event loop, so a large prompt does not hold the others.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import asyncio
 import json
 import sys
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from llmtrain.serve import megatron_api
 from llmtrain.serve.batcher import Batcher, Choice, Work
@@ -32,6 +38,61 @@ from llmtrain.serve.openai_api import (
     new_id,
     usage,
 )
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over `limit` bytes gets a 413 before
+    its body is read (JSON parsing a huge body would hold the event loop for every client)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if scope["type"] == "http" and length is not None and int(length) > self.limit:
+            response = openai_error(413, f"the request body is {int(length)} bytes, over this "
+                                         f"server's limit of {self.limit} (max_request_bytes): "
+                                         f"send less per request, or start the server with a "
+                                         f"larger max_request_bytes")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def unicode_problem(value, where: str = "") -> Optional[str]:
+    """Where a request's JSON holds text that is not valid Unicode (a lone surrogate, which
+    JSON's \\u escapes can carry), in words; None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return (f"{where or 'the request'} holds text that is not valid Unicode (a lone "
+                    f"surrogate, {value[error.start]!r}, at character {error.start}): send "
+                    f"valid UTF-8 text")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = unicode_problem(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = unicode_problem(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def metrics_text(metrics: dict) -> str:
+    """The server's counters in Prometheus' text format (what vLLM's /metrics serves)."""
+    lines = []
+    for key, value in metrics.items():
+        if key == "batch_sizes":
+            lines.append("# TYPE llmtrain_batches_of_size counter")
+            lines += [f'llmtrain_batches_of_size{{size="{size}"}} {count}'
+                      for size, count in value.items()]
+        else:
+            kind = "gauge" if key == "max_batch_size" else "counter"
+            lines += [f"# TYPE llmtrain_{key} {kind}", f"llmtrain_{key} {value}"]
+    return "\n".join(lines) + "\n"
 
 
 def openai_error(status: int, message: str, param=None) -> JSONResponse:
@@ -91,36 +152,55 @@ def application(batcher: Batcher, name: str, max_sequence_length: int, work: str
     fields."""
     app = FastAPI(title="llmtrain", docs_url=None, redoc_url=None)
 
+    def refuse(request: Request, status: int, message: str, param=None) -> JSONResponse:
+        """A 4xx in the format of the endpoint's API (Megatron-LM's on /api)."""
+        if request.url.path == "/api":
+            return JSONResponse({"message": message}, status_code=status)
+        return openai_error(status, message, param)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
-        message = validation_message(error)
-        if request.url.path == "/api":
-            return JSONResponse({"message": message}, status_code=400)
-        return openai_error(400, message)
+        return refuse(request, 400, validation_message(error))
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, error: RequestError):
-        if request.url.path == "/api":
-            return JSONResponse({"message": str(error)}, status_code=error.status)
-        return openai_error(error.status, str(error), error.param)
+        return refuse(request, error.status, str(error), error.param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException):  # a body that is not UTF-8, say
+        return refuse(request, error.status_code, str(error.detail))
 
     @app.exception_handler(RuntimeError)
     async def _failed(request: Request, error: RuntimeError):
         return openai_error(500, f"{work} failed: {error}")
+
+    @app.exception_handler(Exception)
+    async def _crashed(request: Request, error: Exception):  # a bug: say it in JSON, too
+        return openai_error(500, f"{work} failed: {type(error).__name__}: {error}")
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
-        return batcher.metrics.as_dict()
+    async def metrics(format: str = "prometheus"):
+        counters = batcher.metrics.as_dict()
+        return counters if format == "json" else PlainTextResponse(metrics_text(counters))
+
+    def card() -> dict:
+        return {"id": name, "object": "model", "created": int(time.time()),
+                "owned_by": "llmtrain", "max_model_len": max_sequence_length, **model}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": int(time.time()), "owned_by": "llmtrain",
-            "max_model_len": max_sequence_length, **model}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        if model_id != name:
+            raise RequestError(f"The model `{model_id}` does not exist: this server serves "
+                               f"`{name}`", status=404, param="model")
+        return card()
 
     return app
 
@@ -130,15 +210,24 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
     app = application(batcher, server.name, server.max_sequence_length, "generation")
     text = server.text
 
-    def _note(r) -> None:
+    def _note(r, path: str) -> None:
+        """Log the request (log_requests) and the fields it holds that are ignored; refuse text
+        that is not valid Unicode."""
+        problem = unicode_problem(r.model_dump())
+        if problem:
+            raise RequestError(problem)
         if log_requests:
             print(f"[serve] {r.model_dump_json(exclude_unset=True)[:2000]}", file=sys.stderr,
                   flush=True)
+        if r.ignored():
+            print(f"[serve] {path}: ignored the field(s) this server does not know: "
+                  f"{', '.join(r.ignored())}", file=sys.stderr, flush=True)
 
     @app.post("/v1/completions")
     async def completions(r: CompletionRequest):
-        _note(r)
-        choices, prompts = server.completion_choices(r)
+        _note(r, "/v1/completions")
+        # Tokenizing off the event loop: a long prompt does not hold the other clients.
+        choices, prompts = await asyncio.to_thread(server.completion_choices, r)
         texts = [server.prompt_text(r, i, p) for i, p in enumerate(prompts)]
         work = submit(batcher, choices, r.stream)
         request_id = new_id("cmpl")
@@ -204,8 +293,8 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
 
     @app.post("/v1/chat/completions")
     async def chat(r: ChatRequest):
-        _note(r)
-        choices, prompt = server.chat_choices(r)
+        _note(r, "/v1/chat/completions")
+        choices, prompt = await asyncio.to_thread(server.chat_choices, r)
         work = submit(batcher, choices, r.stream)
         request_id = new_id("chatcmpl")
         if r.stream:
@@ -246,7 +335,10 @@ def build(batcher: Batcher, server: Server, log_requests: bool = False) -> FastA
             body = await request.json()
         except ValueError:
             raise RequestError("the request body is not JSON") from None
-        choices, options = megatron_api.parse(body, server)
+        problem = unicode_problem(body)
+        if problem:
+            raise RequestError(problem)
+        choices, options = await asyncio.to_thread(megatron_api.parse, body, server)
         if not options["no_log"]:
             print(f"[serve] /api request from {request.client.host if request.client else '?'}"
                   f": {len(choices)} prompt(s)", file=sys.stderr, flush=True)
@@ -302,4 +394,7 @@ async def _json(request: Request) -> dict:
         raise RequestError("the request body is not JSON") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    problem = unicode_problem(body)
+    if problem:
+        raise RequestError(problem)
     return body

@@ -35,6 +35,7 @@ class Choice:
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the generated text handed out
     final_text: Optional[str] = None
+    stop_reason: Optional[str] = None  # the stop string that ended it (vLLM's stop_reason)
 
     def feed(self, token: int, text: Text) -> tuple[str, bool]:
         """The text that can be handed out after `token`, and whether a stop string ended the
@@ -44,9 +45,10 @@ class Choice:
         full = text.decode(self.tokens)
         if full.endswith("\ufffd"):
             return "", False
-        hits = [full.find(s) for s in self.stops if s in full]
+        hits = sorted((full.find(s), s) for s in self.stops if s in full)
         if hits:
-            self.final_text = full[:min(hits)]
+            at, self.stop_reason = hits[0]
+            self.final_text = full[:at]
             return self._emit(self.final_text), True
         hold = max((n for s in self.stops for n in range(len(s) - 1, 0, -1)
                     if full.endswith(s[:n])), default=0)

@@ -29,6 +29,8 @@ class ServeConfig(InferenceConfig):
     batch_wait_ms: float = 10.0
     # Log every request's JSON (Megatron-LM logs them unless no_log).
     log_requests: bool = False
+    # A request body over this many bytes gets a 413 before it is read (null: no limit).
+    max_request_bytes: Optional[int] = 16 * 2 ** 20
 
 
 def register() -> None:

@@ -1,9 +1,12 @@
 """OpenAI's `/v1/completions` and `/v1/chat/completions`: requests as pydantic models (a malformed
 one is refused with a 400 naming the field), turned into sequences, and the results into OpenAI's
 response and stream-chunk objects. Extensions as vLLM names them: top_k, repetition_penalty,
-ignore_eos. Log-probabilities are the model's own (before temperature and filtering); with
-`echo` the prompt's come first (None for its first token), so lm-evaluation-harness's
-`local-completions` scores log-likelihood tasks."""
+ignore_eos, stop_reason. Fields this server does not know are ignored (the log names them), as
+vLLM ignores them: OpenAI-ecosystem clients send fields of their own. Log-probabilities are the
+model's own (before temperature and filtering) for every generated token, an end token included
+(as `usage` counts it, though the text leaves it out); with `echo` the prompt's come first (None
+for its first token), so lm-evaluation-harness's `local-completions` scores log-likelihood
+tasks."""
 
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ class RequestError(ValueError):
 
 
 class _Request(BaseModel):
-    """Fields both APIs share. Unknown fields are refused, as OpenAI's API does."""
+    """Fields both APIs share. Unknown fields are kept aside (`ignored`), not refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     model: Optional[str] = None
     temperature: Optional[float] = Field(None, ge=0)
@@ -78,6 +81,13 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def ignored(self) -> list[str]:
+        """The fields of the request (and of its messages) this server does not know."""
+        names = list(self.model_extra or {})
+        for i, message in enumerate(getattr(self, "messages", None) or []):
+            names += [f"messages[{i}].{key}" for key in message.model_extra or {}]
+        return names
+
 
 class CompletionRequest(_Request):
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
@@ -89,21 +99,23 @@ class CompletionRequest(_Request):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="allow")
+    # developer: OpenAI's newer name for the system role
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart]]
     name: Optional[str] = None
 
     def plain(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(
             p.text for p in self.content)
-        return {"role": self.role, "content": content}
+        return {"role": "system" if self.role == "developer" else self.role,
+                "content": content}
 
 
 class ChatRequest(_Request):
@@ -209,18 +221,18 @@ class Server:
     def completion_choice(self, r: CompletionRequest, choice: Choice, output: Output,
                           text: str, prompt_text: str) -> dict:
         logprobs = None
-        shown = output.visible(choice.sequence.stop_ids)
         if r.logprobs is not None:
-            tokens = list(shown)
-            values = list(output.logprobs[:len(shown)])
-            tops = list(output.top_logprobs[:len(shown)])
+            tokens = list(output.tokens)
+            values = list(output.logprobs)
+            tops = list(output.top_logprobs)
             if r.echo:
                 tokens = choice.sequence.prompt + tokens
                 values = output.prompt_logprobs + values
                 tops = output.prompt_top_logprobs + tops
             logprobs = self._completion_logprobs(tokens, values, tops)
         return {"index": choice.index, "text": (prompt_text if r.echo else "") + text,
-                "logprobs": logprobs, "finish_reason": output.finish_reason}
+                "logprobs": logprobs, "finish_reason": output.finish_reason,
+                "stop_reason": choice.stop_reason}
 
     def prompt_text(self, r: CompletionRequest, index: int, prompt: list[int]) -> str:
         if isinstance(r.prompt, str):
@@ -271,11 +283,10 @@ class Server:
                             for t, lp, top in zip(tokens, logprobs, tops)]}
 
     def chat_choice(self, r: ChatRequest, choice: Choice, output: Output, text: str) -> dict:
-        shown = output.visible(choice.sequence.stop_ids)
         return {"index": choice.index, "message": {"role": "assistant", "content": text},
-                "logprobs": self.chat_logprobs(r, shown, output.logprobs or [],
+                "logprobs": self.chat_logprobs(r, output.tokens, output.logprobs or [],
                                                output.top_logprobs or []),
-                "finish_reason": output.finish_reason}
+                "finish_reason": output.finish_reason, "stop_reason": choice.stop_reason}
 
 
 def envelope(kind: str, model: str, request_id: str, **content) -> dict:

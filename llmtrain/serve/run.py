@@ -81,6 +81,10 @@ def serve(c: ServeConfig, plan: Plan, engine) -> dict:
     text = Text.load(plan)
     name = c.served_model_name or plan.model.name
     batcher, app, what = _application(c, plan, engine, text, name)
+    if c.max_request_bytes:
+        from llmtrain.serve.app import BodyLimit
+
+        app = BodyLimit(app, c.max_request_bytes)
     with listening(app, c.host, c.port, batcher.stopping.set) as (host, port):
         print(f"[serve] ready: http://{host}:{port} serves {name} ({what}); batches of up to "
               f"{engine.max_batch_size} sequences, {plan.max_sequence_length} tokens each",
