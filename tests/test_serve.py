@@ -205,6 +205,8 @@ MALFORMED = [
     ("POST", "/v1/completions", b" " * 150_000, 413,
      "the request body is 150000 bytes, over this server's limit of 100000 (max_request_bytes)"),
     ("GET", "/v1/models/gpt-4", None, 404, "The model `gpt-4` does not exist"),
+    ("POST", "/v1/completions", {"prompt": "x", "seed": 2 ** 64}, 400,
+     "seed: Input should be less than 9223372036854775808"),
 ]
 
 
@@ -251,6 +253,15 @@ def test_what_openai_ecosystem_clients_send_is_served(served):
     assert chat("developer") == chat("system")
 
     assert client.models.retrieve("tiny").id == "tiny"
+
+    def seeded():
+        return [tuple(c.logprobs.tokens) for c in client.completions.create(
+            model="tiny", prompt="Still here", max_tokens=8, temperature=1.0, n=3, seed=5,
+            logprobs=0).choices]
+    first = seeded()
+    assert seeded() == first  # reproducible, and each choice its own stream, not another's
+    assert len(set(first)) == 3  # shifted by a token:
+    assert not any(a[1:] == b[:-1] for a in first for b in first if a != b)
 
     full = client.completions.create(model="tiny", prompt="Still here", max_tokens=8,
                                      temperature=0).choices[0].text

@@ -44,7 +44,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: Optional[dict] = None
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2 ** 63, lt=2 ** 63)  # a 64-bit integer, as vLLM's
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict] = None
