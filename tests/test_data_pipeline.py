@@ -94,8 +94,11 @@ def test_shard_splits_into_compressed_shards(tmp_path):
     assert [r for p in shards for r in read_zst_lines(p)] == docs
 
 
-@pytest.mark.parametrize("kind", ["huggingface", "gpt2bpe", "sentencepiece"])
+@pytest.mark.parametrize("kind", ["huggingface", "gpt2bpe", "sentencepiece", "llama2"])
 def test_tokenize_round_trips_through_megatron(tmp_path, tokenizers_dir, kind):
+    """Each tokenizer type writes the documents Megatron-LM's preprocess_data.py writes with it
+    (--append-eod): its SentencePieceTokenizer adds no BOS, its Llama2Tokenizer opens every
+    document with one."""
     docs = documents(120)
     jsonl = write_jsonl(tmp_path / "docs.jsonl", [{"text": d, "title": d[:12]} for d in docs])
     if kind == "huggingface":
@@ -118,16 +121,20 @@ def test_tokenize_round_trips_through_megatron(tmp_path, tokenizers_dir, kind):
         import sentencepiece
 
         backend = sentencepiece.SentencePieceProcessor(model_file=str(tokenizers_dir / "spm.model"))
-        expected = [backend.encode(d) for d in docs]
+        bos = [backend.bos_id()] if kind == "llama2" else []
+        expected = [bos + backend.encode(d) for d in docs]
         eod = backend.eos_id()
         args = ["--tokenizer-model", str(tokenizers_dir / "spm.model")]
+        if kind == "llama2":
+            args += ["--tokenizer-type", "Llama2Tokenizer"]
     binaries = []
     for workers in ("1", "2"):
         prefix = tmp_path / f"w{workers}" / "corpus"
         out = data_cmd("tokenize", "--input", str(jsonl), "--output-prefix", str(prefix),
                        "--json-keys", "text", "title", "--append-eod", "--workers", workers,
                        *args).stdout
-        assert f"tokenizer {kind}" in out and "120 documents" in out
+        assert f"tokenizer {kind.replace('llama2', 'sentencepiece')}" in out
+        assert "120 documents" in out
         assert megatron_documents(f"{prefix}_text_document") == [e + [eod] for e in expected]
         assert len(megatron_documents(f"{prefix}_title_document")) == 120
         binaries.append([(tmp_path / f"w{workers}" / f"corpus_text_document.{ext}").read_bytes()

@@ -176,7 +176,7 @@ MEGATRON_LM: list[Row] = [
     Row("--eod-mask-loss", "data.eod_mask_loss=true"),
     Row("--tokenizer-type", "data.tokenizer.tokenizer_type=huggingface",
         "HuggingFaceTokenizer: huggingface, GPT2BPETokenizer: gpt2bpe, SentencePieceTokenizer: "
-        "sentencepiece, NullTokenizer: null"),
+        "sentencepiece, Llama2Tokenizer: llama2, NullTokenizer: null"),
     Row("--tokenizer-model", "data.tokenizer.tokenizer_model=/models/Meta-Llama-3.1-8B"),
     Row("--vocab-file", "data.tokenizer.vocab_file=/data/gpt2-vocab.json"),
     Row("--merge-file", "data.tokenizer.merge_file=/data/gpt2-merges.txt"),

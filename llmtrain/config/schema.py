@@ -189,7 +189,8 @@ class TokenizerConfig:
 
     # corpus: the BPE tokenizer trained on the embedded default corpus;
     # huggingface: a tokenizer directory or tokenizer.json (tokenizer_model);
-    # gpt2bpe: vocab_file + merge_file; sentencepiece: tokenizer_model.
+    # gpt2bpe: vocab_file + merge_file; sentencepiece: tokenizer_model; llama2: a SentencePiece
+    # tokenizer_model whose template token is BOS (Megatron-LM's Llama2Tokenizer).
     tokenizer_type: str = "corpus"
     tokenizer_model: Optional[str] = None
     vocab_file: Optional[str] = None

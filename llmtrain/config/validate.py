@@ -28,7 +28,8 @@ CHOICES = {
     "stage.name": stage_names(),
     "data.sft.format": FORMATS,
     "data.sft.chat_template": TEMPLATES,
-    "data.tokenizer.tokenizer_type": ("corpus", "huggingface", "gpt2bpe", "sentencepiece", "null"),
+    "data.tokenizer.tokenizer_type": ("corpus", "huggingface", "gpt2bpe", "sentencepiece", "llama2",
+                                      "null"),
     "optim.optimizer": ("adam", "sgd"),
     "optim.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "optim.lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
@@ -51,6 +52,7 @@ LORA_TARGETS = (*LORA_LAYERS, "all-linear")
 
 # The files each tokenizer type is loaded from.
 TOKENIZER_FILES = {"huggingface": ("tokenizer_model",), "sentencepiece": ("tokenizer_model",),
+                   "llama2": ("tokenizer_model",),
                    "gpt2bpe": ("vocab_file", "merge_file")}
 
 

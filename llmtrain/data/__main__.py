@@ -24,8 +24,8 @@ from llmtrain.data.workers import default_workers
 
 # Megatron-LM's names for the tokenizer types, accepted as they are.
 TOKENIZER_ALIASES = {"HuggingFaceTokenizer": "huggingface", "GPT2BPETokenizer": "gpt2bpe",
-                     "SentencePieceTokenizer": "sentencepiece", "Llama2Tokenizer": "sentencepiece"}
-TOKENIZER_TYPES = ("huggingface", "gpt2bpe", "sentencepiece", "corpus")
+                     "SentencePieceTokenizer": "sentencepiece", "Llama2Tokenizer": "llama2"}
+TOKENIZER_TYPES = ("huggingface", "gpt2bpe", "sentencepiece", "llama2", "corpus")
 
 
 class _Keys(argparse.Action):
@@ -41,7 +41,8 @@ def _add_tokenizer(parser: argparse.ArgumentParser) -> None:
                                       "embedded corpus' tokenizer when none is)")
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES + tuple(TOKENIZER_ALIASES),
                        help="huggingface (a directory or tokenizer.json), gpt2bpe (vocab.json + "
-                            "merges.txt), sentencepiece (a .model file), corpus")
+                            "merges.txt), sentencepiece (a .model file), llama2 (a .model file; "
+                            "BOS opens each document, as Megatron-LM's Llama2Tokenizer), corpus")
     group.add_argument("--tokenizer-model", help="tokenizer directory, tokenizer.json or .model")
     group.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
     group.add_argument("--merge-file", help="GPT-2 BPE merges.txt")

@@ -48,6 +48,9 @@ class Tokenizer:
     extra_vocab_size: int = 0
     # sentencepiece threads for a batch (None: its default, all cores).
     threads: Optional[int] = None
+    # A Llama 2 tokenizer (a SentencePiece model): BOS is its template token, as Megatron-LM's
+    # Llama2Tokenizer opens every text with it.
+    template_bos: bool = False
     eod_note: str = ""
 
     @property
@@ -68,10 +71,13 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], special_tokens: bool = False) -> list[list[int]]:
         """Token ids of texts; `special_tokens` adds the tokenizer's template tokens (the
         post-processor of tokenizer.json: BOS for Llama-style tokenizers, [CLS] ... [SEP] for
-        BERT-style ones), as transformers' add_special_tokens=True does. SentencePiece models
-        have none (Megatron-LM's SentencePieceTokenizer adds none either)."""
+        BERT-style ones), as transformers' add_special_tokens=True does. A SentencePiece model
+        has none (Megatron-LM's SentencePieceTokenizer adds none), a Llama 2 one BOS."""
         if self.kind == "sentencepiece":
-            return self.backend.encode(texts, num_threads=self.threads)
+            encoded = self.backend.encode(texts, num_threads=self.threads)
+            if special_tokens and self.template_bos:
+                return [[self.bos] + ids for ids in encoded]
+            return encoded
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=special_tokens)]
 
     def decode(self, ids: list[int], keep_special: bool = False) -> str:
@@ -212,21 +218,26 @@ def load_tokenizer(cfg: TokenizerConfig, vocab_size: Optional[int] = None) -> To
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         return _from_tokenizers(backend, "gpt2bpe", _file_hash(vocab, merges), cfg, vocab.parent)
-    if kind == "sentencepiece":
+    if kind in ("sentencepiece", "llama2"):
         model = Path(_required(cfg.tokenizer_model, "data.tokenizer.tokenizer_model"))
         import sentencepiece
 
         backend = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        llama2 = kind == "llama2"
+        if llama2 and backend.bos_id() < 0:
+            raise ValueError(f"tokenizer_type llama2 opens each text with BOS, but {model} has "
+                             f"no BOS piece: use tokenizer_type sentencepiece")
         tokenizer = Tokenizer("sentencepiece", backend, backend.get_piece_size() + extra, None,
                               pad=backend.pad_id(), bos=backend.bos_id(),
-                              identity=_file_hash(model), source=model, extra_vocab_size=extra)
+                              identity=_file_hash(model) + ("+bos" if llama2 else ""),
+                              source=model, extra_vocab_size=extra, template_bos=llama2)
         eos = backend.eos_id()  # the model's own end of sequence, -1 when it has none
         declared = {"eos_token": backend.id_to_piece(eos)} if eos >= 0 else {}
         tokenizer.eod_id, tokenizer.eod_note = _choose_eod(tokenizer.token_id, cfg, declared,
                                                            None)
         return tokenizer
     raise ValueError(f"unknown tokenizer_type {kind!r}: choose one of corpus, huggingface, "
-                     f"gpt2bpe, sentencepiece, null")
+                     f"gpt2bpe, sentencepiece, llama2, null")
 
 
 def _required(value: Optional[str], key: str) -> str:
