@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import re
+import shutil
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -123,6 +124,10 @@ def check_model(cfg: Config) -> None:
         raise ConfigError([str(error)]) from None
 
 
+# Beside each import: the folder and layout it was made from (what pruning goes by).
+SOURCE = "llmtrain_import.json"
+
+
 def import_dir(cfg: Config) -> Path:
     """checkpoint.hf_import_dir, else beside llmtrain's other caches (the corpus)."""
     from llmtrain.data.corpus import cache_root
@@ -160,6 +165,22 @@ def _convert(folder: Path, target: Path, tp: int, pp: int) -> None:
         raise ConfigError([f"checkpoint.load={folder}: the conversion failed (python -m "
                            f"llmtrain.convert, {failed.splitlines()[0].rstrip(':')}; its output "
                            f"is above)"])
+    (target / SOURCE).write_text(json.dumps({"folder": str(folder),
+                                             "tensor_model_parallel_size": tp,
+                                             "pipeline_model_parallel_size": pp}) + "\n")
+
+
+def _prune(entry: Path) -> None:
+    """Remove the other entries of the import cache of `entry`'s folder and layout: made from
+    older files of that folder, or by another version of the converter, they are never used
+    again (a 70B model's import is 140 GB)."""
+    source = (entry / SOURCE).read_text()
+    for other in sorted(entry.parent.iterdir()):
+        if other != entry and (other / SOURCE).is_file() and \
+                (other / SOURCE).read_text() == source:
+            print(f"[llmtrain] removing {other}: an import of the same folder at the same "
+                  f"layout, from before its files (or llmtrain's converter) changed", flush=True)
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def prepare(cfg: Config) -> None:
@@ -180,4 +201,5 @@ def prepare(cfg: Config) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.is_dir():
                 _convert(folder, target, tp, pp)
+    _prune(target)
     cfg.checkpoint.load = str(target)

@@ -49,10 +49,19 @@ def test_one_command_from_a_hugging_face_folder_to_a_hugging_face_folder(tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(exported)
     assert tokenizer.chat_template == CHAT_TEMPLATE and model.config.num_hidden_layers == 4
 
+    # An import of the folder from before its files changed is removed; another layout's stays.
+    stale, other_layout = cache / "hf-0000000000000000", cache / "hf-1111111111111111"
+    for entry, tp in ((stale, 2), (other_layout, 1)):
+        entry.mkdir()
+        (entry / hf_load.SOURCE).write_text(json.dumps({
+            "folder": str(hf.resolve()), "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": 1}) + "\n")
     again = run_llmtrain(*command).stdout
     assert "converting" not in again and f"converted and checked before, loading {imported}" \
         in again
     assert f"loaded {run}/checkpoints/iter_0000002; resuming after step 2" in again
+    assert f"removing {stale}: an import of the same folder at the same layout" in again
+    assert not stale.exists() and other_layout.exists() and imported.exists()
 
 
 def test_bad_hugging_face_folders_are_refused_before_launch(tmp_path):
