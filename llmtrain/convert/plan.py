@@ -27,7 +27,7 @@ from llmtrain.convert import peft as peft_files
 from llmtrain.convert.check import tokenize
 from llmtrain.convert.config import DIRECTIONS, DTYPES, ConvertConfig
 from llmtrain.convert.families import Family
-from llmtrain.convert.mapping import ConversionError
+from llmtrain.convert.mapping import ConversionError, ExpertSlice
 from llmtrain.convert.job import Job
 
 # Fields that describe training rather than the architecture (not compared with model=).
@@ -343,6 +343,12 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
         raise ConversionError(f"{root} has no {hf_files.CONFIG} and no training run config "
                               f"beside it saying which model it holds: add model=<name> (one of "
                               f"conf/model/)")
+    if c.expert_model_parallel_size > 1 and any(isinstance(rule.transform, ExpertSlice)
+                                                for rule in family.rules(m)):
+        raise ConversionError(f"{family.name} checkpoints hold each layer's experts in one "
+                              f"tensor, which the way back writes from one process: leave "
+                              f"expert_model_parallel_size at 1 (the experts still load under "
+                              f"any expert parallel size)")
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size, c.expert_model_parallel_size)
     stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else

@@ -9,6 +9,8 @@
 - Multi-latent attention (DeepSeek): on the local layers `LatentDotProductAttention`, whose key
   and value heads differ in size, and a query without a latent norm (`DirectQueryAttention`;
   llmtrain.megatron.mla).
+- Attention sinks (gpt-oss, softmax_type=learnable): Megatron's core attention holds them;
+  `mark_attention_sinks` gives them the tensor-parallel attributes of a per-head tensor.
 - Dense layers among MoE ones (DeepSeek's first layers: moe_layer_freq): each layer gets the
   dense or the MoE spec of its own kind.
 
@@ -23,6 +25,7 @@ from functools import partial
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -155,6 +158,15 @@ def _mla_te_names(moe: bool) -> dict[str, str]:
     if not moe:
         names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return names
+
+
+def mark_attention_sinks(chunk: torch.nn.Module) -> None:
+    """Attention sinks (softmax_type=learnable, gpt-oss) are one logit per head of this TP rank
+    (Megatron's checkpoint shards them over TP) but carry no tensor-parallel attributes, which
+    llmtrain's layout-free initialisation and whole-tensor loading read."""
+    for name, param in chunk.named_parameters():
+        if name.endswith("softmax_offset"):
+            set_tensor_model_parallel_attributes(param, True, 0, 1)
 
 
 def _normalize_output(module, args, output):
