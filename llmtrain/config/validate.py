@@ -190,6 +190,12 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"model (model.num_moe_experts is not set)")
     if m.num_moe_experts is not None:
         problems += routing_problems(m)
+    if m.num_moe_experts is not None and m.add_bias_linear and tp > 1:
+        problems.append(f"model {m.name} has experts with biases (add_bias_linear), which "
+                        f"Megatron-Core splits over no tensor-parallel ranks (expert tensor "
+                        f"parallel size 1), and llmtrain splits experts as it splits the rest: "
+                        f"use tensor_model_parallel_size=1, not {tp} (spread the experts with "
+                        f"expert_model_parallel_size)")
     problems += moe_layer_problems(m)
     if m.multi_latent_attention and m.num_query_groups not in (None, m.num_attention_heads):
         problems.append(f"model.multi_latent_attention=true gives every head its own key and "
