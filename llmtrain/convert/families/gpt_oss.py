@@ -63,12 +63,13 @@ def _layer_types(m: ModelConfig) -> list[str]:
 
 def _fields(c) -> dict:
     problems: list[str] = []
-    if getattr(c, "quantization_config", None):
-        problems.append("quantized weights (quantization_config: the published MXFP4 experts, "
-                        "blocks and scales): dequantize them first (transformers: "
-                        "GptOssForCausalLM.from_pretrained(..., quantization_config="
-                        "Mxfp4Config(dequantize=True)), then save_pretrained), then convert "
-                        "that folder")
+    quantized = dict(getattr(c, "quantization_config", None) or {})
+    if quantized and not quantized.get("dequantize"):
+        problems.append(f"quantized weights (quantization_config: {quantized.get('quant_method')}"
+                        f", the published experts' FP4 blocks and scales): dequantize them first "
+                        f"(transformers: GptOssForCausalLM.from_pretrained(..., "
+                        f"quantization_config=Mxfp4Config(dequantize=True)), then "
+                        f"save_pretrained), then convert that folder")
     if not c.attention_bias:
         problems.append("attention_bias=false (the experts and the router have biases; "
                         "Megatron's add_bias_linear covers every linear layer)")
