@@ -19,7 +19,7 @@ from llmtrain.config.schema import (
     StageConfig,
 )
 from llmtrain.config.inputs import holds_steps
-from llmtrain.config.layers import moe_layers
+from llmtrain.config.layers import moe_layers, window_layers
 from llmtrain.config.layout import Layout, Machine
 from llmtrain.config.validate import padded_vocab_size, validate
 from llmtrain.convert import families, hf_files, legacy
@@ -60,6 +60,8 @@ def _normalized(m: ModelConfig) -> dict:
     if m.position_embedding_type != "rope":
         values.update(rotary_base=None, rotary_percent=None)
     values["window_size"] = list(m.window_size) if m.window_size else None
+    # A step or its list of layers, the same windowed layers.
+    values["window_attn_skip_freq"] = window_layers(m) if m.window_size else None
     # A step or its list of layers, the same MoE layers (a dense model has none to compare).
     values["moe_layer_freq"] = moe_layers(m) if m.num_moe_experts else None
     return {k: v for k, v in values.items() if k not in NOT_ARCHITECTURE}

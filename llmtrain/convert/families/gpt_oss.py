@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmtrain.config.layers import window_layers
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.families import Family, unsupported
 from llmtrain.convert.families.deepseek import hf_rope, rope_fields
@@ -51,14 +52,7 @@ def _window_fields(c, problems: list[str]) -> dict:
 
 
 def _layer_types(m: ModelConfig) -> list[str]:
-    skip = m.window_attn_skip_freq
-    if not m.window_size:
-        return [FULL] * m.num_layers
-    if skip is None:
-        return [SLIDING] * m.num_layers
-    if isinstance(skip, int):  # Megatron: layer number (from 1) % skip != 0 has the window
-        return [SLIDING if (i + 1) % skip else FULL for i in range(m.num_layers)]
-    return [SLIDING if flag else FULL for flag in skip]
+    return [SLIDING if window else FULL for window in window_layers(m)]
 
 
 def _fields(c) -> dict:
