@@ -165,7 +165,7 @@ def mark_attention_sinks(chunk: torch.nn.Module) -> None:
     (Megatron's checkpoint shards them over TP) but carry no tensor-parallel attributes, which
     llmtrain's layout-free initialisation and whole-tensor loading read."""
     for name, param in chunk.named_parameters():
-        if name.endswith("softmax_offset"):
+        if name.endswith("softmax_offset") and not hasattr(param, "tensor_model_parallel"):
             set_tensor_model_parallel_attributes(param, True, 0, 1)
 
 
