@@ -19,6 +19,7 @@ def _config(kind: str):
         FalconConfig,
         GlmConfig,
         GPT2Config,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -79,10 +80,19 @@ def _config(kind: str):
                                                 routed_scaling_factor=2.5),
         "deepseek_v2": lambda: DeepseekV2Config(**deepseek, q_lora_rank=None, n_shared_experts=2,
                                                 num_experts_per_tok=2, topk_method="greedy"),
+        # gpt-oss: attention sinks, a window of 8 on layers 0 and 2, YaRN unrounded (with its
+        # attention factor), biases everywhere, 4 experts (2 per token) with the clamped gated
+        # unit, stored stacked.
+        "gpt_oss": lambda: GptOssConfig(
+            **dict(llama, intermediate_size=48), head_dim=16, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=8,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 32}),
     }[kind]()
 
 
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss")
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm",
             "qwen3", *MOE)
 
@@ -117,7 +127,7 @@ def tiny_hf(kind: str, folder: Path, dtype: torch.dtype = torch.float32,
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or ".ln" in name or name.endswith("bias"):
+            if "norm" in name or ".ln" in name or name.endswith(("bias", "sinks")):
                 param.add_(torch.randn_like(param) * 0.1)
         for name, buffer in model.named_buffers():  # DeepSeek-V3's expert bias is a buffer
             if name.endswith("e_score_correction_bias"):

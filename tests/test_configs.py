@@ -290,6 +290,28 @@ def test_moe_routing_settings_are_checked_together():
         "dividing the 4 experts, at least as many as the groups chosen (it is 3)"]
 
 
+def test_gpt_oss_attention_and_gated_unit_settings_are_checked_together():
+    """The window pattern without a window, a clamp on SwiGLU (Megatron-Core clamps
+    quick_geglu only) and an unrounded YaRN ramp under multi-latent attention (whose YaRN
+    rounds) are each named."""
+    cfg = compose_config("model=gpt_oss_20b", "model.window_size=null", "model.activation=swiglu",
+                         "model.softmax_type=sinks")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert error.value.problems == [
+        "model.softmax_type=sinks is not one of: vanilla, off-by-one, learnable",
+        "model.window_attn_skip_freq needs model.window_size (the window of the layers that have "
+        "one)",
+        "model.activation_func_clamp_value: Megatron-Core clamps the gated unit of "
+        "activation=quick_geglu only"]
+    cfg = compose_config("model=deepseek_v2_lite", "model.yarn_correction_range_round_to_int=false")
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, CPU)
+    assert error.value.problems == [
+        "model.yarn_correction_range_round_to_int=false applies to rope_type=yarn outside "
+        "multi-latent attention (whose YaRN always rounds)"]
+
+
 def test_dry_run_prints_the_plan():
     out = run_llmtrain("model=llama3_8b", "parallel=tp4pp2", "device=cuda", "precision=bf16",
                        "data=mock", "data.seq_length=8192", "stage.micro_batch_size=1",

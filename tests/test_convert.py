@@ -367,7 +367,7 @@ def test_linear_rope_scaling_converts_and_yarn_and_dynamic_are_refused(tmp_path)
     assert written.rope_parameters["rope_type"] == "linear"
     assert written.rope_parameters["factor"] == 4.0
 
-    for kind, missing in (("yarn", "drops its attention factor (mscale)"),
+    for kind, missing in (("yarn", "the gpt_oss and deepseek families convert it"),
                           ("dynamic", "no RoPE whose base grows with the sequence length")):
         hf = llama(kind, {"rope_type": kind, "factor": 4.0,
                           "original_max_position_embeddings": 32})
@@ -394,3 +394,29 @@ def test_gpt2_in_the_hubs_layout_comes_back_in_it(tmp_path):
     report = convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}", **QUIET)
     _check_passed_tightly(report)
     assert_identical(tensors(hf), tensors(back))
+
+
+def test_gpt_oss_that_does_not_convert_is_refused_with_what_to_do(tmp_path):
+    """The published MXFP4 experts, a sigmoid gain other than quick_gelu's, and the biased
+    experts over tensor-parallel ranks (Megatron-Core has them on one) are each named before
+    a weight is read."""
+    from llmtrain.config.validate import ConfigError
+    from llmtrain.convert.mapping import ConversionError
+
+    hf = tiny_hf("gpt_oss", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(
+        {**config, "swiglu_alpha": 1.5,
+         "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": []}}))
+    with pytest.raises(ConversionError) as error:
+        convert(f"input={hf}", "check_only=true", **QUIET)
+    assert str(error.value) == (
+        "this gpt-oss config uses what llmtrain cannot convert yet: quantized weights "
+        "(quantization_config: mxfp4, the published experts' FP4 blocks and scales): dequantize "
+        "them first (transformers: GptOssForCausalLM.from_pretrained(..., quantization_config="
+        "Mxfp4Config(dequantize=True)), then save_pretrained), then convert that folder; "
+        "swiglu_alpha=1.5 (Megatron-Core's quick_gelu has 1.702 built in)")
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="has experts with biases .* use "
+                                          "tensor_model_parallel_size=1, not 2"):
+        convert(f"input={hf}", "check_only=true", "tensor_model_parallel_size=2", **QUIET)

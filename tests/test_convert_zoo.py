@@ -44,6 +44,9 @@ PUBLISHED = {
     # DeepSeek: the Hub's 685B for V3 holds the multi-token-prediction layer too (and the
     # routers' expert biases, buffers rather than parameters), the published 671B does not.
     "deepseek_v3": 671_026_404_352, "deepseek_v2_lite": 15_706_484_224,
+    # gpt-oss: the model card's 20.91B and 116.83B, exactly what transformers' model of the
+    # published config.json holds (attention sinks, router and expert biases included).
+    "gpt_oss_20b": 20_914_757_184, "gpt_oss_120b": 116_829_156_672,
 }
 # Entries added with conversion (the others came with training and its tests).
 CONVERSION_ZOO = (
@@ -52,7 +55,8 @@ CONVERSION_ZOO = (
     "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
     "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b",
     "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
-    "qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3", "deepseek_v2_lite")
+    "qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3", "deepseek_v2_lite", "gpt_oss_20b",
+    "gpt_oss_120b")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # Published models (each of a family with a Hugging Face mapping), not the tiny test models.
 PUBLISHED_ZOO = [name for name in ZOO if name not in ("tiny", "tiny_moe")]
@@ -88,11 +92,23 @@ def test_entry_validates_for_a_cpu_run(name):
 # Heads that TP=2 does not divide, layers that PP=2 does not.
 NOT_TP2 = {"falcon_7b": 71, "gpt2_xl": 25}
 NOT_PP2 = {"deepseek_v3": 61, "deepseek_v2_lite": 27}
+# Experts with biases: Megatron-Core splits them over no tensor-parallel ranks.
+NO_TP = ("gpt_oss_20b", "gpt_oss_120b")
 
 
 @pytest.mark.parametrize("name", CONVERSION_ZOO)
 def test_entry_under_tp2_pp2(name):
     cfg = compose_config(f"model={name}", "parallel=tp2pp2")
+    if name in NO_TP:
+        with pytest.raises(ConfigError) as error:
+            validate(cfg, CPU)
+        assert error.value.problems == [
+            f"model {name} has experts with biases (add_bias_linear), which Megatron-Core splits "
+            f"over no tensor-parallel ranks (expert tensor parallel size 1), and llmtrain splits "
+            f"experts as it splits the rest: use tensor_model_parallel_size=1, not 2 (spread the "
+            f"experts with expert_model_parallel_size)"]
+        validate(compose_config(f"model={name}", "parallel=tp1pp2"), CPU)
+        return
     if name not in NOT_TP2 and name not in NOT_PP2:
         validate(cfg, CPU)
         return
@@ -214,6 +230,20 @@ HUB_CONFIGS = {
                          "type": "yarn"},
         "rope_theta": 10000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False,
         "topk_group": 1, "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400}),
+    # As published, less the MXFP4 quantization_config (a dequantized copy: the conversion
+    # refuses the quantized experts).
+    **{name: ("GptOssConfig", {
+        "attention_bias": True, "head_dim": 64, "hidden_size": 2880, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+        "max_position_embeddings": 131072, "num_attention_heads": 64, "num_experts_per_tok": 4,
+        "num_hidden_layers": layers, "num_key_value_heads": 8, "num_local_experts": experts,
+        "rms_norm_eps": 1e-05, "rope_theta": 150000,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                         "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                         "truncate": False},
+        "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "vocab_size": 201088})
+       for name, layers, experts in (("gpt_oss_20b", 24, 32), ("gpt_oss_120b", 36, 128))},
     "bloom_560m": ("BloomConfig", {
         "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
         "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
@@ -241,10 +271,12 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
     assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite"])
-def test_transformers_builds_the_counted_deepseek_model_from_its_published_config(name):
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite", "gpt_oss_20b",
+                                  "gpt_oss_120b"])
+def test_transformers_builds_the_counted_model_from_its_published_config(name):
     """transformers' own model of the published config.json (no weights: on the meta device)
-    has exactly the parameters counted: the dense first layers, the MoE ones, the latents."""
+    has exactly the parameters counted: DeepSeek's dense first layers, MoE ones and latents,
+    gpt-oss's sinks and biases."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM

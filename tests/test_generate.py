@@ -215,3 +215,24 @@ def test_benchmark_command_runs_and_agrees_with_transformers():
     rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"]
     assert all(row[-1] == "100%" and float(row[1].replace(",", "")) > 0 for row in rows)
+
+
+def test_gpt_oss_generates_on_megatron_cores_engine_as_transformers_does(tmp_path):
+    """engine=auto takes Megatron-Core's engine for a mixture of experts (the decode engine has
+    none) and says so; greedy tokens are transformers' own, past the window of 8 tokens that
+    layers 0 and 2 see, with the attention sinks and YaRN's attention factor (KV cache)."""
+    from hf_models import tiny_hf
+    from llmtrain.convert import convert
+
+    hf = tiny_hf("gpt_oss", tmp_path / "hf", tokenizer=True)
+    convert(f"input={hf}", f"output={tmp_path / 'mcore'}", "check=false", **QUIET)
+    text = "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts.write_text(text + "\n")
+    summary = generate(f"load={tmp_path / 'mcore'}", f"input={prompts}", f"output={out}",
+                       "sampling.greedy=true", "sampling.num_tokens_to_generate=6", **QUIET)
+    assert summary["engine"] == ("Megatron-Core's engine, static batches (mixture-of-experts "
+                                 "or multi-latent attention)")
+    ids = _ids(hf, text)
+    assert len(ids) > 8
+    assert _read(out)[0]["generated_tokens"] == hf_greedy(hf, ids, 6)

@@ -148,3 +148,19 @@ def test_gpu_summary_splits_busy_time_by_kernel_kind():
               for line in text.splitlines() if line.strip().startswith(kind)}
     assert shares == {"matrix products": "50.0%", "attention": "33.3%", "memory copies": "16.7%"}
     assert gpu_summary(kernels[3:], steps=1) is None  # no GPU activity: a CPU run
+
+
+def test_gpt_oss_trains_on_the_local_layers(tmp_path):
+    """A shrunken gpt-oss (sinks, a window on the first layer, YaRN, biased experts with the
+    clamped gated unit) trains on CPU: Megatron-Core adds the biased experts' weighted bias to
+    their output in place, which autograd refuses on its local layers without llmtrain's
+    expert layer (llmtrain.megatron.specs)."""
+    run_llmtrain(*FAST, *NO_SAVE, "model=gpt_oss_20b", "model.num_layers=2",
+                 "model.hidden_size=64", "model.ffn_hidden_size=32", "model.num_attention_heads=4",
+                 "model.num_query_groups=2", "model.kv_channels=16", "model.num_moe_experts=4",
+                 "model.moe_router_topk=2", "model.window_size=[7,0]",
+                 "model.original_max_position_embeddings=32", "model.rotary_scaling_factor=4.0",
+                 "stage.global_batch_size=2", "stage.train_iters=3", "optim.lr_warmup_iters=1",
+                 f"hydra.run.dir={tmp_path}")
+    losses = summary(tmp_path)["losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]

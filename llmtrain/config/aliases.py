@@ -215,6 +215,12 @@ MEGATRON_LM: list[Row] = [
     Row("--qk-pos-emb-head-dim", "model.qk_pos_emb_head_dim=64"),
     Row("--v-head-dim", "model.v_head_dim=128"),
     Row("--rotary-scaling-factor", "model.rotary_scaling_factor=40"),
+    Row("--no-yarn-correction-range-round-to-int",
+        "model.yarn_correction_range_round_to_int=false", "with model.rope_type=yarn"),
+    Row("--window-attn-skip-freq", "model.window_attn_skip_freq=2"),
+    Row("--quick-geglu", "model.activation=quick_geglu",
+        "its offset and clamp: model.glu_linear_offset=1.0, "
+        "model.activation_func_clamp_value=7.0 (gpt-oss)"),
     Row("--bf16", "precision=bf16"),
     Row("--fp16", "precision=fp16"),
     Row("--fp8-format", "precision=fp8",

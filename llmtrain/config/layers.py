@@ -1,5 +1,6 @@
-"""Which layers of a model hold a mixture of experts: Megatron-Core's moe_layer_freq read once,
-for validation, the parameter count, the layer specs and the conversion alike (pure Python)."""
+"""Which layers of a model hold a mixture of experts (Megatron-Core's moe_layer_freq) and which
+a sliding window (its window_attn_skip_freq), each read once, for validation, the parameter
+count, the layer specs and the conversion alike (pure Python)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ def moe_layers(m) -> list[bool]:
     if isinstance(freq, int):
         return [i % freq == 0 for i in range(m.num_layers)]
     return [bool(flag) for flag in freq]
+
+
+def window_layers(m) -> list[bool]:
+    """One flag per layer, True where its attention has the sliding window: every layer but
+    each N-th (window_attn_skip_freq N, counted from 1 as Megatron-Core does), or as listed."""
+    skip = m.window_attn_skip_freq
+    if not m.window_size:
+        return [False] * m.num_layers
+    if skip is None:
+        return [True] * m.num_layers
+    if isinstance(skip, int):
+        return [(i + 1) % skip != 0 for i in range(m.num_layers)]
+    return [bool(flag) for flag in skip]
 
 
 def moe_layer_problems(m) -> list[str]:

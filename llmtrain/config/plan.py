@@ -15,6 +15,8 @@ from llmtrain.config.layout import Layout
 from llmtrain.config.schema import Config, ModelConfig
 from llmtrain.config.validate import pipeline_stage_layers
 
+# Gated activations: their first linear layer is twice as wide ([gate; linear]).
+GATED = ("swiglu", "quick_geglu")
 GIB = 1024**3
 # Dense bf16 peak of the GPUs we know, TFLOP/s (for MFU).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0,
@@ -74,11 +76,13 @@ def _attention_parameters(m: ModelConfig, norm: int) -> int:
     attention += (q_width + 2 * kv_width) * (m.add_qkv_bias or bias) + h * bias
     if m.qk_layernorm:  # the Q and K norms: one head-sized weight each, shared by the heads
         attention += 2 * (norm // h) * head
+    if m.softmax_type == "learnable":  # one sink logit per head
+        attention += m.num_attention_heads
     return attention
 
 
 def _mlp_parameters(m: ModelConfig, ffn: int) -> int:
-    gated = 2 if m.activation == "swiglu" else 1
+    gated = 2 if m.activation in GATED else 1
     return m.hidden_size * ffn * gated + ffn * m.hidden_size + (
         ffn * gated + m.hidden_size) * m.add_bias_linear
 
@@ -90,9 +94,10 @@ def count_parameters(m: ModelConfig, padded_vocab: int) -> ParamCounts:
     dense_mlp = _mlp_parameters(m, m.ffn_hidden_size)
     mlp = dense_mlp
     if m.num_moe_experts:  # every routed expert, the router, the shared expert and its gate
-        gated = 2 if m.activation == "swiglu" else 1
+        gated = 2 if m.activation in GATED else 1
         shared = m.moe_shared_expert_intermediate_size or 0
-        mlp = ((_expert_params(m) + h) * m.num_moe_experts + h * shared * (gated + 1)
+        router = h + m.add_bias_linear  # per expert: its row of the router, and its bias
+        mlp = ((_expert_params(m) + router) * m.num_moe_experts + h * shared * (gated + 1)
                + h * m.moe_shared_expert_gate)
         # The router's expert bias (aux-loss-free balancing) is a buffer, not a parameter.
     # Falcon's parallel layers share one norm between attention and MLP unless told otherwise.
@@ -147,7 +152,7 @@ def _activation_bytes_per_token(m: ModelConfig) -> tuple[int, int]:
         head = m.kv_channels or h // m.num_attention_heads
         q_width = m.num_attention_heads * head
         qkv = q_width + 2 * (m.num_query_groups or m.num_attention_heads) * head
-    gated = 2 if m.activation == "swiglu" else 1
+    gated = 2 if m.activation in GATED else 1
     widths = {m.ffn_hidden_size} if not all(moe_layers(m)) else set()
     if m.num_moe_experts:  # each token passes top-k experts (and the shared one)
         widths.add((m.moe_ffn_hidden_size or m.ffn_hidden_size) * m.moe_router_topk + (

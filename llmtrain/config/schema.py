@@ -34,7 +34,12 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
     layernorm_epsilon: float = 1e-5
-    activation: str = "swiglu"  # swiglu | gelu | gelu_tanh | relu
+    activation: str = "swiglu"  # swiglu | quick_geglu | gelu | gelu_tanh | relu
+    # Gated units (swiglu, quick_geglu): gate(x_gate) * (x_linear + glu_linear_offset), both
+    # halves clamped first when activation_func_clamp_value is set (the gate from above, the
+    # linear half on both sides): gpt-oss's experts, quick_geglu with 1.0 and 7.0.
+    glu_linear_offset: float = 0.0
+    activation_func_clamp_value: Optional[float] = None
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     # Qwen3: RMSNorm (or LayerNorm) over each query and key head before RoPE.
@@ -60,6 +65,12 @@ class ModelConfig:
     # Sliding-window attention (Mistral 7B v0.1): each token sees [left, right] tokens around it;
     # None: the whole causal context.
     window_size: Optional[list[int]] = None
+    # Sliding window on some layers only: every N-th layer (N=2: the 2nd, 4th, ...) has full
+    # attention (gpt-oss), or one 1 (window) or 0 (full) per layer; None: the window on all.
+    window_attn_skip_freq: Any = None
+    # The attention softmax: vanilla, off-by-one (a 1 added to its denominator) or learnable
+    # (a learned logit per head in the denominator: gpt-oss's attention sinks).
+    softmax_type: str = "vanilla"
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -74,9 +85,10 @@ class ModelConfig:
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
-    # Multi-latent attention's RoPE: rope (rotary_base), or yarn (YaRN: the positions of
-    # original_max_position_embeddings stretched rotary_scaling_factor times, with its beta_fast,
-    # beta_slow ramp and attention factors mscale and mscale_all_dim).
+    # RoPE: rope (rotary_base), or yarn (YaRN: the positions of original_max_position_embeddings
+    # stretched rotary_scaling_factor times, with its beta_fast, beta_slow ramp and attention
+    # factors mscale and mscale_all_dim), in multi-latent attention and in the others alike;
+    # yarn_correction_range_round_to_int=false keeps the ramp's ends unrounded (gpt-oss).
     rope_type: str = "rope"
     rotary_scaling_factor: float = 1.0
     original_max_position_embeddings: int = 4096
@@ -84,6 +96,7 @@ class ModelConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    yarn_correction_range_round_to_int: bool = True
     # Mixture of experts (None: dense).
     num_moe_experts: Optional[int] = None
     moe_router_topk: int = 2

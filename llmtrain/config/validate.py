@@ -20,7 +20,8 @@ from llmtrain.tasks import either, stage_names, stages_where, task_spec
 
 CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
-    "model.activation": ("swiglu", "gelu", "gelu_tanh", "relu"),
+    "model.activation": ("swiglu", "quick_geglu", "gelu", "gelu_tanh", "relu"),
+    "model.softmax_type": ("vanilla", "off-by-one", "learnable"),
     "model.position_embedding_type": ("rope", "learned_absolute", "alibi", "none"),
     "precision.fp8": (None, "e4m3", "hybrid"),
     "precision.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
@@ -54,6 +55,34 @@ LORA_TARGETS = (*LORA_LAYERS, "all-linear")
 TOKENIZER_FILES = {"huggingface": ("tokenizer_model",), "sentencepiece": ("tokenizer_model",),
                    "llama2": ("tokenizer_model",),
                    "gpt2bpe": ("vocab_file", "merge_file")}
+
+
+def _attention_variant_problems(m) -> list[str]:
+    """The sliding-window pattern, the clamped gated unit and YaRN's unrounded ramp, against
+    what they need."""
+    problems = []
+    skip = m.window_attn_skip_freq
+    if skip is not None and m.window_size is None:
+        problems.append("model.window_attn_skip_freq needs model.window_size (the window of the "
+                        "layers that have one)")
+    if isinstance(skip, int) and skip < 1:
+        problems.append(f"model.window_attn_skip_freq={skip} must be at least 1")
+    elif skip is not None and not isinstance(skip, int) and (
+            len(skip) != m.num_layers or set(skip) - {0, 1}):
+        problems.append(f"model.window_attn_skip_freq must be an integer or one 0 (full) or 1 "
+                        f"(window) per layer, {m.num_layers} of them")
+    if ((m.glu_linear_offset or m.activation_func_clamp_value is not None)
+            and m.activation not in ("swiglu", "quick_geglu")):
+        problems.append(f"model.glu_linear_offset and activation_func_clamp_value apply to gated "
+                        f"units (swiglu, quick_geglu), not activation={m.activation}")
+    if m.activation_func_clamp_value is not None and m.activation != "quick_geglu":
+        problems.append("model.activation_func_clamp_value: Megatron-Core clamps the gated unit "
+                        "of activation=quick_geglu only")
+    if not m.yarn_correction_range_round_to_int and (
+            m.rope_type != "yarn" or m.multi_latent_attention):
+        problems.append("model.yarn_correction_range_round_to_int=false applies to "
+                        "rope_type=yarn outside multi-latent attention (whose YaRN always rounds)")
+    return problems
 
 
 class ConfigError(ValueError):
@@ -147,6 +176,7 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
     if m.window_size is not None and (len(m.window_size) != 2 or min(m.window_size) < 0):
         problems.append(f"model.window_size={list(m.window_size)} must be [left, right], two "
                         f"token counts of at least 0 (Megatron's --window-size)")
+    problems += _attention_variant_problems(m)
     if m.parallel_mlp_layernorm and not m.parallel_attention_mlp:
         problems.append("model.parallel_mlp_layernorm=true needs model.parallel_attention_mlp=true")
     problems += pipeline_stage_problems(m.num_layers, m.name, pp, vpp,
@@ -162,6 +192,12 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"model (model.num_moe_experts is not set)")
     if m.num_moe_experts is not None:
         problems += routing_problems(m)
+    if m.num_moe_experts is not None and m.add_bias_linear and tp > 1:
+        problems.append(f"model {m.name} has experts with biases (add_bias_linear), which "
+                        f"Megatron-Core splits over no tensor-parallel ranks (expert tensor "
+                        f"parallel size 1), and llmtrain splits experts as it splits the rest: "
+                        f"use tensor_model_parallel_size=1, not {tp} (spread the experts with "
+                        f"expert_model_parallel_size)")
     problems += moe_layer_problems(m)
     if m.multi_latent_attention and m.num_query_groups not in (None, m.num_attention_heads):
         problems.append(f"model.multi_latent_attention=true gives every head its own key and "
@@ -185,7 +221,8 @@ def validate(cfg: Config, machine: Machine, generates: bool = True) -> Layout:
                         f"{m.max_position_embeddings} or less")
 
     if (m.position_embedding_type == "rope" and data.seq_length > m.max_position_embeddings
-            and not m.rope_scaling and not m.seq_len_interpolation_factor):
+            and not m.rope_scaling and not m.seq_len_interpolation_factor
+            and m.rope_type != "yarn"):
         problems.append(f"data.seq_length={data.seq_length} exceeds the "
                         f"{m.max_position_embeddings} positions model {m.name} was made for "
                         f"(max_position_embeddings) and no RoPE scaling extends them: set "

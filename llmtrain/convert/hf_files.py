@@ -87,12 +87,16 @@ class HFReader:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: Optional[int] = None) -> torch.Tensor:
+        """The tensor `name`, or only its slice `index` along the first dimension (read alone
+        from a safetensors file)."""
         if name not in self.files:
             raise KeyError(f"{name} is not in the checkpoint at {self.folder}")
         file, stored = self.files[name]
         handle = self._handle(file)
-        return handle.get_tensor(stored) if file.endswith(".safetensors") else handle[stored]
+        if not file.endswith(".safetensors"):
+            return handle[stored] if index is None else handle[stored][index]
+        return handle.get_tensor(stored) if index is None else handle.get_slice(stored)[index]
 
     def _handle(self, file: str):
         if file not in self._open:

@@ -129,6 +129,35 @@ class Transposed(Transform):
         return [t.t() for t in self.inner.to_hf(tensor, m)]
 
 
+class Deinterleaved(Transform):
+    """A gated unit's halves stored alternately along the output dimension (gpt-oss: row 2j the
+    gate's j-th, row 2j + 1 the linear half's) -> Megatron's [gate; linear]."""
+
+    def to_mcore(self, tensors, m, shape):
+        return torch.cat([tensors[0][0::2], tensors[0][1::2]])
+
+    def to_hf(self, tensor, m):
+        gate, linear = tensor.chunk(2, dim=0)
+        return [torch.stack([gate, linear], dim=1).reshape(tensor.shape)]
+
+
+@dataclass(frozen=True)
+class ExpertSlice(Transform):
+    """Hugging Face tensors that hold every expert of a layer, stacked along their first
+    dimension (gpt-oss): the Megatron tensor of expert `expert` is `inner` of its slices (read
+    alone by `Mapping.to_mcore`, not the whole stack). The mapping stacks the slices again on
+    the way back (`Mapping.to_hf`)."""
+
+    inner: Transform = field(default_factory=Copy)
+    expert: int = 0
+
+    def to_mcore(self, tensors, m, shape):
+        return self.inner.to_mcore(tensors, m, shape)
+
+    def to_hf(self, tensor, m):
+        return self.inner.to_hf(tensor, m)
+
+
 @dataclass(frozen=True)
 class Rule:
     """Megatron parameter `mcore` from the Hugging Face tensors `hf` ({i}: the layer number,
@@ -178,17 +207,22 @@ class Mapping:
     ignored: tuple[str, ...] = ()
     by_mcore: dict[str, Rule] = field(init=False)
     by_hf: dict[str, Rule] = field(init=False)
+    # Slices of stacked experts' tensors on their way back: {Hugging Face name: {expert: slice}}.
+    stacking: dict[str, dict[int, torch.Tensor]] = field(init=False)
 
     def __post_init__(self):
-        self.by_mcore, self.by_hf = {}, {}
+        self.by_mcore, self.by_hf, self.stacking = {}, {}, {}
         experts = range(self.model.num_moe_experts or 0)
         for rule in self.rules:
             layers = range(self.model.num_layers) if rule.layers is None else rule.layers
             places = ([{"i": i, "e": e} for i in layers for e in experts] if "{e}" in rule.mcore
                       else [{"i": i} for i in layers] if "{i}" in rule.mcore else [{}])
             for place in places:
+                transform = rule.transform
+                if isinstance(transform, ExpertSlice):
+                    transform = dataclasses.replace(transform, expert=place["e"])
                 self._add(Rule(rule.mcore.format(**place),
-                               tuple(n.format(**place) for n in rule.hf), rule.transform))
+                               tuple(n.format(**place) for n in rule.hf), transform))
 
     def _add(self, rule: Rule) -> None:
         self.by_mcore[rule.mcore] = rule
@@ -208,10 +242,15 @@ class Mapping:
                                   f"{self.model.family} mapping does not cover")
         return self.by_mcore[mcore_name]
 
-    def to_mcore(self, mcore_name: str, read: Callable[[str], torch.Tensor],
+    def to_mcore(self, mcore_name: str, read: Callable[..., torch.Tensor],
                  shape: torch.Size) -> torch.Tensor:
+        """`read(name)`: a Hugging Face tensor; `read(name, e)`: its slice e along the first
+        dimension (one expert of a stacked tensor)."""
         rule = self.rule(mcore_name)
-        tensor = rule.transform.to_mcore([read(name) for name in rule.hf], self.model, shape)
+        stacked = isinstance(rule.transform, ExpertSlice)
+        tensors = [read(name, rule.transform.expert) if stacked else read(name)
+                   for name in rule.hf]
+        tensor = rule.transform.to_mcore(tensors, self.model, shape)
         if tensor.shape != shape:
             raise ConversionError(f"{' + '.join(rule.hf)} give a tensor of shape "
                                   f"{list(tensor.shape)} for {mcore_name}, which has shape "
@@ -220,5 +259,17 @@ class Mapping:
         return tensor
 
     def to_hf(self, mcore_name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The Hugging Face tensors of one Megatron tensor; an expert's slice of a stacked
+        tensor is held until the layer's last expert completes it."""
         rule = self.rule(mcore_name)
-        return dict(zip(rule.hf, rule.transform.to_hf(tensor, self.model)))
+        parts = dict(zip(rule.hf, rule.transform.to_hf(tensor, self.model)))
+        if not isinstance(rule.transform, ExpertSlice):
+            return parts
+        done = {}
+        for name, part in parts.items():
+            slices = self.stacking.setdefault(name, {})
+            slices[rule.transform.expert] = part
+            if len(slices) == self.model.num_moe_experts:
+                done[name] = torch.stack([slices[e] for e in sorted(slices)])
+                del self.stacking[name]
+        return done

@@ -19,7 +19,7 @@ from llmtrain.config.schema import (
     StageConfig,
 )
 from llmtrain.config.inputs import holds_steps
-from llmtrain.config.layers import moe_layers
+from llmtrain.config.layers import moe_layers, window_layers
 from llmtrain.config.layout import Layout, Machine
 from llmtrain.config.validate import padded_vocab_size, validate
 from llmtrain.convert import families, hf_files, legacy
@@ -27,7 +27,7 @@ from llmtrain.convert import peft as peft_files
 from llmtrain.convert.check import tokenize
 from llmtrain.convert.config import DIRECTIONS, DTYPES, ConvertConfig
 from llmtrain.convert.families import Family
-from llmtrain.convert.mapping import ConversionError
+from llmtrain.convert.mapping import ConversionError, ExpertSlice
 from llmtrain.convert.job import Job
 
 # Fields that describe training rather than the architecture (not compared with model=).
@@ -60,6 +60,8 @@ def _normalized(m: ModelConfig) -> dict:
     if m.position_embedding_type != "rope":
         values.update(rotary_base=None, rotary_percent=None)
     values["window_size"] = list(m.window_size) if m.window_size else None
+    # A step or its list of layers, the same windowed layers.
+    values["window_attn_skip_freq"] = window_layers(m) if m.window_size else None
     # A step or its list of layers, the same MoE layers (a dense model has none to compare).
     values["moe_layer_freq"] = moe_layers(m) if m.num_moe_experts else None
     return {k: v for k, v in values.items() if k not in NOT_ARCHITECTURE}
@@ -343,6 +345,12 @@ def _plan_mcore_to_hf(c: ConvertConfig) -> Plan:
         raise ConversionError(f"{root} has no {hf_files.CONFIG} and no training run config "
                               f"beside it saying which model it holds: add model=<name> (one of "
                               f"conf/model/)")
+    if c.expert_model_parallel_size > 1 and any(isinstance(rule.transform, ExpertSlice)
+                                                for rule in family.rules(m)):
+        raise ConversionError(f"{family.name} checkpoints hold each layer's experts in one "
+                              f"tensor, which the way back writes from one process: leave "
+                              f"expert_model_parallel_size at 1 (the experts still load under "
+                              f"any expert parallel size)")
     cfg, layout = _megatron_config(c, m, c.tensor_model_parallel_size,
                                    c.pipeline_model_parallel_size, c.expert_model_parallel_size)
     stored = checkpoint.stored_tensors(Path(adapter[0]) if adapter else

@@ -106,6 +106,10 @@ def unsupported(model: torch.nn.Module) -> Optional[str]:
     # rotary embedding.)
     if c.num_moe_experts or c.multi_latent_attention:
         return "mixture-of-experts or multi-latent attention"
+    if c.softmax_type != "vanilla":
+        return f"an attention softmax of type {c.softmax_type} (attention sinks)"
+    if c.glu_linear_offset or c.activation_func_clamp_value is not None:
+        return "a gated unit with an offset or a clamp"
     if getattr(model, "position_embedding_type", None) != "rope" or \
             type(getattr(model, "rotary_pos_emb", None)) is not RotaryEmbedding:
         return "positions other than rotary embeddings (learned, ALiBi, YaRN)"

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
+from megatron.core.activations import quick_gelu
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -19,10 +20,11 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from llmtrain.config.layout import Layout
 from llmtrain.config.schema import Config
 from llmtrain.config.validate import te_op_fuser_fits
-from llmtrain.megatron.specs import add_embedding_layernorm, gpt_block_spec
+from llmtrain.megatron.specs import add_embedding_layernorm, gpt_block_spec, mark_attention_sinks
 
 ACTIVATIONS = {
     "swiglu": (F.silu, True),
+    "quick_geglu": (quick_gelu, True),
     "gelu": (F.gelu, False),
     "gelu_tanh": (partial(F.gelu, approximate="tanh"), False),
     "relu": (F.relu, False),
@@ -54,7 +56,7 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
             original_max_position_embeddings=m.original_max_position_embeddings,
             beta_fast=m.beta_fast, beta_slow=m.beta_slow, mscale=m.mscale,
             mscale_all_dim=m.mscale_all_dim)
-    return config_class(
+    config = config_class(
         **mla,
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -70,6 +72,12 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
         window_size=tuple(m.window_size) if m.window_size else None,
+        window_attn_skip_freq=(m.window_attn_skip_freq if m.window_attn_skip_freq is None
+                               or isinstance(m.window_attn_skip_freq, int)
+                               else list(m.window_attn_skip_freq)),
+        softmax_type=m.softmax_type,
+        glu_linear_offset=m.glu_linear_offset,
+        activation_func_clamp_value=m.activation_func_clamp_value,
         rotary_interleaved=m.rotary_interleaved,
         attention_dropout=m.attention_dropout,
         hidden_dropout=m.hidden_dropout,
@@ -147,6 +155,21 @@ def transformer_config(cfg: Config, layout: Layout) -> TransformerConfig:
         cross_entropy_loss_fusion=cuda and layout.use_transformer_engine,
         cross_entropy_fusion_impl="te" if layout.use_transformer_engine else "native",
     )
+    if m.rope_type == "yarn" and not m.multi_latent_attention:
+        # GPTModel's YaRN and its attention's factor read these from the config (Megatron-LM
+        # sets them from its arguments the same way).
+        for name, value in yarn_fields(m).items():
+            setattr(config, name, value)
+    return config
+
+
+def yarn_fields(m) -> dict:
+    """The `yarn_*` attributes of a TransformerConfig outside multi-latent attention."""
+    return dict(yarn_rotary_scaling_factor=m.rotary_scaling_factor,
+                yarn_original_max_position_embeddings=m.original_max_position_embeddings,
+                yarn_beta_fast=m.beta_fast, yarn_beta_slow=m.beta_slow, yarn_mscale=m.mscale,
+                yarn_mscale_all_dim=m.mscale_all_dim,
+                yarn_correction_range_round_to_int=m.yarn_correction_range_round_to_int)
 
 
 def block_spec(cfg: Config, layout: Layout, config: TransformerConfig, vp_stage: int | None,
@@ -182,9 +205,7 @@ def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel,
                 post_process=whole or ps.is_pipeline_last_stage(ignore_virtual=False,
                                                                 vp_stage=stage),
                 share_embeddings_and_output_weights=cfg.model.share_embeddings_and_output_weights,
-                # ALiBi lives in the attention (layer spec), not in the embedding.
-                position_embedding_type=("none" if cfg.model.position_embedding_type == "alibi"
-                                         else cfg.model.position_embedding_type),
+                position_embedding_type=position_embedding_type(cfg.model),
                 rotary_percent=cfg.model.rotary_percent,
                 rotary_base=cfg.model.rotary_base,
                 rope_scaling=cfg.model.rope_scaling,
@@ -193,6 +214,7 @@ def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel,
                 vp_stage=stage,
                 pg_collection=groups,
             )
+        mark_attention_sinks(model)
         if cfg.model.embedding_layernorm and model.pre_process:
             add_embedding_layernorm(model.embedding, config, layout.use_transformer_engine)
         if layout.device == "cuda":
@@ -202,6 +224,17 @@ def build_model(cfg: Config, layout: Layout, model_class: type = GPTModel,
         for chunk in chunks:
             fuse_wgrad_accumulation(chunk)
     return chunks
+
+
+def position_embedding_type(m) -> str:
+    """GPTModel's: ALiBi lives in the attention (layer spec), not in the embedding; YaRN
+    outside multi-latent attention is GPTModel's `yarn` (MLA rotates positions itself)."""
+    if m.position_embedding_type == "alibi":
+        return "none"
+    if (m.position_embedding_type == "rope" and m.rope_type == "yarn"
+            and not m.multi_latent_attention):
+        return "yarn"
+    return m.position_embedding_type
 
 
 def wgrad_accumulation_fusion(cfg: Config, layout: Layout) -> bool:

@@ -9,6 +9,10 @@
 - Multi-latent attention (DeepSeek): on the local layers `LatentDotProductAttention`, whose key
   and value heads differ in size, and a query without a latent norm (`DirectQueryAttention`;
   llmtrain.megatron.mla).
+- Attention sinks (gpt-oss, softmax_type=learnable): Megatron's core attention holds them;
+  `mark_attention_sinks` gives them the tensor-parallel attributes of a per-head tensor.
+- Biased experts on the local layers (gpt-oss): `ExpertRowParallelLinear`, whose output
+  Megatron-Core may add the expert's bias to in place.
 - Dense layers among MoE ones (DeepSeek's first layers: moe_layer_freq): each layer gets the
   dense or the MoE spec of its own kind.
 
@@ -23,6 +27,10 @@ from functools import partial
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.tensor_parallel.layers import (
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -73,6 +81,17 @@ class ParallelAttentionMLPLayer(TransformerLayer):
                 (mlp_output + attention_output, bias), hidden_states, self.hidden_dropout)
         return make_viewless_tensor(inp=output, requires_grad=output.requires_grad,
                                     keep_graph=True), None
+
+
+class ExpertRowParallelLinear(RowParallelLinear):
+    """A local expert's second linear layer whose output is a tensor of its own. Megatron-Core
+    adds a biased expert's weighted bias to that output in place, which autograd refuses when
+    the layer returns it as a view of its (at one TP rank: identity) reduction: training fails
+    on the local layers, though not without gradients (conversion, generation)."""
+
+    def forward(self, *args, **kwargs):
+        output, bias = super().forward(*args, **kwargs)
+        return output.clone(), bias
 
 
 def _backend(use_te: bool):
@@ -134,6 +153,9 @@ def gpt_layer_spec(m: ModelConfig, use_te: bool, te_op_fuser: bool = False,
             spec.submodules.self_attention.submodules.core_attention = LatentDotProductAttention
             spec.submodules.sharded_state_dict_keys_map = _mla_te_names(bool(experts))
         elif experts:
+            if m.add_bias_linear:  # gpt-oss's biased experts
+                moe = spec.submodules.mlp.keywords["submodules"]
+                moe.experts.keywords["submodules"].linear_fc2 = ExpertRowParallelLinear
             # Megatron's local spec saves the pre-MLP norm under the name of Transformer
             # Engine's fused fc1 norm, but a TE MoE layer keeps that norm apart (its experts
             # have no fused fc1): keep the norm's own name, the one a GPU run loads.
@@ -155,6 +177,15 @@ def _mla_te_names(moe: bool) -> dict[str, str]:
     if not moe:
         names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return names
+
+
+def mark_attention_sinks(chunk: torch.nn.Module) -> None:
+    """Attention sinks (softmax_type=learnable, gpt-oss) are one logit per head of this TP rank
+    (Megatron's checkpoint shards them over TP) but carry no tensor-parallel attributes, which
+    llmtrain's layout-free initialisation and whole-tensor loading read."""
+    for name, param in chunk.named_parameters():
+        if name.endswith("softmax_offset") and not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, True, 0, 1)
 
 
 def _normalize_output(module, args, output):

@@ -33,7 +33,10 @@ EXPERTS = Experts(block="mlp", projections=PROJECTIONS, shared="shared_experts")
 MLA = dict(DECODER, multi_latent_attention=True, qk_layernorm=True, **DEFAULTS)
 
 
-def _rope_fields(c, problems: list[str]) -> dict:
+def rope_fields(c, problems: list[str], unrounded: bool = False) -> dict:
+    """RoPE without scaling or with YaRN, from a Hugging Face config (`unrounded`: the family's
+    YaRN may keep the ramp's ends unrounded, truncate=false, which Megatron-Core's YaRN outside
+    multi-latent attention does too)."""
     rope = dict(getattr(c, "rope_parameters", None) or {})
     theta = float(rope.get("rope_theta", 10000.0))
     if theta != int(theta):
@@ -53,8 +56,11 @@ def _rope_fields(c, problems: list[str]) -> dict:
                             "attention by mscale / mscale_all_dim)")
         if rope.get("attention_factor") is not None:
             problems.append("YaRN with an explicit attention_factor")
-        if rope.get("truncate", True) is False:
-            problems.append("YaRN with truncate=false (Megatron-Core rounds the ramp's ends)")
+        if rope.get("truncate", True) is False and unrounded:
+            fields["yarn_correction_range_round_to_int"] = False
+        elif rope.get("truncate", True) is False:
+            problems.append("YaRN with truncate=false (Megatron-Core's multi-latent attention "
+                            "rounds the ramp's ends)")
         fields.update(rope_type="yarn", rotary_scaling_factor=float(factor),
                       original_max_position_embeddings=original,
                       beta_fast=float(rope.get("beta_fast") or 32),
@@ -97,7 +103,7 @@ def _fields(c, problems: list[str]) -> dict:
         "moe_layer_freq": [0] * dense + [1] * (layers - dense) if dense else 1,
         "moe_router_topk_scaling_factor": (None if c.routed_scaling_factor == 1.0
                                            else float(c.routed_scaling_factor)),
-        **_rope_fields(c, problems),
+        **rope_fields(c, problems),
     }
 
 
@@ -138,7 +144,8 @@ def _v2_fields(c) -> dict:
     return fields
 
 
-def _hf_fields(m: ModelConfig, architecture: str) -> dict:
+def hf_rope(m: ModelConfig) -> dict:
+    """The Hugging Face `rope_parameters` of `rope_fields`."""
     rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
     if m.rope_type == "yarn":
         rope.update(rope_type="yarn", factor=m.rotary_scaling_factor,
@@ -146,6 +153,13 @@ def _hf_fields(m: ModelConfig, architecture: str) -> dict:
                     beta_fast=m.beta_fast, beta_slow=m.beta_slow)
         if m.mscale_all_dim:
             rope.update(mscale=m.mscale, mscale_all_dim=m.mscale_all_dim)
+        if not m.yarn_correction_range_round_to_int:
+            rope["truncate"] = False
+    return rope
+
+
+def _hf_fields(m: ModelConfig, architecture: str) -> dict:
+    rope = hf_rope(m)
     flags = moe_layers(m)
     return dict(
         architectures=[architecture], vocab_size=m.vocab_size, hidden_size=m.hidden_size,

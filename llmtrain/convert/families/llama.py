@@ -27,10 +27,10 @@ from llmtrain.convert.mapping import (
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
-# RoPE scalings Megatron-Core 0.19.2 cannot reproduce, and what it lacks.
+# RoPE scalings these families do not convert, and why.
 ROPE_MISSING = {
-    "yarn": "Megatron-Core's GPTModel computes YaRN's frequencies but drops its attention factor "
-            "(mscale) outside multi-latent attention, so the logits would differ",
+    "yarn": "the Llama-layout mapping does not carry YaRN yet (Megatron-Core's GPTModel has it, "
+            "attention factor included: the gpt_oss and deepseek families convert it)",
     "dynamic": "Megatron-Core has no RoPE whose base grows with the sequence length (dynamic "
                "NTK); to keep the positions the model was trained on, set rope_type to default "
                "in config.json",
