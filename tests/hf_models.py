@@ -17,6 +17,7 @@ def _config(kind: str):
         DeepseekV2Config,
         DeepseekV3Config,
         FalconConfig,
+        Glm4MoeConfig,
         GlmConfig,
         GPT2Config,
         LlamaConfig,
@@ -79,10 +80,18 @@ def _config(kind: str):
                                                 routed_scaling_factor=2.5),
         "deepseek_v2": lambda: DeepseekV2Config(**deepseek, q_lora_rank=None, n_shared_experts=2,
                                                 num_experts_per_tok=2, topk_method="greedy"),
+        # GLM-4.5: grouped-query attention with Q/K/V biases and Q/K norms, RoPE on half of
+        # each head (two halves), a dense first layer, DeepSeek-V3's routing (1 of 2 groups).
+        "glm4_moe": lambda: Glm4MoeConfig(**llama, head_dim=16, partial_rotary_factor=0.5,
+                                          attention_bias=True, use_qk_norm=True,
+                                          moe_intermediate_size=32, n_routed_experts=8,
+                                          n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                                          topk_group=1, first_k_dense_replace=1,
+                                          routed_scaling_factor=2.5, pad_token_id=None),
     }[kind]()
 
 
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "glm4_moe")
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm",
             "qwen3", *MOE)
 
