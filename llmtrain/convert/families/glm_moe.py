@@ -4,8 +4,7 @@ channels in two halves (rotate_half, not interleaved pairs), then DeepSeek-V3's 
 dense layers first, sigmoid routing with the expert bias, group-limited top-k, shared experts.
 
 Multi-token prediction: the published checkpoints hold num_nextn_predict_layers more layers;
-llmtrain does not train them, and the conversion skips their tensors and says so.
-DRAFT: not yet run against the tiny model of tests/hf_models.py."""
+llmtrain does not train them, and the conversion skips their tensors and says so."""
 
 from __future__ import annotations
 
