@@ -44,6 +44,8 @@ PUBLISHED = {
     # DeepSeek: the Hub's 685B for V3 holds the multi-token-prediction layer too (and the
     # routers' expert biases, buffers rather than parameters), the published 671B does not.
     "deepseek_v3": 671_026_404_352, "deepseek_v2_lite": 15_706_484_224,
+    # GLM-4.5: without the multi-token-prediction layer (as transformers builds it).
+    "glm4_5": 352_797_814_784, "glm4_5_air": 106_852_245_504,
 }
 # Entries added with conversion (the others came with training and its tests).
 CONVERSION_ZOO = (
@@ -52,7 +54,8 @@ CONVERSION_ZOO = (
     "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b", "qwen2_5_14b", "qwen2_5_32b", "qwen2_5_72b",
     "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b",
     "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
-    "qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3", "deepseek_v2_lite")
+    "qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3", "deepseek_v2_lite",
+    "glm4_5", "glm4_5_air")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # Published models (each of a family with a Hugging Face mapping), not the tiny test models.
 PUBLISHED_ZOO = [name for name in ZOO if name not in ("tiny", "tiny_moe")]
@@ -214,6 +217,24 @@ HUB_CONFIGS = {
                          "type": "yarn"},
         "rope_theta": 10000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False,
         "topk_group": 1, "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400}),
+    "glm4_5": ("Glm4MoeConfig", {
+        "attention_bias": True, "first_k_dense_replace": 3, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 5120, "intermediate_size": 12288, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1536, "n_group": 1, "n_routed_experts": 160,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96,
+        "num_experts_per_tok": 8, "num_hidden_layers": 92, "num_key_value_heads": 8,
+        "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
+        "topk_group": 1, "use_qk_norm": True, "vocab_size": 151552}),
+    "glm4_5_air": ("Glm4MoeConfig", {
+        "attention_bias": True, "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 10944, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96,
+        "num_experts_per_tok": 8, "num_hidden_layers": 46, "num_key_value_heads": 8,
+        "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False,
+        "topk_group": 1, "use_qk_norm": False, "vocab_size": 151552}),
     "bloom_560m": ("BloomConfig", {
         "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
         "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
@@ -241,7 +262,7 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
     assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite", "glm4_5", "glm4_5_air"])
 def test_transformers_builds_the_counted_deepseek_model_from_its_published_config(name):
     """transformers' own model of the published config.json (no weights: on the meta device)
     has exactly the parameters counted: the dense first layers, the MoE ones, the latents."""
