@@ -68,4 +68,5 @@ GLM4_MOE = Family(
     from_hf=_fields, hf_config=_hf,
     defaults=dict(DECODER, rotary_interleaved=False, moe_router_score_function="sigmoid",
                   moe_router_enable_expert_bias=True, moe_router_pre_softmax=False, **DEFAULTS),
-    extra_layers="multi-token prediction", **dict(SHARED, rules=_rules))
+    sizes=("glm4_5", "glm4_5_air"), extra_layers="multi-token prediction",
+    **dict(SHARED, rules=_rules))
