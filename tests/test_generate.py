@@ -215,3 +215,18 @@ def test_benchmark_command_runs_and_agrees_with_transformers():
     rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"]
     assert all(row[-1] == "100%" and float(row[1].replace(",", "")) > 0 for row in rows)
+
+
+def test_auto_engine_takes_megatron_cores_for_a_mixture_of_experts_and_says_why(tmp_path):
+    """GLM-4.5 (MoE): the decode engine does not cover it, so engine=auto takes Megatron-Core's."""
+    from hf_models import tiny_hf
+    from llmtrain.convert import convert
+
+    hf, mcore = tiny_hf("glm4_moe", tmp_path / "hf", tokenizer=True), tmp_path / "mcore"
+    convert(f"input={hf}", f"output={mcore}", "check=false", **QUIET)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The capital of France is"}\n')
+    summary = generate(f"load={mcore}", f"input={prompts}", f"output={tmp_path / 'o.jsonl'}",
+                       "sampling.num_tokens_to_generate=2", **QUIET)
+    assert summary["engine"] == ("Megatron-Core's engine, static batches (mixture-of-experts or "
+                                 "multi-latent attention)")
