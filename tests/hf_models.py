@@ -17,6 +17,7 @@ def _config(kind: str):
         DeepseekV2Config,
         DeepseekV3Config,
         FalconConfig,
+        Glm4MoeConfig,
         GlmConfig,
         GPT2Config,
         GptOssConfig,
@@ -89,10 +90,18 @@ def _config(kind: str):
             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
                              "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                              "original_max_position_embeddings": 32}),
+        # GLM-4.5: grouped-query attention with Q/K/V biases and Q/K norms, RoPE on half of
+        # each head (two halves), a dense first layer, DeepSeek-V3's routing (1 of 2 groups).
+        "glm4_moe": lambda: Glm4MoeConfig(**llama, head_dim=16, partial_rotary_factor=0.5,
+                                          attention_bias=True, use_qk_norm=True,
+                                          moe_intermediate_size=32, n_routed_experts=8,
+                                          n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                                          topk_group=1, first_k_dense_replace=1,
+                                          routed_scaling_factor=2.5, pad_token_id=None),
     }[kind]()
 
 
-MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe")
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bloom", "falcon", "falcon40b", "glm",
             "qwen3", *MOE)
 

@@ -47,6 +47,8 @@ PUBLISHED = {
     # gpt-oss: the model card's 20.91B and 116.83B, exactly what transformers' model of the
     # published config.json holds (attention sinks, router and expert biases included).
     "gpt_oss_20b": 20_914_757_184, "gpt_oss_120b": 116_829_156_672,
+    # GLM-4.5: without the multi-token-prediction layer (as transformers builds it).
+    "glm4_5": 352_797_814_784, "glm4_5_air": 106_852_245_504,
 }
 # Entries added with conversion (the others came with training and its tests).
 CONVERSION_ZOO = (
@@ -56,7 +58,7 @@ CONVERSION_ZOO = (
     "bloom_560m", "bloom_1b7", "bloom_7b1", "bloom_176b", "falcon_7b", "falcon_40b",
     "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
     "qwen3_30b_a3b", "qwen3_235b_a22b", "deepseek_v3", "deepseek_v2_lite", "gpt_oss_20b",
-    "gpt_oss_120b")
+    "gpt_oss_120b", "glm4_5", "glm4_5_air")
 ZOO = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # Published models (each of a family with a Hugging Face mapping), not the tiny test models.
 PUBLISHED_ZOO = [name for name in ZOO if name not in ("tiny", "tiny_moe")]
@@ -244,6 +246,24 @@ HUB_CONFIGS = {
         "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
         "tie_word_embeddings": False, "vocab_size": 201088})
        for name, layers, experts in (("gpt_oss_20b", 24, 32), ("gpt_oss_120b", 36, 128))},
+    "glm4_5": ("Glm4MoeConfig", {
+        "attention_bias": True, "first_k_dense_replace": 3, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 5120, "intermediate_size": 12288, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1536, "n_group": 1, "n_routed_experts": 160,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96,
+        "num_experts_per_tok": 8, "num_hidden_layers": 92, "num_key_value_heads": 8,
+        "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
+        "topk_group": 1, "use_qk_norm": True, "vocab_size": 151552}),
+    "glm4_5_air": ("Glm4MoeConfig", {
+        "attention_bias": True, "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 10944, "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96,
+        "num_experts_per_tok": 8, "num_hidden_layers": 46, "num_key_value_heads": 8,
+        "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False,
+        "topk_group": 1, "use_qk_norm": False, "vocab_size": 151552}),
     "bloom_560m": ("BloomConfig", {
         "apply_residual_connection_post_layernorm": False, "hidden_size": 1024,
         "layer_norm_epsilon": 1e-05, "n_head": 16, "n_layer": 24, "vocab_size": 250880}),
@@ -272,7 +292,7 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite", "gpt_oss_20b",
-                                  "gpt_oss_120b"])
+                                  "gpt_oss_120b", "glm4_5", "glm4_5_air"])
 def test_transformers_builds_the_counted_model_from_its_published_config(name):
     """transformers' own model of the published config.json (no weights: on the meta device)
     has exactly the parameters counted: DeepSeek's dense first layers, MoE ones and latents,

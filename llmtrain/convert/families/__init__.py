@@ -66,7 +66,7 @@ class Family:
 
 # The modules of this package that define families, in the order errors list them.
 MODULES = ("llama", "gpt2", "bloom", "falcon", "glm", "qwen3", "mixtral", "qwen_moe",
-           "deepseek", "gpt_oss")
+           "deepseek", "gpt_oss", "glm_moe")
 
 
 @cache
