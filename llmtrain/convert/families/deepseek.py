@@ -86,25 +86,30 @@ def _fields(c, problems: list[str]) -> dict:
         problems.append(f"num_key_value_heads={c.num_key_value_heads} other than "
                         f"num_attention_heads={c.num_attention_heads} (multi-latent attention "
                         f"gives every head its own key and value)")
-    dense, layers = c.first_k_dense_replace or 0, c.num_hidden_layers
-    shared = c.n_shared_experts or 0
     return {
-        "num_layers": layers, "hidden_size": c.hidden_size,
+        "num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
         "ffn_hidden_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
         "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
         "layernorm_epsilon": c.rms_norm_eps,
         "share_embeddings_and_output_weights": bool(c.tie_word_embeddings),
         "q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
         "qk_head_dim": c.qk_nope_head_dim, "qk_pos_emb_head_dim": c.qk_rope_head_dim,
-        "v_head_dim": c.v_head_dim,
+        "v_head_dim": c.v_head_dim, **experts_fields(c), **rope_fields(c, problems),
+    }
+
+
+def experts_fields(c) -> dict:
+    """DeepSeek's mixture of experts in Megatron-Core's terms (GLM-4.5 has the same): routed
+    and shared experts, the dense layers before the MoE ones, the routed weights' scale."""
+    dense, layers = c.first_k_dense_replace or 0, c.num_hidden_layers
+    return {
         "num_moe_experts": c.n_routed_experts, "moe_router_topk": c.num_experts_per_tok,
         "moe_ffn_hidden_size": c.moe_intermediate_size,
-        "moe_shared_expert_intermediate_size": shared * c.moe_intermediate_size or None,
+        "moe_shared_expert_intermediate_size": (c.n_shared_experts or 0)
+        * c.moe_intermediate_size or None,
         "moe_layer_freq": [0] * dense + [1] * (layers - dense) if dense else 1,
         "moe_router_topk_scaling_factor": (None if c.routed_scaling_factor == 1.0
-                                           else float(c.routed_scaling_factor)),
-        **rope_fields(c, problems),
-    }
+                                           else float(c.routed_scaling_factor))}
 
 
 def _v3_fields(c) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from llmtrain.config.layers import moe_layers
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.families import Family, unsupported
-from llmtrain.convert.families.deepseek import EXPERTS
+from llmtrain.convert.families.deepseek import EXPERTS, experts_fields
 from llmtrain.convert.families.llama import DECODER, SHARED, common_hf, decoder_fields, rules
 from llmtrain.convert.families.moe import DEFAULTS
 from llmtrain.convert.families.qwen3 import qk_norm_rules
@@ -28,16 +28,8 @@ def _fields(c) -> dict:
         problems.append(f"group-limited routing with num_experts_per_tok={c.num_experts_per_tok} "
                         f"over topk_group={chosen}: GLM-4.5 ranks groups by their two best "
                         f"scores, Megatron-Core by their best num_experts_per_tok / topk_group")
-    dense, layers = c.first_k_dense_replace or 0, c.num_hidden_layers
-    fields.update(
-        add_qkv_bias=bool(c.attention_bias), qk_layernorm=bool(c.use_qk_norm),
-        num_moe_experts=c.n_routed_experts, moe_router_topk=c.num_experts_per_tok,
-        moe_ffn_hidden_size=c.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=(c.n_shared_experts or 0) * c.moe_intermediate_size
-        or None,
-        moe_layer_freq=[0] * dense + [1] * (layers - dense) if dense else 1,
-        moe_router_topk_scaling_factor=(None if c.routed_scaling_factor == 1.0
-                                        else float(c.routed_scaling_factor)))
+    fields.update(add_qkv_bias=bool(c.attention_bias), qk_layernorm=bool(c.use_qk_norm),
+                  **experts_fields(c))
     if groups > 1:
         fields.update(moe_router_num_groups=groups, moe_router_group_topk=chosen)
     unsupported("GLM-4.5", problems)
