@@ -118,18 +118,26 @@ def _v3_fields(c) -> dict:
     if not getattr(c, "rope_interleave", True):
         problems.append("rope_interleave=false (RoPE on the two halves of the rotated channels; "
                         "Megatron-Core's multi-latent attention rotates interleaved pairs)")
+    fields.update(sigmoid_routing_fields(c, "DeepSeek-V3", problems))
+    unsupported("DeepSeek-V3", problems)
+    return fields
+
+
+def sigmoid_routing_fields(c, family: str, problems: list[str]) -> dict:
+    """DeepSeek-V3's routing (GLM-4.5 has the same): sigmoid scores renormalised over the
+    chosen experts, and group-limited top-k where the config has groups; what Megatron-Core
+    cannot reproduce goes to `problems`."""
     if not c.norm_topk_prob:
         problems.append("norm_topk_prob=false (Megatron-Core renormalises sigmoid scores over the "
                         "chosen experts)")
     groups, chosen = c.n_group or 1, c.topk_group or 1
-    if groups > 1 and c.num_experts_per_tok // chosen != 2:
+    if groups == 1:
+        return {}
+    if c.num_experts_per_tok // chosen != 2:
         problems.append(f"group-limited routing with num_experts_per_tok={c.num_experts_per_tok} "
-                        f"over topk_group={chosen}: DeepSeek-V3 ranks groups by their two best "
+                        f"over topk_group={chosen}: {family} ranks groups by their two best "
                         f"scores, Megatron-Core by their best num_experts_per_tok / topk_group")
-    if groups > 1:
-        fields.update(moe_router_num_groups=groups, moe_router_group_topk=chosen)
-    unsupported("DeepSeek-V3", problems)
-    return fields
+    return {"moe_router_num_groups": groups, "moe_router_group_topk": chosen}
 
 
 def _v2_fields(c) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from llmtrain.config.layers import moe_layers
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.families import Family, unsupported
-from llmtrain.convert.families.deepseek import EXPERTS, experts_fields
+from llmtrain.convert.families.deepseek import EXPERTS, experts_fields, sigmoid_routing_fields
 from llmtrain.convert.families.llama import DECODER, SHARED, common_hf, decoder_fields, rules
 from llmtrain.convert.families.moe import DEFAULTS
 from llmtrain.convert.families.qwen3 import qk_norm_rules
@@ -20,18 +20,8 @@ from llmtrain.convert.families.qwen3 import qk_norm_rules
 def _fields(c) -> dict:
     problems: list[str] = []
     fields = decoder_fields(c, problems, partial_rotary=True)
-    if not c.norm_topk_prob:
-        problems.append("norm_topk_prob=false (Megatron-Core renormalises sigmoid scores over the "
-                        "chosen experts)")
-    groups, chosen = c.n_group or 1, c.topk_group or 1
-    if groups > 1 and c.num_experts_per_tok // chosen != 2:
-        problems.append(f"group-limited routing with num_experts_per_tok={c.num_experts_per_tok} "
-                        f"over topk_group={chosen}: GLM-4.5 ranks groups by their two best "
-                        f"scores, Megatron-Core by their best num_experts_per_tok / topk_group")
     fields.update(add_qkv_bias=bool(c.attention_bias), qk_layernorm=bool(c.use_qk_norm),
-                  **experts_fields(c))
-    if groups > 1:
-        fields.update(moe_router_num_groups=groups, moe_router_group_topk=chosen)
+                  **experts_fields(c), **sigmoid_routing_fields(c, "GLM-4.5", problems))
     unsupported("GLM-4.5", problems)
     return fields
 
