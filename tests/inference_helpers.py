@@ -101,8 +101,10 @@ class ServerProcess:
             return json.loads(response.read())
 
     def send(self, path: str, body, method: str = "POST") -> tuple[int, dict]:
-        """(status, JSON answer) of a request, errors included."""
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        """(status, JSON answer) of a request, errors included. A tuple of bytes goes in chunks
+        (Transfer-Encoding: chunked, no Content-Length)."""
+        data = body if isinstance(body, bytes) else iter(body) if isinstance(body, tuple) \
+            else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
         try:

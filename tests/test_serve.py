@@ -204,6 +204,10 @@ MALFORMED = [
     # A body over max_request_bytes (100000 here) is refused before it is read.
     ("POST", "/v1/completions", b" " * 150_000, 413,
      "the request body is 150000 bytes, over this server's limit of 100000 (max_request_bytes)"),
+    # ... and so is a chunked one without a Content-Length, once what arrived passes the limit.
+    ("POST", "/v1/completions", (b" " * 60_000,) * 3, 413,
+     "the request body is over 120000 bytes, over this server's limit of 100000"),
+    ("PUT", "/api", (b" " * 60_000,) * 3, 413, "over this server's limit of 100000"),
     ("GET", "/v1/models/gpt-4", None, 404, "The model `gpt-4` does not exist"),
     ("POST", "/v1/completions", {"prompt": "x", "seed": 2 ** 64}, 400,
      "seed: Input should be less than 9223372036854775808"),

@@ -41,21 +41,35 @@ from llmtrain.serve.openai_api import (
 
 
 class BodyLimit:
-    """ASGI middleware: a request whose Content-Length is over `limit` bytes gets a 413 before
-    its body is read (JSON parsing a huge body would hold the event loop for every client)."""
+    """ASGI middleware: a request body over `limit` bytes gets a 413 (JSON parsing a huge body
+    would hold the event loop for every client): by its Content-Length before it is read, and a
+    chunked one without a length as soon as what has arrived passes the limit."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
+    def _refusal(self, size: str) -> str:
+        return (f"the request body is {size} bytes, over this server's limit of {self.limit} "
+                f"(max_request_bytes): send less per request, or start the server with a "
+                f"larger max_request_bytes")
+
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if scope["type"] == "http" and length is not None and int(length) > self.limit:
-            response = openai_error(413, f"the request body is {int(length)} bytes, over this "
-                                         f"server's limit of {self.limit} (max_request_bytes): "
-                                         f"send less per request, or start the server with a "
-                                         f"larger max_request_bytes")
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if length is not None and int(length) > self.limit:
+            return await openai_error(413, self._refusal(str(int(length))))(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # FastAPI passes an HTTPException from here on
+                raise HTTPException(413, self._refusal(f"over {received}"))
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 def unicode_problem(value, where: str = "") -> Optional[str]:
