@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_checks.sh                      # every step, in this order:
 #   bash scripts/gpu_checks.sh convert sft lora generate genbench servebench dpo grpo dapo resume \
-#       vpp roles preference served_rm served_critic moe
+#       vpp roles preference served_rm served_critic moe mla sinks grpo_lora
 #   GPU_CHECKS_TINY=1 bash scripts/gpu_checks.sh    # the same on a CPU, tiny model (minutes)
 #
 # Each step writes its whole output to $OUT/<step>.log and prints a few summary lines (also
@@ -34,6 +34,13 @@ if [ -n "${GPU_CHECKS_TINY:-}" ]; then
     : "${LORA_R:=16}" "${LORA_LR:=5e-3}"
     : "${MOE_ARGS:=model=qwen3_30b_a3b model.num_layers=2 model.num_moe_experts=8
         model.hidden_size=256 model.moe_ffn_hidden_size=128 model.num_attention_heads=4}"
+    : "${MLA_ARGS:=model=deepseek_v3 model.num_layers=2 model.moe_layer_freq=[0,1]
+        model.hidden_size=256 model.ffn_hidden_size=512 model.moe_ffn_hidden_size=64
+        model.num_attention_heads=4 model.q_lora_rank=64 model.kv_lora_rank=32
+        model.num_moe_experts=16 model.moe_shared_expert_intermediate_size=64}"
+    : "${SINKS_ARGS:=model=gpt_oss_20b model.num_layers=2 model.num_moe_experts=8
+        model.hidden_size=256 model.ffn_hidden_size=128 model.num_attention_heads=4
+        model.num_query_groups=2}"
 else
     # One H100: a Llama 3.2 1B-shaped model (the corpus tokenizer's vocabulary: 1.0B
     # parameters), bf16; each step one to three minutes (docs/gpu_checks.md).
@@ -48,6 +55,10 @@ else
     : "${RESUME_STEPS:=20}" "${RESUME_SAVE_AT:=10}" "${VPP_STEPS:=20}" "${STEP_TIMEOUT:=450}"
     : "${LORA_R:=16}" "${LORA_LR:=2e-3}"
     : "${MOE_ARGS:=model=qwen3_30b_a3b model.num_layers=2}"  # real width: 128 experts, top-8
+    # Real widths, fewer layers and experts (the conversion's check runs on the CPU).
+    : "${MLA_ARGS:=model=deepseek_v3 model.num_layers=2 model.moe_layer_freq=[0,1]
+        model.num_moe_experts=16}"
+    : "${SINKS_ARGS:=model=gpt_oss_20b model.num_layers=2 model.num_moe_experts=8}"
 fi
 : "${GEN_TOKENS:=48}"  # generated per prompt in the generate step
 : "${GRPO_PROMPT:=32}"  # about the chat-templated arithmetic prompts' length, for the peer
@@ -112,20 +123,45 @@ step_convert() {
 }
 
 step_moe() {
-    # docs/convert.md, mixtures of experts: a Qwen3-MoE slice ($MOE_ARGS) from Hugging Face,
-    # checked, through one step at learning rate 0 on this machine's layers (Transformer
-    # Engine's grouped experts on a GPU) and back to Hugging Face: the same tensors, bitwise.
-    local hf="$WORK/hf_moe" mcore="$WORK/mcore_moe" run="$WORK/run_moe" back="$WORK/back_moe"
-    rm -rf "$hf" "$mcore" "$run" "$back"
+    # docs/convert.md, mixtures of experts: a Qwen3-MoE slice ($MOE_ARGS) with Transformer
+    # Engine's grouped experts on a GPU.
     # shellcheck disable=SC2086  # MOE_ARGS is a list of overrides
-    $PY scripts/gpu_checks.py hf-model $MOE_ARGS --output "$hf" --dtype "$HF_DTYPE"
+    round_trip moe $MOE_ARGS
+}
+
+step_mla() {
+    # A DeepSeek-V3 slice ($MLA_ARGS): multi-latent attention with its query latent on
+    # Transformer Engine's layers, sigmoid group-limited routing, a dense first layer.
+    # shellcheck disable=SC2086  # MLA_ARGS is a list of overrides
+    round_trip mla $MLA_ARGS
+}
+
+step_sinks() {
+    # A gpt-oss slice ($SINKS_ARGS): attention sinks and the sliding window on every other
+    # layer in Transformer Engine's attention, biased clamped experts.
+    # shellcheck disable=SC2086  # SINKS_ARGS is a list of overrides
+    round_trip sinks $SINKS_ARGS
+}
+
+round_trip() {
+    # A family's slice (the overrides after the name) from Hugging Face, checked, through one
+    # step at learning rate 0 on this machine's layers and back to Hugging Face: the same
+    # tensors, bitwise (the expert bias of aux-loss-free balancing moves without a learning
+    # rate: its update rate is 0 here).
+    local name=$1
+    shift
+    local hf="$WORK/hf_$name" mcore="$WORK/mcore_$name" run="$WORK/run_$name" back="$WORK/back_$name"
+    rm -rf "$hf" "$mcore" "$run" "$back"
+    $PY scripts/gpu_checks.py hf-model "$@" --output "$hf" --dtype "$HF_DTYPE"
     $PY -m llmtrain.convert "input=$hf" "output=$mcore"
     grep -E '^(logits|top-1)' "$OUT/$CURRENT.log" | tail -n 2 | note
-    $PY -m llmtrain "hydra.searchpath=[file://$mcore]" model=hf_moe "checkpoint.load=$mcore" \
+    $PY -m llmtrain "hydra.searchpath=[file://$mcore]" "model=hf_$name" "checkpoint.load=$mcore" \
         checkpoint.finetune=true data=mock data.seq_length=256 stage.train_iters=1 \
         stage.micro_batch_size=1 stage.global_batch_size=1 optim.lr=0 optim.min_lr=0 \
-        optim.lr_warmup_iters=0 "precision=$PRECISION" "${DEVICE_ARG[@]}" "hydra.run.dir=$run"
+        optim.lr_warmup_iters=0 model.moe_router_bias_update_rate=0 "precision=$PRECISION" \
+        "${DEVICE_ARG[@]}" "hydra.run.dir=$run"
     grep -E '^(model|engine) ' "$OUT/$CURRENT.log" | tail -n 2 | note
+    $PY scripts/gpu_checks.py loss "$run" | note
     $PY -m llmtrain.convert direction=mcore_to_hf "input=$run/checkpoints" "output=$back"
     $PY scripts/gpu_checks.py same "$hf" "$back" | note
 }
@@ -222,6 +258,12 @@ step_grpo() {
     $PY -m llmtrain.generate.bench "model=$MODEL" --batch-sizes "$GRPO_BATCH" \
         --prompt-length "$GRPO_PROMPT" --new-tokens "$GRPO_NEW_TOKENS" --repeats 1
     sed -n '/new tokens each/,$p' "$OUT/$CURRENT.log" | note
+}
+
+step_grpo_lora() {
+    # The grpo run with peft=lora: the reference is the base with the adapters off, and the
+    # rollouts run the adapters unmerged in the decode engine (tokens/s beside the grpo step's).
+    grpo_run grpo_lora peft=lora "peft.r=$LORA_R"
 }
 
 step_dapo() {
@@ -412,7 +454,7 @@ step_served_critic() {
 }
 
 ALL_STEPS=(convert sft lora generate genbench servebench dpo grpo dapo resume vpp roles
-           preference served_rm served_critic moe)
+           preference served_rm served_critic moe mla sinks grpo_lora)
 if [ "${1:-}" = --step ]; then
     # One step in its own process, as the loop below runs each: it stops at its first failing
     # command, and `timeout` can end it with everything it started.

@@ -291,6 +291,15 @@ def test_zoo_entry_agrees_with_the_published_hugging_face_config(name):
     assert differences(_model(name), ModelConfig(name=name, **family.model_fields(hf_config))) == []
 
 
+def test_a_run_that_tuned_the_experts_balancing_still_matches_its_hugging_face_model():
+    m = _model("deepseek_v3")
+    tuned = dataclasses.replace(m, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                                moe_router_bias_update_rate=0.0)
+    assert differences(tuned, m) == []
+    assert differences(dataclasses.replace(m, moe_router_topk=4), m) == [
+        "moe_router_topk: 4 (model=deepseek_v3) vs 8"]
+
+
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2_lite", "gpt_oss_20b",
                                   "gpt_oss_120b", "glm4_5", "glm4_5_air"])
 def test_transformers_builds_the_counted_model_from_its_published_config(name):

@@ -31,8 +31,11 @@ from llmtrain.convert.mapping import ConversionError, ExpertSlice
 from llmtrain.convert.job import Job
 
 # Fields that describe training rather than the architecture (not compared with model=).
+# Training choices: what the weights compute does not depend on them (the experts' balancing
+# losses and the expert bias's update rate included), so a run that tuned them exports.
 NOT_ARCHITECTURE = ("name", "init_method_std", "attention_dropout", "hidden_dropout",
-                    "make_vocab_size_divisible_by")
+                    "make_vocab_size_divisible_by", "moe_router_load_balancing_type",
+                    "moe_aux_loss_coeff", "moe_router_bias_update_rate")
 DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16",
                "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
