@@ -3,8 +3,9 @@ command (docs/convert.md, "Training from a Hugging Face folder"); checkpoint.sav
 back (llmtrain/hf_save.py).
 
 Before Hydra composes (`overrides`), so that the run's folder name and its saved config say it:
-the folder's config.json gives the model (through the family registry, as `python -m
-llmtrain.convert` reads it) unless model= or experiment= chooses one, the folder is the tokenizer
+the folder (named on the command line or in its experiment's YAML) gives the model through its
+config.json (the family registry, as `python -m llmtrain.convert` reads it) unless model= or the
+experiment chooses one, the folder is the tokenizer
 (with its chat template) unless one is given, and the run fine-tunes (weights only, a new
 schedule). Once composed, `check_model` refuses a model that differs from the folder's. Before
 any worker starts (`prepare`, in the command's own process, so that ranks never race for it) the
@@ -32,17 +33,59 @@ from llmtrain.config.validate import ConfigError
 
 # Bump when the conversion changes what it writes: earlier imports are then made again.
 FORMAT = 1
-_LOAD = re.compile(r"\+{0,2}checkpoint\.load=(?P<value>.+)", re.S)
 
 
 def _given(args: list[str], key: str) -> bool:
     return any(re.fullmatch(rf"\+{{0,2}}{re.escape(key)}=.*", arg, re.S) for arg in args)
 
 
-def hf_folder(args: list[str]) -> Optional[Path]:
-    """The Hugging Face folder that the command line's checkpoint.load names, if it is one."""
-    values = [match.group("value") for match in map(_LOAD.fullmatch, args) if match]
-    folder = Path(values[-1]).expanduser() if values else None
+def _last(args: list[str], key: str) -> Optional[str]:
+    values = [m.group(1) for m in (re.fullmatch(rf"\+{{0,2}}{re.escape(key)}=(.+)", a, re.S)
+                                   for a in args) if m]
+    return values[-1] if values else None
+
+
+def experiment_settings(args: list[str]) -> dict:
+    """The settings the command line's experiment= writes in its YAML (conf/experiment/, or a
+    hydra.searchpath folder's experiment/), dotted, its chosen groups by group name: what it
+    gives counts as given on the command line."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.cli import CONF_DIR
+
+    name = _last(args, "experiment")
+    if name is None:
+        return {}
+    searched = [s.strip().removeprefix("file://") for s in
+                (_last(args, "hydra.searchpath") or "").strip("[]").split(",") if s.strip()]
+    found = [f for f in (Path(d) / "experiment" / f"{name}.yaml" for d in [*searched, CONF_DIR])
+             if f.is_file()]
+    if not found:
+        return {}  # Hydra says it is missing
+    node = OmegaConf.to_container(OmegaConf.load(found[0]), resolve=False)
+    settings = {}
+    for entry in node.pop("defaults", None) or []:
+        if isinstance(entry, dict):
+            settings.update((k.removeprefix("override").strip(" /"), v) for k, v in entry.items())
+
+    def flatten(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                flatten(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            settings[prefix] = value
+
+    flatten("", node)
+    return settings
+
+
+def hf_folder(args: list[str], experiment: Optional[dict] = None) -> Optional[Path]:
+    """The Hugging Face folder that checkpoint.load names (the command line's, else its
+    experiment's), if it is one."""
+    value = _last(args, "checkpoint.load")
+    if value is None:
+        value = (experiment or {}).get("checkpoint.load")
+    folder = Path(value).expanduser() if isinstance(value, str) and "${" not in value else None
     return folder.resolve() if folder is not None and is_hugging_face(folder) else None
 
 
@@ -86,20 +129,27 @@ def _offer(model: ModelConfig) -> str:
 
 def overrides(args: list[str]) -> tuple[list[str], list[str]]:
     """(`args` with what a Hugging Face checkpoint.load implies added, the added overrides): the
-    folder's model unless model= or experiment= chooses one, the folder as tokenizer unless one
-    is given, and finetune=true unless given. Raises ConfigError on a bad folder."""
-    folder = hf_folder(args)
+    folder's model unless model= (or the experiment) chooses one, the folder as tokenizer unless
+    another is given, and finetune=true unless given. Raises ConfigError on a bad folder."""
+    experiment = experiment_settings(args)
+    folder = hf_folder(args, experiment)
     if folder is None:
         return args, []
+
+    def given(key: str) -> bool:
+        return _given(args, key) or key in experiment
+
     model = folder_model(str(folder))
     added = []
-    if not _given(args, "model") and not _given(args, "experiment"):
+    if not given("model"):
         added.append(f"model={_offer(model)}")
-    if not _given(args, "data.tokenizer.tokenizer_model") and not _given(
-            args, "data.tokenizer.tokenizer_type"):
-        added += ["data.tokenizer.tokenizer_type=huggingface",
-                  f"data.tokenizer.tokenizer_model={folder}"]
-    if not _given(args, "checkpoint.finetune"):
+    kind = _last(args, "data.tokenizer.tokenizer_type") or experiment.get(
+        "data.tokenizer.tokenizer_type")
+    if not given("data.tokenizer.tokenizer_model") and kind in (None, "huggingface"):
+        if kind is None:
+            added.append("data.tokenizer.tokenizer_type=huggingface")
+        added.append(f"data.tokenizer.tokenizer_model={folder}")
+    if not given("checkpoint.finetune"):
         added.append("checkpoint.finetune=true")
     return [*args, *added], added
 

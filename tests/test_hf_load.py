@@ -90,3 +90,21 @@ def test_bad_hugging_face_folders_are_refused_before_launch(tmp_path):
     assert f"model=tiny disagrees with {hf}/config.json on 10 field(s):" in str(error.value)
     assert "hidden_size: 256 (model=tiny) vs 64" in str(error.value)
     assert "leave model= out to take the model from" in str(error.value)
+
+
+def test_a_hugging_face_folder_named_in_an_experiment_gives_the_model_and_tokenizer(tmp_path):
+    """experiment=ft whose YAML loads the folder, and chooses neither a model nor a tokenizer:
+    the folder gives both, as on the command line; what the experiment sets stays its own."""
+    hf = _hf(tmp_path / "hf")
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "ft.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /stage: sft\n"
+        f"checkpoint:\n  load: {hf}\n  finetune: false\n"
+        "data:\n  tokenizer:\n    tokenizer_type: huggingface\n")
+    args = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=ft"]
+    full, added = hf_load.overrides(args)
+    assert added == ["model=hf", f"data.tokenizer.tokenizer_model={hf}"]
+    cfg = compose_config(*full)
+    assert cfg.model.hidden_size == 64 and cfg.data.tokenizer.tokenizer_model == str(hf)
+    assert cfg.checkpoint.finetune is False and cfg.stage.name == "sft"
+    hf_load.check_model(cfg)
