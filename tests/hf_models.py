@@ -68,10 +68,12 @@ def _config(kind: str):
         "qwen3_moe": lambda: Qwen3MoeConfig(**llama, head_dim=32, num_experts=4,
                                             num_experts_per_tok=2, moe_intermediate_size=96,
                                             norm_topk_prob=True),
-        # Qwen2-MoE: softmax over all experts, not renormalised, and a gated shared expert.
+        # Qwen2-MoE: softmax over all experts, not renormalised, a gated shared expert, and a
+        # dense layer among the MoE ones (mlp_only_layers).
         "qwen2_moe": lambda: Qwen2MoeConfig(**llama, num_experts=4, num_experts_per_tok=2,
                                             moe_intermediate_size=96,
-                                            shared_expert_intermediate_size=128),
+                                            shared_expert_intermediate_size=128,
+                                            mlp_only_layers=[2]),
         # DeepSeek: a dense first layer, then 8 routed experts (4 per token) and a shared one;
         # multi-latent attention with YaRN. V3: the query through its latent, sigmoid scores
         # with the expert bias, 2 of 4 groups, scaled weights. V2: the query straight from the

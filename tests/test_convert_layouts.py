@@ -52,21 +52,26 @@ def test_tp2_pp2_and_back_under_another_layout(tmp_path):
 
 
 def test_experts_split_over_expert_parallel_ranks_and_back_under_tensor_parallelism(tmp_path):
-    """Qwen2-MoE (routed experts, a gated shared expert): written with its experts split over
-    two EP ranks, read back under TP 2 (each expert split over two TP ranks), bitwise."""
+    """Qwen2-MoE (routed experts, a gated shared expert, a dense layer among them): written with
+    its experts split over two EP ranks, read back under TP 2 (each expert split over two TP
+    ranks), bitwise."""
     hf = tiny_hf("qwen2_moe", tmp_path / "hf")
     mcore, back = tmp_path / "mcore", tmp_path / "back"
     out = _convert(f"input={hf}", f"output={mcore}", "expert_model_parallel_size=2")
     assert "on 2 process(es) (TP 1 x PP 1 x EP 2)" in out
     assert _report(mcore)["layout"]["expert_model_parallel_size"] == 2
     _tight(_report(mcore)["check"])
-    # The pre-MLP norm under its own name, the one Transformer Engine's MoE layers load on a
-    # GPU (they keep it apart from the experts), not under a dense layer's fused fc1 name.
+    # The MoE layers' pre-MLP norm under its own name, the one Transformer Engine's MoE layers
+    # load on a GPU (they keep it apart from the experts); the dense layer 2's under the fused
+    # fc1 name of Transformer Engine's dense layer.
     from torch.distributed.checkpoint import FileSystemReader
 
     names = FileSystemReader(str(mcore / "iter_0000000")).read_metadata().state_dict_metadata
-    assert "decoder.layers.pre_mlp_layernorm.weight" in names
-    assert not any("linear_fc1.layer_norm" in name for name in names)
+    assert sorted(n for n in names if n.endswith(("pre_mlp_layernorm.weight",
+                                                  "fc1.layer_norm_weight"))) == [
+        "decoder.layers.0.pre_mlp_layernorm.weight", "decoder.layers.1.pre_mlp_layernorm.weight",
+        "decoder.layers.2.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.3.pre_mlp_layernorm.weight"]
     _convert("direction=mcore_to_hf", f"input={mcore}", f"output={back}",
              "tensor_model_parallel_size=2")
     _tight(_report(back)["check"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmtrain.config.layers import moe_layers
 from llmtrain.config.schema import ModelConfig
 from llmtrain.convert.mapping import Rule, gated_mlp
 
@@ -61,11 +62,13 @@ def moe_fields(c, problems: list[str], experts: int, expert_size: int | None) ->
     if getattr(c, "router_jitter_noise", 0.0):
         problems.append(f"router_jitter_noise={c.router_jitter_noise} (training-time noise on "
                         f"the router input, not carried)")
-    if getattr(c, "decoder_sparse_step", 1) != 1 or getattr(c, "mlp_only_layers", None):
-        problems.append("dense MLP layers between the MoE ones (decoder_sparse_step, "
-                        "mlp_only_layers): the Qwen mapping does not carry them yet")
+    # Qwen's dense layers among the MoE ones (intermediate_size wide): those of mlp_only_layers,
+    # and all but every decoder_sparse_step-th.
+    step, dense = getattr(c, "decoder_sparse_step", 1) or 1, getattr(c, "mlp_only_layers", None)
+    flags = [int(i not in (dense or ()) and (i + 1) % step == 0)
+             for i in range(c.num_hidden_layers)]
     return {"num_moe_experts": experts, "moe_router_topk": c.num_experts_per_tok,
-            "moe_ffn_hidden_size": expert_size,
+            "moe_ffn_hidden_size": expert_size, "moe_layer_freq": 1 if all(flags) else flags,
             "moe_router_pre_softmax": not getattr(c, "norm_topk_prob", True),
             "moe_aux_loss_coeff": c.router_aux_loss_coef}
 
@@ -77,4 +80,4 @@ def hf_moe(m: ModelConfig) -> dict:
                 moe_intermediate_size=m.moe_ffn_hidden_size,
                 norm_topk_prob=not m.moe_router_pre_softmax,
                 router_aux_loss_coef=m.moe_aux_loss_coeff, decoder_sparse_step=1,
-                mlp_only_layers=[])
+                mlp_only_layers=[i for i, moe in enumerate(moe_layers(m)) if not moe])
