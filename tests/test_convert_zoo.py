@@ -398,6 +398,21 @@ def test_deepseek_v3_plans_for_128_nodes_of_h200s_with_its_experts_split_64_ways
     assert 80 < memory.total < 141e9 / 2**30
 
 
+@pytest.mark.parametrize("name, split, processes", [
+    ("glm4_5", ("parallel.tensor_model_parallel_size=4", "parallel.expert_model_parallel_size=8",
+                "launcher.nnodes=16"), "128 = 16 node(s) x 8  |  TP 4  PP 4  CP 1  EP 8  DP 8"),
+    ("gpt_oss_120b", ("parallel.expert_model_parallel_size=8", "launcher.nnodes=8"),
+     "64 = 8 node(s) x 8  |  TP 1  PP 4  CP 1  EP 8  DP 16")])
+def test_the_largest_glm_4_5_and_gpt_oss_plan_to_fit_80_gb_gpus(name, split, processes):
+    """GLM-4.5 (355B) and gpt-oss-120b over four pipeline stages with their experts split over
+    eight ranks: the plan `dry_run=true` prints fits an 80 GB GPU."""
+    cfg, layout, plan = gpu_plan(f"model={name}", "parallel.pipeline_model_parallel_size=4",
+                                 *split, "stage.global_batch_size=1024")
+    assert processes in plan
+    assert f"{name}: {PUBLISHED[name] / 1e9:.3f} B parameters" in plan
+    assert memory_plan(cfg, layout).total < 80
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama3_2_1b", "mistral_7b", "qwen2_5_0_5b",
                                   "qwen3_0_6b", "bloom_560m", "falcon_7b"])
 def test_the_benchmarks_transformers_peer_builds_the_published_model(name):
