@@ -85,9 +85,9 @@ def _config(kind: str):
                                                 num_experts_per_tok=2, topk_method="greedy"),
         # gpt-oss: attention sinks, a window of 8 on layers 0 and 2, YaRN unrounded (with its
         # attention factor), biases everywhere, 4 experts (2 per token) with the clamped gated
-        # unit, stored stacked.
+        # unit, stored stacked (their inputs a multiple of 32 wide, as MXFP4 needs).
         "gpt_oss": lambda: GptOssConfig(
-            **dict(llama, intermediate_size=48), head_dim=16, num_local_experts=4,
+            **dict(llama, intermediate_size=96), head_dim=16, num_local_experts=4,
             num_experts_per_tok=2, sliding_window=8,
             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
                              "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,

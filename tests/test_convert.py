@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -392,25 +393,61 @@ def test_gpt2_in_the_hubs_layout_comes_back_in_it(tmp_path):
     assert_identical(tensors(hf), tensors(back))
 
 
+def test_gpt_oss_published_in_mxfp4_converts_dequantized(tmp_path):
+    """The published gpt-oss experts are MXFP4 (FP4 codes, a power of two per 32 of them):
+    dequantized as they are read, they pass the check against transformers' own dequantized
+    model; the way back writes the dequantized experts, with a config.json that no longer says
+    they are quantized."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    hf, mxfp4 = tiny_hf("gpt_oss", tmp_path / "hf"), tmp_path / "mxfp4"
+    shutil.copytree(hf, mxfp4)
+    stored, draw = load_file(hf / "model.safetensors"), torch.Generator().manual_seed(0)
+    for name in [n for n in stored if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = stored.pop(name).shape
+        groups = (experts, outputs, inputs // 32)
+        stored[f"{name}_blocks"] = torch.randint(0, 256, (*groups, 16), generator=draw,
+                                                 dtype=torch.uint8)
+        stored[f"{name}_scales"] = torch.randint(119, 125, groups, generator=draw,
+                                                 dtype=torch.uint8)
+    save_file(stored, mxfp4 / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((hf / "config.json").read_text())
+    (mxfp4 / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                            "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]}}))
+
+    convert(f"input={mxfp4}", f"output={tmp_path / 'mcore'}", **QUIET)  # its check passes
+    report = convert("direction=mcore_to_hf", f"input={tmp_path / 'mcore'}",
+                     f"output={tmp_path / 'back'}", **QUIET)
+    _check_passed_tightly(report)
+    assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
+    expected = AutoModelForCausalLM.from_pretrained(mxfp4, dtype=torch.float32).state_dict()
+    back = tensors(tmp_path / "back")
+    assert sorted(back) == sorted(expected)
+    assert all(torch.equal(back[name], expected[name]) for name in back)
+    assert not torch.equal(back["model.layers.0.mlp.experts.down_proj"],
+                           tensors(hf)["model.layers.0.mlp.experts.down_proj"])
+
+
 def test_gpt_oss_that_does_not_convert_is_refused_with_what_to_do(tmp_path):
-    """The published MXFP4 experts, a sigmoid gain other than quick_gelu's, and the biased
-    experts over tensor-parallel ranks (Megatron-Core has them on one) are each named before
-    a weight is read."""
+    """Weights quantized otherwise than MXFP4, a sigmoid gain other than quick_gelu's, and the
+    biased experts over tensor-parallel ranks (Megatron-Core has them on one) are each named
+    before a weight is read."""
     from llmtrain.config.validate import ConfigError
     from llmtrain.convert.mapping import ConversionError
 
     hf = tiny_hf("gpt_oss", tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(
-        {**config, "swiglu_alpha": 1.5,
-         "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": []}}))
+        {**config, "swiglu_alpha": 1.5, "quantization_config": {"quant_method": "fp8"}}))
     with pytest.raises(ConversionError) as error:
         convert(f"input={hf}", "check_only=true", **QUIET)
     assert str(error.value) == (
-        "this gpt-oss config uses what llmtrain cannot convert yet: quantized weights "
-        "(quantization_config: mxfp4, the published experts' FP4 blocks and scales): dequantize "
-        "them first (transformers: GptOssForCausalLM.from_pretrained(..., quantization_config="
-        "Mxfp4Config(dequantize=True)), then save_pretrained), then convert that folder; "
+        "this gpt-oss config uses what llmtrain cannot convert yet: weights quantized with fp8 "
+        "(quantization_config; MXFP4 experts are dequantized on import): dequantize them first "
+        "(transformers: from_pretrained, then save_pretrained), then convert that folder; "
         "swiglu_alpha=1.5 (Megatron-Core's quick_gelu has 1.702 built in)")
     (hf / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="has experts with biases .* use "

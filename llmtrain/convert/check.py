@@ -67,10 +67,14 @@ def _output(record: dict, index: int, module, args, output):
 def hf_records(folder: Path, family: Family, sequences: list[list[int]],
                dtype: torch.dtype) -> list[dict]:
     """The Hugging Face model's embedding output, layer outputs and logits per sequence."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, Mxfp4Config
 
+    # MXFP4 experts (gpt-oss) dequantized, as the conversion reads them, on a GPU machine too.
+    quantized = getattr(AutoConfig.from_pretrained(str(folder)), "quantization_config", None)
+    extra = {"quantization_config": Mxfp4Config(dequantize=True)} if (
+        quantized or {}).get("quant_method") == "mxfp4" else {}
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
-                                                 attn_implementation="eager")
+                                                 attn_implementation="eager", **extra)
     model.eval()
     layers = _get(model, family.layers)
     records = []

@@ -69,10 +69,28 @@ def missing_files(folder: Path) -> list[str]:
     return missing
 
 
+# The values of the 16 FP4 (e2m1) codes.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_PARTS = ("_blocks", "_scales")
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 as transformers stores it (the published gpt-oss experts): `blocks` [..., rows,
+    groups, 16] bytes of two FP4 values each, the low nibble first, and `scales` [..., rows,
+    groups] a power of two per group of 32, biased by 127 -> [..., rows, groups x 32] in bf16
+    (exact: an FP4 value times a power of two)."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()
+    values = torch.tensor(FP4_VALUES)[codes].reshape(*blocks.shape[:-1], 32)
+    exponents = (scales.to(torch.int32) - 127)[..., None].float()
+    return torch.ldexp(values, exponents).reshape(*blocks.shape[:-2], -1).to(torch.bfloat16)
+
+
 class HFReader:
     """Reads a Hugging Face checkpoint's tensors by name, one at a time (safetensors are memory
     mapped, .bin files loaded lazily). Names are given with the model's prefix (`model.`,
-    `transformer.`); checkpoints saved from the base model without it are read too."""
+    `transformer.`); checkpoints saved from the base model without it are read too. A tensor
+    stored in MXFP4 (`<name>_blocks` and `<name>_scales`) is read as `<name>`, dequantized as
+    transformers does: [..., groups x 32, rows], the transpose of its blocks' layout."""
 
     def __init__(self, folder: Path, base_prefix: str):
         self.folder = Path(folder)
@@ -82,14 +100,22 @@ class HFReader:
             if not stored.startswith(base_prefix) and not stored.startswith("lm_head."):
                 name = base_prefix + stored
             self.files[name] = (file, stored)
+        # {name: (its blocks' name, its scales' name)}
+        self.mxfp4 = {name.removesuffix("_blocks"): (name, name.removesuffix("_blocks") + "_scales")
+                      for name in self.files if name.endswith("_blocks")
+                      and name.removesuffix("_blocks") + "_scales" in self.files}
         self._open: dict[str, object] = {}
 
     def names(self) -> list[str]:
-        return list(self.files)
+        parts = {part for pair in self.mxfp4.values() for part in pair}
+        return [name for name in self.files if name not in parts] + list(self.mxfp4)
 
     def read(self, name: str, index: Optional[int] = None) -> torch.Tensor:
         """The tensor `name`, or only its slice `index` along the first dimension (read alone
         from a safetensors file)."""
+        if name in self.mxfp4:
+            blocks, scales = (self.read(part, index) for part in self.mxfp4[name])
+            return dequantize_mxfp4(blocks, scales).transpose(-1, -2)
         if name not in self.files:
             raise KeyError(f"{name} is not in the checkpoint at {self.folder}")
         file, stored = self.files[name]
@@ -104,18 +130,23 @@ class HFReader:
         return self._open[file]
 
     def shapes(self) -> dict[str, tuple[str, list[int]]]:
-        """{name: (file, shape)} from the files' headers (every file opened, none read)."""
+        """{name: (file, shape)} from the files' headers (every file opened, none read); an
+        MXFP4 tensor's shape is the dequantized one."""
         result = {}
         for name, (file, stored) in self.files.items():
             handle = self._handle(file)
             shape = (handle.get_slice(stored).get_shape() if file.endswith(".safetensors")
                      else list(handle[stored].shape))
             result[name] = (file, list(shape))
+        for name, (blocks, scales) in self.mxfp4.items():
+            file, (*stack, rows, groups, _) = result.pop(blocks)
+            del result[scales]
+            result[name] = (file, [*stack, groups * 32, rows])
         return result
 
     def dtype(self) -> torch.dtype:
         """The floating-point format the checkpoint stores (of its first tensor)."""
-        return self.read(next(iter(self.files))).dtype
+        return self.read(self.names()[0]).dtype
 
 
 class ShardWriter:
@@ -160,9 +191,9 @@ def save_layout(source: Path, target: Path, base_prefix: str, is_buffer) -> None
     from safetensors.torch import save_file
 
     reader = HFReader(source, base_prefix)
-    without_prefix = any(name != reader.files[name][1] for name in reader.names())
-    buffers = {reader.files[name][1]: reader.read(name).contiguous()
-               for name in reader.names() if is_buffer(name) and not name.startswith("lm_head.")}
+    without_prefix = any(name != stored for name, (_, stored) in reader.files.items())
+    buffers = {stored: reader.read(name).contiguous() for name, (_, stored) in reader.files.items()
+               if is_buffer(name) and not name.startswith("lm_head.")}
     if without_prefix or buffers:
         save_file(buffers, str(Path(target) / LAYOUT),
                   metadata={"without_prefix": str(without_prefix)})

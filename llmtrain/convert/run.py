@@ -42,7 +42,7 @@ def _write_model_yaml(plan: Plan, folder: Path) -> Path:
 
 def _finish_hf_folder(plan: Plan, folder: Path, parts: list) -> None:
     """Index the weight files; add config.json (the input's, or one made from the model) and the
-    tokenizer; record the format written."""
+    tokenizer; record the format written, and that it is not quantized."""
     source = Path(plan.job.input)
     buffers = hf_files.read_layout(source)[1]
     if buffers:
@@ -61,9 +61,10 @@ def _finish_hf_folder(plan: Plan, folder: Path, parts: list) -> None:
     config = json.loads((folder / hf_files.CONFIG).read_text())
     key = "torch_dtype" if "torch_dtype" in config else "dtype"
     stored = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[plan.job.dtype]
-    if config.get(key) != stored:
-        config[key] = stored
-        (folder / hf_files.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    # The weights are written unquantized (an MXFP4 import comes back dequantized).
+    written = {k: v for k, v in config.items() if k != "quantization_config"} | {key: stored}
+    if written != config:
+        (folder / hf_files.CONFIG).write_text(json.dumps(written, indent=2) + "\n")
 
 
 def tolerance_dtype(plan: Plan) -> str:

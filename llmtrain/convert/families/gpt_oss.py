@@ -15,7 +15,9 @@ experts, with what sets it apart from Mixtral all carried by Megatron-Core's own
 - routing: the top k router logits, then a softmax over them (`moe_router_pre_softmax: false`).
 
 The experts of a layer are stored as stacked tensors ([experts, in, out], the transpose of
-Megatron's linear layers), each Megatron expert reading its own slice.
+Megatron's linear layers), each Megatron expert reading its own slice; the published
+checkpoints store them in MXFP4, dequantized to bf16 as they are read (exactly as transformers
+dequantizes them). The way back writes them dequantized.
 """
 
 from __future__ import annotations
@@ -57,13 +59,13 @@ def _layer_types(m: ModelConfig) -> list[str]:
 
 def _fields(c) -> dict:
     problems: list[str] = []
-    quantized = dict(getattr(c, "quantization_config", None) or {})
-    if quantized and not quantized.get("dequantize"):
-        problems.append(f"quantized weights (quantization_config: {quantized.get('quant_method')}"
-                        f", the published experts' FP4 blocks and scales): dequantize them first "
-                        f"(transformers: GptOssForCausalLM.from_pretrained(..., "
-                        f"quantization_config=Mxfp4Config(dequantize=True)), then "
-                        f"save_pretrained), then convert that folder")
+    # The published experts' MXFP4 blocks and scales are dequantized as they are read
+    # (llmtrain.convert.hf_files); other formats are not.
+    method = dict(getattr(c, "quantization_config", None) or {}).get("quant_method", "mxfp4")
+    if method != "mxfp4":
+        problems.append(f"weights quantized with {method} (quantization_config; MXFP4 experts "
+                        f"are dequantized on import): dequantize them first (transformers: "
+                        f"from_pretrained, then save_pretrained), then convert that folder")
     if not c.attention_bias:
         problems.append("attention_bias=false (the experts and the router have biases; "
                         "Megatron's add_bias_linear covers every linear layer)")
